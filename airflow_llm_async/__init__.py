@@ -1,0 +1,33 @@
+"""airflow-llm-async: LLM chat completions that wait in the Airflow triggerer, not on worker slots."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def get_provider_info() -> dict:
+    """Describe the provider to Airflow's ProvidersManager (the ``apache_airflow_provider`` entry point)."""
+    return {
+        "package-name": "airflow-llm-async",
+        "name": "LLM Async",
+        "description": "Deferrable LLM chat-completion operators whose calls run in the Airflow triggerer.",
+        "versions": [__version__],
+        "connection-types": [
+            {"connection-type": "llm", "hook-class-name": "airflow_llm_async.hooks.llm.LLMHook"},
+        ],
+        "hooks": [
+            {"integration-name": "LLM", "python-modules": ["airflow_llm_async.hooks.llm"]},
+        ],
+        "triggers": [
+            {"integration-name": "LLM", "python-modules": ["airflow_llm_async.triggers.chat"]},
+        ],
+        "operators": [
+            {
+                "integration-name": "LLM",
+                "python-modules": ["airflow_llm_async.operators.llm", "airflow_llm_async.operators.branch"],
+            },
+        ],
+        "integrations": [
+            {"integration-name": "LLM", "external-doc-url": "https://platform.openai.com/docs/api-reference/chat"},
+        ],
+    }
