@@ -1,0 +1,208 @@
+"""One chat completion through its fallback chain: attempts, retries and quality gates.
+
+This is the single implementation behind every mode: the trigger awaits it in the
+triggerer, and sync mode (``deferrable=False``) runs it on the worker through
+``asgiref.sync.async_to_sync``. The outcome is plain JSON so it can travel in a
+``TriggerEvent`` and land in XCom unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from airflow_llm_async import protocol, transport
+from airflow_llm_async.protocol import Completion, Endpoint, LLMCallError
+from airflow_llm_async.quality import QualitySpec
+from airflow_llm_async.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+ON_QUALITY_FAILURE = ("fail", "return")
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """Everything about a call except the connections' secrets; built from trigger kwargs."""
+
+    request: dict[str, Any]
+    chain: Sequence[tuple[str, str | None]]  # (conn_id, model or None for the connection's default)
+    deadline: float | None = None  # wall-clock epoch seconds
+    max_retries: int | None = None  # per model; None -> the connection's, else RetryPolicy's default
+    quality: QualitySpec = QualitySpec()
+    quality_retries: int = 0
+    on_quality_failure: str = "fail"
+
+
+def resolve_models(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> list[tuple[Endpoint, str]]:
+    """Pair each chain entry with its endpoint and a concrete model name."""
+    resolved = []
+    for conn_id, model in spec.chain:
+        endpoint = endpoints[conn_id]
+        model = model or endpoint.default_model
+        if not model:
+            raise LLMCallError(
+                "config",
+                f"No model to call on connection {conn_id!r}: pass `model=` to the operator or set "
+                f'"default_model" in the connection\'s extra.',
+            )
+        resolved.append((endpoint, model))
+    return resolved
+
+
+async def complete(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> dict[str, Any]:
+    """Walk the chain until an answer passes the quality gate; return a JSON-safe outcome."""
+    started = time.monotonic()
+    attempts: list[dict[str, Any]] = []
+    rejected: tuple[Completion, Endpoint, list, int] | None = None  # last answer that failed quality
+    error: LLMCallError | None = None
+    try:
+        targets = resolve_models(spec, endpoints)
+    except LLMCallError as exc:
+        return _failure(exc, attempts, started)
+
+    for position, (endpoint, model) in enumerate(targets):
+        policy = _retry_policy(spec, endpoint)
+        retries = quality_tries = 0
+        while True:
+            try:
+                completion = await _attempt(spec, endpoint, model, attempts)
+            except LLMCallError as exc:
+                error = exc
+                if exc.kind == "deadline":
+                    return _failure(exc, attempts, started)
+                if not policy.should_retry(exc.retryable, retries):
+                    break
+                wait = policy.delay(retries, exc.headers)
+                if spec.deadline is not None and time.time() + wait >= spec.deadline:
+                    return _failure(_deadline_error(exc), attempts, started)
+                retries += 1
+                log.warning(
+                    "%s on %s: %s; retry %d of %d in %.2f s",
+                    model,
+                    endpoint.conn_id,
+                    exc.message,
+                    retries,
+                    policy.max_retries,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+                continue
+            failures = spec.quality.check(completion.text, completion.finish_reason)
+            if not failures:
+                return _success(completion, endpoint, attempts, started, fallback_used=position > 0)
+            attempts[-1].update(result="quality_failed", reason=failures)
+            rejected = (completion, endpoint, failures, position)
+            if quality_tries >= spec.quality_retries:
+                break
+            quality_tries += 1
+            log.warning("%s on %s: answer failed quality %s; asking again", model, endpoint.conn_id, failures)
+        if position + 1 < len(targets):
+            log.warning(
+                "%s on %s gave up; falling back to %s", model, endpoint.conn_id, targets[position + 1][1]
+            )
+
+    if rejected is not None and spec.on_quality_failure == "return":
+        completion, endpoint, failures, position = rejected
+        return _success(
+            completion, endpoint, attempts, started, fallback_used=position > 0, failures=failures
+        )
+    if attempts[-1]["result"] == "quality_failed":
+        error = LLMCallError(
+            "quality", f"every answer failed the quality checks; last: {attempts[-1]['reason']}"
+        )
+    assert error is not None  # the chain is never empty, so the last attempt failed somehow
+    return _failure(error, attempts, started)
+
+
+async def _attempt(spec: CallSpec, endpoint: Endpoint, model: str, attempts: list) -> Completion:
+    """One HTTP round trip; records it in ``attempts`` and raises a classified error on failure."""
+    timeout = endpoint.timeout
+    capped_by_deadline = False
+    if spec.deadline is not None:
+        remaining = spec.deadline - time.time()
+        if remaining <= 0:
+            raise LLMCallError("deadline", "the call's deadline passed before it could finish")
+        if remaining < timeout:
+            timeout, capped_by_deadline = remaining, True
+    record: dict[str, Any] = {"conn_id": endpoint.conn_id, "model": model, "status": None}
+    attempts.append(record)
+    started = time.monotonic()
+    try:
+        status, headers, body = await transport.post_json(
+            endpoint.chat_url,
+            endpoint.request_headers(),
+            protocol.build_payload(spec.request, model),
+            timeout,
+        )
+        record["status"] = status
+        try:
+            completion = protocol.parse_completion(status, body)
+        except LLMCallError as exc:
+            exc.headers = headers
+            raise
+    except TimeoutError:
+        error = LLMCallError("timeout", f"no complete answer within {timeout:.1f} s")
+        if capped_by_deadline:
+            error = _deadline_error(error)
+        _finish(record, started, error)
+        raise error from None
+    except aiohttp.ClientError as exc:
+        # The exception text names the host and the OS error, never the request headers.
+        error = LLMCallError("connection", f"cannot reach {endpoint.base_url}: {type(exc).__name__}: {exc}")
+        _finish(record, started, error)
+        raise error from None
+    except LLMCallError as exc:
+        _finish(record, started, exc)
+        raise
+    _finish(record, started, None)
+    return completion
+
+
+def _finish(record: dict[str, Any], started: float, error: LLMCallError | None) -> None:
+    record["latency_s"] = round(time.monotonic() - started, 3)
+    record["result"] = "ok" if error is None else "error"
+    record["reason"] = None if error is None else error.to_dict()
+
+
+def _retry_policy(spec: CallSpec, endpoint: Endpoint) -> RetryPolicy:
+    max_retries = spec.max_retries if spec.max_retries is not None else endpoint.max_retries
+    return RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
+
+
+def _deadline_error(cause: LLMCallError) -> LLMCallError:
+    return LLMCallError("deadline", f"the call's deadline passed; last error: {cause.message}")
+
+
+def _success(
+    completion: Completion,
+    endpoint: Endpoint,
+    attempts: list,
+    started: float,
+    *,
+    fallback_used: bool,
+    failures: list | None = None,
+) -> dict[str, Any]:
+    meta = {
+        "model": completion.model or attempts[-1]["model"],
+        "requested_model": attempts[-1]["model"],
+        "conn_id": endpoint.conn_id,
+        "usage": completion.usage,
+        "finish_reason": completion.finish_reason,
+        "latency_s": round(time.monotonic() - started, 3),
+        "attempts": attempts,
+        "quality": {"passed": not failures, "failures": failures or []},
+        "fallback_used": fallback_used,
+    }
+    return {"status": "success", "text": completion.text, "meta": meta}
+
+
+def _failure(error: LLMCallError, attempts: list, started: float) -> dict[str, Any]:
+    meta = {"latency_s": round(time.monotonic() - started, 3), "attempts": attempts}
+    return {"status": "error", "error": error.to_dict(), "meta": meta}

@@ -1,0 +1,175 @@
+"""LLMHook: turns an ``llm`` connection into an :class:`~airflow_llm_async.protocol.Endpoint`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from airflow.sdk import BaseHook, Connection
+from airflow.sdk.exceptions import AirflowNotFoundException
+
+from airflow_llm_async.protocol import DEFAULT_BASE_URL, Endpoint
+
+
+class LLMConfigError(ValueError):
+    """The LLM connection is missing or malformed; the message says what to configure."""
+
+
+_POSITIVE_NUMBER_EXTRAS = ("timeout",)
+_POSITIVE_INT_EXTRAS = ("max_concurrency", "requests_per_minute", "tokens_per_minute")
+_KNOWN_EXTRAS = (
+    "default_model",
+    "organization",
+    "timeout",
+    "headers",
+    "max_retries",
+    *_POSITIVE_INT_EXTRAS,
+)
+
+
+class LLMHook(BaseHook):
+    """
+    Resolve an OpenAI-compatible LLM connection (OpenAI, Azure-style gateways, vLLM, Ollama, LiteLLM...).
+
+    Connection fields: host = base URL (default ``https://api.openai.com/v1``), password = API key,
+    extra = ``default_model``, ``organization``, ``timeout`` (seconds per attempt), ``headers``,
+    ``max_retries``, ``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``.
+
+    With no ``llm_default`` connection, the ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` environment
+    variables are used, as the OpenAI SDK does.
+
+    :param llm_conn_id: the connection id (default ``llm_default``).
+    """
+
+    conn_name_attr = "llm_conn_id"
+    default_conn_name = "llm_default"
+    conn_type = "llm"
+    hook_name = "LLM (OpenAI-compatible)"
+
+    def __init__(self, llm_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.llm_conn_id = llm_conn_id
+
+    def get_conn(self) -> Endpoint:
+        return self.get_endpoint()
+
+    def get_endpoint(self) -> Endpoint:
+        """Resolve the connection (sync: in an operator's ``execute`` on a worker)."""
+        try:
+            conn = self.get_connection(self.llm_conn_id)
+        except AirflowNotFoundException:
+            return self._endpoint_without_connection()
+        return endpoint_from_connection(conn)
+
+    async def aget_endpoint(self) -> Endpoint:
+        """Resolve the connection without blocking the event loop (in the triggerer)."""
+        try:
+            conn = await self.aget_connection(self.llm_conn_id)
+        except AirflowNotFoundException:
+            return self._endpoint_without_connection()
+        return endpoint_from_connection(conn)
+
+    def _endpoint_without_connection(self) -> Endpoint:
+        if self.llm_conn_id == self.default_conn_name and os.environ.get("OPENAI_API_KEY"):
+            return Endpoint(
+                conn_id=self.llm_conn_id,
+                base_url=os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+                api_key=os.environ["OPENAI_API_KEY"],
+                organization=os.environ.get("OPENAI_ORG_ID"),
+            )
+        also = (
+            " or set the OPENAI_API_KEY (and optionally OPENAI_BASE_URL) environment variable"
+            if self.llm_conn_id == self.default_conn_name
+            else ""
+        )
+        raise LLMConfigError(
+            f"The LLM connection {self.llm_conn_id!r} is not defined. Create it, e.g. "
+            f"`airflow connections add {self.llm_conn_id} --conn-type llm "
+            f"--conn-host https://api.openai.com/v1 --conn-password <API key>`, "
+            f"or define AIRFLOW_CONN_{self.llm_conn_id.upper()}{also}."
+        )
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["schema", "port", "login"],
+            "relabeling": {"host": "Base URL", "password": "API key"},
+            "placeholders": {
+                "host": DEFAULT_BASE_URL,
+                "password": "sk-...",
+                "extra": '{"default_model": "gpt-4o-mini", "timeout": 120, "max_concurrency": 50}',
+            },
+        }
+
+
+def endpoint_from_connection(conn: Connection) -> Endpoint:
+    """Validate a connection's fields and extras; errors name the field and the fix."""
+    conn_id = conn.conn_id
+    if not conn.password:
+        raise LLMConfigError(
+            f"The LLM connection {conn_id!r} has no API key. Set its password to the key "
+            f"(for a local server that needs none, such as vLLM or Ollama, use any placeholder, e.g. EMPTY)."
+        )
+    extra = conn.extra_dejson
+    unknown = sorted(set(extra) - set(_KNOWN_EXTRAS))
+    if unknown:
+        raise LLMConfigError(
+            f"The LLM connection {conn_id!r} has unknown extra field(s) {unknown}; "
+            f"valid fields are {list(_KNOWN_EXTRAS)}."
+        )
+    options: dict[str, Any] = {}
+    for name in _POSITIVE_NUMBER_EXTRAS:
+        if name in extra:
+            options[name] = _positive(conn_id, name, extra[name], float)
+    for name in _POSITIVE_INT_EXTRAS:
+        if extra.get(name) is not None:
+            options[name] = _positive(conn_id, name, extra[name], int)
+    if extra.get("max_retries") is not None:
+        value = extra["max_retries"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise LLMConfigError(
+                f"The LLM connection {conn_id!r} extra 'max_retries' must be an integer >= 0, got {value!r}."
+            )
+        options["max_retries"] = value
+    headers = extra.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise LLMConfigError(
+            f"The LLM connection {conn_id!r} extra 'headers' must be an object of string values."
+        )
+    return Endpoint(
+        conn_id=conn_id,
+        base_url=_base_url(conn),
+        api_key=conn.password,
+        organization=extra.get("organization") or None,
+        headers=headers,
+        default_model=extra.get("default_model") or None,
+        **options,
+    )
+
+
+def _base_url(conn: Connection) -> str:
+    host = (conn.host or "").strip()
+    if not host:
+        return DEFAULT_BASE_URL
+    if "://" in host:
+        return host.rstrip("/")
+    # A URI-style connection (llm://:key@host:port/v1) splits the URL into host, port and schema.
+    url = f"https://{host}"
+    if conn.port:
+        url += f":{conn.port}"
+    if conn.schema:
+        url += f"/{conn.schema.strip('/')}"
+    return url
+
+
+def _positive(conn_id: str, name: str, value: Any, kind: type) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if isinstance(value, bool) or number is None or number <= 0 or (kind is int and number != value):
+        expected = "a positive integer" if kind is int else "a positive number"
+        raise LLMConfigError(
+            f"The LLM connection {conn_id!r} extra {name!r} must be {expected}, got {value!r}."
+        )
+    return number

@@ -1,0 +1,322 @@
+"""LLMOperator and TextProcessingOperator: a chat completion whose wait happens in the triggerer."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from asgiref.sync import async_to_sync
+
+from airflow_llm_async import transport
+from airflow_llm_async.completion import ON_QUALITY_FAILURE, CallSpec, complete
+from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
+from airflow_llm_async.protocol import build_messages
+from airflow_llm_async.quality import ARTICLE_RULES, QualitySpec
+from airflow_llm_async.triggers.chat import ChatCompletionTrigger, config_error, resolve_endpoints
+
+META_KEY = "llm_meta"
+# Failures that another task try cannot fix: the request or the configuration is wrong.
+_NOT_RETRYABLE_KINDS = frozenset({"client", "config"})
+# Airflow's own deferral timeout fires this long after our deadline, so our clearer error wins.
+_DEFERRAL_GRACE = timedelta(seconds=60)
+
+
+class LLMOperator(BaseOperator):
+    """
+    Ask an OpenAI-compatible chat model; the call waits in the triggerer, not on a worker slot.
+
+    Pushes the answer text as ``return_value`` and under ``output_key``, and call details
+    (model, usage, finish_reason, latency_s, attempts, quality, fallback_used) under ``llm_meta``.
+
+    :param prompt: the user message (Jinja-templated).
+    :param model: the model; default: the connection's ``default_model`` extra.
+    :param temperature: sampling temperature, 0 to 2.
+    :param max_tokens: the most tokens the answer may have.
+    :param output_key: an extra XCom key that also holds the answer text.
+    :param system_prompt: an optional system message (templated).
+    :param messages: earlier turns, a list of ``{"role", "content"}`` dicts (templated); ``prompt``,
+        if given, is appended as the last user message.
+    :param llm_conn_id: the ``llm`` connection.
+    :param fallback_models: models to try in order when the model fails after its retries.
+    :param response_format: passed through, e.g. ``{"type": "json_object"}``.
+    :param extra_body: more request fields passed through as they are (e.g. ``seed``, ``top_p``).
+    :param max_retries: retries per model on 408/409/429/5xx/timeouts (default: the connection's, else 2).
+    :param quality: rules checked in the trigger (:class:`~airflow_llm_async.quality.QualitySpec` fields).
+    :param quality_retries: how often to ask the same model again when an answer fails the rules.
+    :param on_quality_failure: ``fail`` the task, or ``return`` the answer with the verdict in ``llm_meta``.
+    :param timeout: overall time limit of the call, retries and fallbacks included (default:
+        ``execution_timeout``); carried as a wall-clock deadline, so it holds while deferred.
+    :param deferrable: wait in the triggerer (default); ``False`` runs the same code on the worker.
+    """
+
+    template_fields: Sequence[str] = ("prompt", "system_prompt", "messages")
+    template_fields_renderers = {"prompt": "md", "system_prompt": "md", "messages": "json"}
+    ui_color = "#e8f4fd"
+
+    def __init__(
+        self,
+        *,
+        prompt: str | None = None,
+        model: str | None = None,
+        temperature: float = 0.7,
+        max_tokens: int = 1000,
+        output_key: str = "llm_output",
+        system_prompt: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        llm_conn_id: str = LLMHook.default_conn_name,
+        fallback_models: Sequence[str] | None = None,
+        response_format: dict[str, Any] | None = None,
+        extra_body: dict[str, Any] | None = None,
+        max_retries: int | None = None,
+        quality: dict[str, Any] | None = None,
+        quality_retries: int = 0,
+        on_quality_failure: str = "fail",
+        timeout: timedelta | float | None = None,
+        deferrable: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.prompt = prompt
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.output_key = output_key
+        self.system_prompt = system_prompt
+        self.messages = messages
+        self.llm_conn_id = llm_conn_id
+        self.fallback_models = list(fallback_models or [])
+        self.response_format = response_format
+        self.extra_body = dict(extra_body or {})
+        self.max_retries = max_retries
+        self.quality = quality
+        self.quality_retries = quality_retries
+        self.on_quality_failure = on_quality_failure
+        self.timeout = timeout
+        self.deferrable = deferrable
+        self._validate()
+
+    def _validate(self) -> None:
+        """Catch bad arguments when the DAG is parsed, with a message naming the fix."""
+        where = f"{type(self).__name__} {self.task_id!r}"
+        if self.prompt is None and self.messages is None:
+            raise ValueError(
+                f"{where}: pass `prompt` (a string) or `messages` (a list of role/content dicts)."
+            )
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 2:
+            raise ValueError(f"{where}: temperature must be a number from 0 to 2, got {self.temperature!r}.")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"{where}: max_tokens must be a positive integer, got {self.max_tokens!r}.")
+        if not isinstance(self.output_key, str) or not self.output_key:
+            raise ValueError(f"{where}: output_key must be a non-empty string, got {self.output_key!r}.")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"{where}: model must be a non-empty string, got {self.model!r}.")
+        if not all(isinstance(m, str) and m for m in self.fallback_models):
+            raise ValueError(
+                f"{where}: fallback_models must be a list of model names, got {self.fallback_models!r}."
+            )
+        if self.response_format is not None and not isinstance(self.response_format, dict):
+            raise ValueError(f"{where}: response_format must be a dict such as {{'type': 'json_object'}}.")
+        reserved = sorted({"model", "messages"} & set(self.extra_body))
+        if reserved:
+            raise ValueError(f"{where}: extra_body must not set {reserved}; use the operator's parameters.")
+        if self.max_retries is not None and (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
+            raise ValueError(f"{where}: max_retries must be an integer >= 0, got {self.max_retries!r}.")
+        if self.on_quality_failure not in ON_QUALITY_FAILURE:
+            raise ValueError(f"{where}: on_quality_failure must be one of {list(ON_QUALITY_FAILURE)}.")
+        if (
+            isinstance(self.quality_retries, bool)
+            or not isinstance(self.quality_retries, int)
+            or (self.quality_retries < 0)
+        ):
+            raise ValueError(
+                f"{where}: quality_retries must be an integer >= 0, got {self.quality_retries!r}."
+            )
+        try:
+            QualitySpec.from_dict(self.quality)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: bad `quality` spec: {exc}") from None
+        if self.timeout is not None and _seconds(self.timeout) <= 0:
+            raise ValueError(f"{where}: timeout must be positive, got {self.timeout!r}.")
+
+    def build_request(self) -> dict[str, Any]:
+        """The model-independent request body, from the rendered fields."""
+        messages = self.messages
+        if isinstance(messages, str):
+            # A template such as "{{ ti.xcom_pull(...) }}" renders to text unless the DAG renders natively.
+            try:
+                messages = json.loads(messages)
+            except ValueError:
+                raise ValueError(
+                    f"messages rendered to text that is not a JSON list: {messages[:200]!r}"
+                ) from None
+        try:
+            built = build_messages(_as_text(self.prompt), self.system_prompt, messages)
+        except ValueError as exc:
+            raise AirflowFailException(f"{type(self).__name__} {self.task_id!r}: {exc}") from None
+        request: dict[str, Any] = {
+            **self.extra_body,
+            "messages": built,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+        if self.response_format is not None:
+            request["response_format"] = self.response_format
+        return request
+
+    def build_trigger(self) -> ChatCompletionTrigger:
+        limit = self.timeout if self.timeout is not None else self.execution_timeout
+        return ChatCompletionTrigger(
+            request=self.build_request(),
+            conn_id=self.llm_conn_id,
+            models=[self.model, *self.fallback_models],
+            deadline=None if limit is None else time.time() + _seconds(limit),
+            max_retries=self.max_retries,
+            quality=self.quality,
+            quality_retries=self.quality_retries,
+            on_quality_failure=self.on_quality_failure,
+        )
+
+    def execute(self, context: Context) -> str:
+        trigger = self.build_trigger()
+        if self.deferrable:
+            limit = self.timeout if self.timeout is not None else self.execution_timeout
+            self.defer(
+                trigger=trigger,
+                method_name="execute_complete",
+                timeout=None if limit is None else timedelta(seconds=_seconds(limit)) + _DEFERRAL_GRACE,
+            )
+        return self.execute_complete(context, run_sync(trigger.call_spec()))
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
+        """Resume after the trigger fired: push the answer, or fail with the API's own message."""
+        meta = event.get("meta") or {}
+        if event.get("status") != "success":
+            error = event.get("error") or {}
+            message = f"LLM call failed ({error.get('kind')}): {error.get('message')}"
+            tried = [f"{a['model']}@{a['conn_id']}: {a.get('result')}" for a in meta.get("attempts", [])]
+            if tried:
+                message += f" [attempts: {'; '.join(tried)}]"
+            if error.get("kind") in _NOT_RETRYABLE_KINDS:
+                raise AirflowFailException(message)
+            raise AirflowException(message)
+        text = event["text"]
+        self.log.info(
+            "%s answered (%s tokens, %.2f s, %d attempt(s)%s): %.100s",
+            meta.get("model"),
+            (meta.get("usage") or {}).get("total_tokens"),
+            meta.get("latency_s", 0),
+            len(meta.get("attempts", [])),
+            ", fallback" if meta.get("fallback_used") else "",
+            text,
+        )
+        ti = context["ti"]
+        if self.output_key != "return_value":
+            ti.xcom_push(key=self.output_key, value=text)
+        ti.xcom_push(key=META_KEY, value=meta)
+        return text
+
+
+def run_sync(spec: CallSpec) -> dict[str, Any]:
+    """Sync mode: the trigger's code, run to completion in a private event loop on this worker."""
+    try:
+        endpoints = resolve_endpoints(spec)
+    except LLMConfigError as exc:
+        return config_error(exc)
+    return async_to_sync(_complete_and_close)(spec, endpoints)
+
+
+async def _complete_and_close(spec: CallSpec, endpoints: dict) -> dict[str, Any]:
+    try:
+        return await complete(spec, endpoints)
+    finally:
+        # The loop ends with this call; its session must be closed first.
+        await transport.close_shared_session()
+
+
+# The article's prompts, in its own (Chinese) wording, and in English.
+TEXT_PROMPTS: dict[str, dict[str, str]] = {
+    "zh": {
+        "summarize": "请用100字以内总结以下内容:\n{text}",
+        "translate": "将以下内容翻译成{target_language}:\n{text}",
+        "analyze": "分析以下内容的关键要点:\n{text}",
+    },
+    "en": {
+        "summarize": "Summarize the following in at most 100 words:\n{text}",
+        "translate": "Translate the following into {target_language}:\n{text}",
+        "analyze": "Analyze the key points of the following:\n{text}",
+    },
+}
+_DEFAULT_TARGET_LANGUAGE = {"zh": "英文", "en": "English"}
+
+
+class TextProcessingOperator(LLMOperator):
+    """
+    The article's text operations (``summarize``, ``translate``, ``analyze``) as an LLMOperator.
+
+    :param operation: ``summarize``, ``translate`` or ``analyze``.
+    :param text: the input (templated; typically ``"{{ ti.xcom_pull(task_ids='...') }}"``).
+    :param language: the prompt set: ``zh`` (the article's wording) or ``en``.
+    :param target_language: for ``translate`` (default 英文 / English).
+    :param quality: defaults to the article's rules (at least 50 characters, no 错误 or 抱歉),
+        recorded in ``llm_meta.quality`` without failing the task; pass ``{}`` to check nothing.
+    """
+
+    template_fields: Sequence[str] = (*LLMOperator.template_fields, "text", "target_language")
+
+    def __init__(
+        self,
+        *,
+        operation: str,
+        text: Any,
+        language: str = "zh",
+        target_language: str | None = None,
+        output_key: str = "processed_text",
+        quality: dict[str, Any] | None = None,
+        on_quality_failure: str = "return",
+        **kwargs: Any,
+    ) -> None:
+        if language not in TEXT_PROMPTS:
+            raise ValueError(f"language must be one of {sorted(TEXT_PROMPTS)}, got {language!r}.")
+        if operation not in TEXT_PROMPTS[language]:
+            raise ValueError(
+                f"Unknown operation {operation!r} for task {kwargs.get('task_id')!r}; "
+                f"valid operations are {sorted(TEXT_PROMPTS[language])}."
+            )
+        self.operation = operation
+        self.text = text
+        self.language = language
+        self.target_language = target_language or _DEFAULT_TARGET_LANGUAGE[language]
+        super().__init__(
+            prompt=TEXT_PROMPTS[language][operation],
+            output_key=output_key,
+            quality=ARTICLE_RULES.to_dict() if quality is None else quality,
+            on_quality_failure=on_quality_failure,
+            **kwargs,
+        )
+
+    def build_request(self) -> dict[str, Any]:
+        # The prompt is a str.format template filled with the already rendered text: braces in
+        # the text are data, and Jinja syntax in the text is never evaluated.
+        self.prompt = TEXT_PROMPTS[self.language][self.operation].format(
+            text=_as_text(self.text), target_language=self.target_language
+        )
+        return super().build_request()
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _seconds(value: timedelta | float) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)

@@ -1,0 +1,182 @@
+"""The OpenAI Chat Completions wire protocol, without I/O.
+
+Builds the JSON request, parses the JSON answer into a small :class:`Completion`, and
+classifies failures by HTTP status and the error body's structured fields (never by
+matching message text), so the trigger and the sync path share one set of rules.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+# Statuses worth another try on the same model: timeouts, conflicts, rate limits, server errors.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+# Hints for client errors, keyed by status: what the user should fix.
+_CLIENT_ERROR_HINTS = {
+    400: "the request was rejected; check the prompt length (context window), max_tokens and "
+    "response_format for this model",
+    401: "the API key was rejected; check the password of the LLM connection",
+    403: "the API key may not use this model or endpoint; check the key's permissions",
+    404: "the model or endpoint does not exist; check `model`/`fallback_models` and the connection's "
+    "base URL (host)",
+    422: "the server could not process the request; check the request parameters for this model",
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A resolved LLM connection. Holds the API key, so it is never serialized or logged."""
+
+    conn_id: str
+    base_url: str = DEFAULT_BASE_URL
+    api_key: str = field(default="", repr=False)
+    organization: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float = 600.0
+    default_model: str | None = None
+    max_concurrency: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_retries: int | None = None
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/chat/completions"
+
+    def request_headers(self) -> dict[str, str]:
+        headers = {**self.headers, "Content-Type": "application/json", "Accept": "application/json"}
+        headers["Authorization"] = f"Bearer {self.api_key}"
+        if self.organization:
+            headers["OpenAI-Organization"] = self.organization
+        return headers
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The parts of a chat completion that the operators use."""
+
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: dict[str, int]
+
+
+class LLMCallError(Exception):
+    """A failed attempt, classified so the retry policy can decide without parsing messages.
+
+    ``kind`` is one of: ``rate_limit``, ``server``, ``timeout``, ``connection``,
+    ``invalid_response`` (retryable) or ``client`` (not retryable).
+    """
+
+    RETRYABLE_KINDS = frozenset({"rate_limit", "server", "timeout", "connection", "invalid_response"})
+
+    def __init__(self, kind: str, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.code = code
+        # The answer's headers, when there was an answer: the retry policy reads retry-after from them.
+        self.headers: Mapping[str, str] | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in self.RETRYABLE_KINDS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "status": self.status, "code": self.code, "message": self.message}
+
+
+def build_messages(
+    prompt: str | None, system_prompt: str | None = None, messages: list[dict] | None = None
+) -> list[dict[str, Any]]:
+    """Compose the message list: system prompt, then ``messages``, then ``prompt`` as the last user turn."""
+    result: list[dict[str, Any]] = []
+    if system_prompt:
+        result.append({"role": "system", "content": system_prompt})
+    for index, message in enumerate(messages or []):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(
+                f"messages[{index}] must be a dict with 'role' and 'content' keys, got {message!r:.200}"
+            )
+        result.append(message)
+    if prompt:
+        result.append({"role": "user", "content": prompt})
+    if not result or all(m.get("role") == "system" for m in result):
+        raise ValueError("Nothing to send: the rendered `prompt` and `messages` are both empty.")
+    return result
+
+
+def build_payload(request: dict[str, Any], model: str) -> bytes:
+    """The POST body for one attempt: the model-independent ``request`` plus the model."""
+    return json.dumps({**request, "model": model}, ensure_ascii=False).encode()
+
+
+def classify_status(status: int, body: bytes) -> LLMCallError:
+    """Turn a non-2xx answer into an :class:`LLMCallError` carrying the API's own message."""
+    error = _error_fields(body)
+    api_message = error.get("message") or body[:300].decode("utf-8", "replace").strip() or "no body"
+    code = error.get("code") or error.get("type")
+    if status == 429:
+        kind = "rate_limit"
+    elif status in RETRYABLE_STATUSES or status >= 500:
+        kind = "server"
+    else:
+        kind = "client"
+    message = f"HTTP {status}: {api_message}"
+    if kind == "client":
+        hint = _CLIENT_ERROR_HINTS.get(status)
+        if hint:
+            message = f"{message} ({hint})"
+    return LLMCallError(kind, message, status=status, code=str(code) if code is not None else None)
+
+
+def parse_completion(status: int, body: bytes) -> Completion:
+    """Parse one HTTP answer; raise :class:`LLMCallError` for anything but a usable completion."""
+    if not 200 <= status < 300:
+        raise classify_status(status, body)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise LLMCallError(
+            "invalid_response", f"HTTP {status}: the answer is not valid JSON: {body[:120]!r}", status=status
+        ) from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices:
+        raise LLMCallError("invalid_response", "the answer has no choices", status=status)
+    choice = choices[0]
+    message = choice.get("message") or {}
+    text = message.get("content")
+    if text is None:
+        # A model-side refusal comes back as message.refusal with no content.
+        refusal = message.get("refusal")
+        if refusal:
+            text = refusal
+        else:
+            raise LLMCallError("invalid_response", "the answer's first choice has no content", status=status)
+    usage = data.get("usage") or {}
+    return Completion(
+        text=text,
+        model=data.get("model") or "",
+        finish_reason=choice.get("finish_reason"),
+        usage={k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    )
+
+
+def _error_fields(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):
+        return {"message": error}
+    return {}
