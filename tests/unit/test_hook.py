@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
+from airflow_llm_async.protocol import DEFAULT_BASE_URL
+
+
+def set_conn(monkeypatch, conn_id: str, **fields) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "llm", **fields}))
+
+
+@pytest.fixture(autouse=True)
+def _no_openai_env(monkeypatch):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "AIRFLOW_CONN_LLM_DEFAULT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_full_connection_resolves_sync_and_async(monkeypatch):
+    extra = {
+        "default_model": "gpt-4o-mini",
+        "organization": "org-9",
+        "timeout": 30,
+        "headers": {"X-Team": "ai"},
+        "max_retries": 4,
+        "max_concurrency": 8,
+        "requests_per_minute": 600,
+        "tokens_per_minute": 90000,
+    }
+    set_conn(monkeypatch, "llm_full", host="http://127.0.0.1:9/v1/", password="sk-1", extra=extra)
+    endpoint = LLMHook("llm_full").get_endpoint()
+    assert endpoint.base_url == "http://127.0.0.1:9/v1"
+    assert endpoint.api_key == "sk-1"
+    assert (endpoint.default_model, endpoint.organization, endpoint.timeout) == ("gpt-4o-mini", "org-9", 30.0)
+    assert endpoint.headers == {"X-Team": "ai"}
+    assert (endpoint.max_retries, endpoint.max_concurrency) == (4, 8)
+    assert (endpoint.requests_per_minute, endpoint.tokens_per_minute) == (600, 90000)
+
+
+async def test_async_resolution_matches_sync(monkeypatch):
+    set_conn(
+        monkeypatch, "llm_a", host="http://127.0.0.1:9/v1", password="sk-1", extra={"default_model": "m"}
+    )
+    assert await LLMHook("llm_a").aget_endpoint() == LLMHook("llm_a").get_endpoint()
+
+
+def test_no_host_means_openai(monkeypatch):
+    set_conn(monkeypatch, "llm_openai", password="sk-1")
+    assert LLMHook("llm_openai").get_endpoint().base_url == DEFAULT_BASE_URL
+
+
+def test_uri_style_host_port_and_schema_form_the_base_url(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_LLM_URI", "llm://:sk-2@gateway.internal:8443/v1")
+    endpoint = LLMHook("llm_uri").get_endpoint()
+    assert endpoint.base_url == "https://gateway.internal:8443/v1"
+    assert endpoint.api_key == "sk-2"
+
+
+def test_without_llm_default_the_openai_environment_is_used(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    endpoint = LLMHook().get_endpoint()
+    assert (endpoint.conn_id, endpoint.base_url, endpoint.api_key) == (
+        "llm_default",
+        "http://127.0.0.1:9/v1",
+        "sk-env",
+    )
+
+
+def test_a_missing_llm_default_says_how_to_configure_it():
+    with pytest.raises(LLMConfigError) as info:
+        LLMHook().get_endpoint()
+    message = str(info.value)
+    assert "airflow connections add llm_default --conn-type llm" in message
+    assert "OPENAI_API_KEY" in message
+
+
+def test_an_unknown_conn_id_names_it_and_does_not_use_the_environment(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    with pytest.raises(
+        LLMConfigError, match="'llm_missing' is not defined.*AIRFLOW_CONN_LLM_MISSING"
+    ) as info:
+        LLMHook("llm_missing").get_endpoint()
+    assert "OPENAI_API_KEY" not in str(info.value)
+
+
+async def test_an_unknown_conn_id_fails_the_same_way_async():
+    with pytest.raises(LLMConfigError, match="'llm_missing' is not defined"):
+        await LLMHook("llm_missing").aget_endpoint()
+
+
+def test_a_connection_without_key_says_to_set_the_password(monkeypatch):
+    set_conn(monkeypatch, "llm_nokey", host="http://127.0.0.1:9/v1")
+    with pytest.raises(LLMConfigError, match="has no API key. Set its password"):
+        LLMHook("llm_nokey").get_endpoint()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"timeout": 0}, "'timeout' must be a positive number"),
+        ({"timeout": "soon"}, "'timeout' must be a positive number"),
+        ({"max_concurrency": 2.5}, "'max_concurrency' must be a positive integer"),
+        ({"requests_per_minute": -1}, "'requests_per_minute' must be a positive integer"),
+        ({"tokens_per_minute": True}, "'tokens_per_minute' must be a positive integer"),
+        ({"max_retries": -1}, "'max_retries' must be an integer >= 0"),
+        ({"headers": ["X"]}, "'headers' must be an object"),
+        ({"default_modle": "gpt-4"}, "unknown extra field"),
+    ],
+)
+def test_bad_extras_name_the_field_and_the_fix(monkeypatch, extra, fragment):
+    set_conn(monkeypatch, "llm_bad", host="http://127.0.0.1:9/v1", password="sk-1", extra=extra)
+    with pytest.raises(LLMConfigError, match=fragment):
+        LLMHook("llm_bad").get_endpoint()
+
+
+def test_error_messages_never_contain_the_key(monkeypatch):
+    set_conn(monkeypatch, "llm_bad", host="http://x/v1", password="sk-very-secret", extra={"timeout": -1})
+    with pytest.raises(LLMConfigError) as info:
+        LLMHook("llm_bad").get_endpoint()
+    assert "sk-very-secret" not in str(info.value)
+
+
+def test_the_provider_declares_the_llm_connection_type():
+    from airflow_llm_async import get_provider_info
+
+    info = get_provider_info()
+    assert info["connection-types"] == [
+        {"connection-type": "llm", "hook-class-name": "airflow_llm_async.hooks.llm.LLMHook"}
+    ]
+    assert LLMHook.conn_type == "llm" and LLMHook.default_conn_name == "llm_default"

@@ -1,0 +1,339 @@
+"""LLMOperator / TextProcessingOperator / LLMQualityBranchOperator without a network."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import jinja2
+import pytest
+from airflow.sdk import DAG
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
+
+from airflow_llm_async.operators.branch import LLMQualityBranchOperator
+from airflow_llm_async.operators.llm import LLMOperator, TextProcessingOperator
+from airflow_llm_async.triggers.chat import ChatCompletionTrigger
+
+
+class RecordingTI:
+    """Stands in for Airflow's task instance: records pushes, serves pulls."""
+
+    def __init__(self, pulls: dict | None = None):
+        self.pushed: dict = {}
+        self.pulls = pulls or {}
+
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
+
+    def xcom_pull(self, task_ids=None, key="return_value"):
+        return self.pulls.get((task_ids, key))
+
+
+@pytest.fixture
+def dag():
+    with DAG("unit_dag", schedule=None) as dag:
+        yield dag
+
+
+def test_execute_defers_to_a_trigger_holding_only_json_safe_kwargs(dag):
+    op = LLMOperator(
+        task_id="ask",
+        prompt="Summarize: hi",
+        model="gpt-4",
+        fallback_models=["gpt-3.5-turbo"],
+        system_prompt="be brief",
+        response_format={"type": "json_object"},
+        extra_body={"seed": 7},
+        max_retries=3,
+        quality={"min_chars": 10},
+        timeout=timedelta(minutes=2),
+        llm_conn_id="llm_test",
+    )
+    before = time.time()
+    with pytest.raises(TaskDeferred) as info:
+        op.execute({})
+    deferred = info.value
+    assert deferred.method_name == "execute_complete"
+    assert deferred.timeout == timedelta(minutes=3)  # our deadline + grace, so our error comes first
+    classpath, kwargs = deferred.trigger.serialize()
+    assert classpath == "airflow_llm_async.triggers.chat.ChatCompletionTrigger"
+    assert before + 120 <= kwargs.pop("deadline") <= time.time() + 120
+    assert kwargs == {
+        "request": {
+            "seed": 7,
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "Summarize: hi"},
+            ],
+            "temperature": 0.7,
+            "max_tokens": 1000,
+            "response_format": {"type": "json_object"},
+        },
+        "conn_id": "llm_test",
+        "models": ["gpt-4", "gpt-3.5-turbo"],
+        "max_retries": 3,
+        "quality": {"min_chars": 10},
+        "quality_retries": 0,
+        "on_quality_failure": "fail",
+    }
+    json.dumps(kwargs)  # stored as JSON in the trigger table
+
+
+def test_serialize_round_trips_exactly():
+    trigger = ChatCompletionTrigger(
+        request={"messages": [{"role": "user", "content": "x"}]},
+        conn_id="c",
+        models=["a", "b"],
+        deadline=1700000000.5,
+        max_retries=1,
+        quality={"min_chars": 5},
+        quality_retries=2,
+        on_quality_failure="return",
+    )
+    classpath, kwargs = trigger.serialize()
+    clone = ChatCompletionTrigger(**kwargs)
+    assert clone.serialize() == (classpath, kwargs)
+    assert kwargs["deadline"] == 1700000000.5  # a wall-clock moment, not a remaining timeout
+
+
+def test_the_execution_timeout_becomes_the_deadline(dag):
+    op = LLMOperator(task_id="ask", prompt="x", execution_timeout=timedelta(seconds=30))
+    with pytest.raises(TaskDeferred) as info:
+        op.execute({})
+    assert info.value.trigger.deadline == pytest.approx(time.time() + 30, abs=5)
+    assert info.value.timeout == timedelta(seconds=90)
+
+
+def test_no_limit_means_no_deadline(dag):
+    with pytest.raises(TaskDeferred) as info:
+        LLMOperator(task_id="ask", prompt="x").execute({})
+    assert info.value.trigger.deadline is None
+    assert info.value.timeout is None
+
+
+def test_prompt_system_prompt_and_messages_are_jinja_templated(dag):
+    op = LLMOperator(
+        task_id="ask",
+        prompt="Trends in {{ params.topic }}",
+        system_prompt="You write for {{ params.team }}",
+        messages=[{"role": "user", "content": "earlier: {{ params.topic }}"}],
+    )
+    assert set(LLMOperator.template_fields) == {"prompt", "system_prompt", "messages"}
+    op.render_template_fields({"params": {"topic": "LLM", "team": "ai_team"}})
+    messages = op.build_request()["messages"]
+    assert messages == [
+        {"role": "system", "content": "You write for ai_team"},
+        {"role": "user", "content": "earlier: LLM"},
+        {"role": "user", "content": "Trends in LLM"},
+    ]
+
+
+def test_the_article_format_placeholders_are_left_alone(dag):
+    """The article used str.format(**context); we template with Jinja only, so braces are data."""
+    op = LLMOperator(task_id="ask", prompt='JSON like {"a": 1} and {extracted_data}')
+    op.render_template_fields({})
+    assert op.build_request()["messages"][-1]["content"] == 'JSON like {"a": 1} and {extracted_data}'
+
+
+def test_messages_rendered_to_json_text_are_parsed(dag):
+    op = LLMOperator(task_id="ask", messages="{{ params.history }}")
+    op.render_template_fields({"params": {"history": json.dumps([{"role": "user", "content": "hi"}])}})
+    assert op.build_request()["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_a_prompt_that_renders_empty_fails_without_retries(dag):
+    op = LLMOperator(task_id="ask", prompt="{{ params.text }}")
+    op.render_template_fields({"params": {"text": ""}})
+    with pytest.raises(AirflowFailException, match="Nothing to send"):
+        op.execute({})
+
+
+def test_an_undefined_template_variable_is_an_error_not_an_empty_prompt(dag):
+    op = LLMOperator(task_id="ask", prompt="{{ params.missing }}")
+    with pytest.raises(jinja2.UndefinedError, match="missing"):
+        op.render_template_fields({"params": {}})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({}, "pass `prompt`"),
+        ({"prompt": "x", "temperature": 3}, "temperature must be a number from 0 to 2"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens must be a positive integer"),
+        ({"prompt": "x", "max_tokens": "100"}, "max_tokens must be a positive integer"),
+        ({"prompt": "x", "output_key": ""}, "output_key must be a non-empty string"),
+        ({"prompt": "x", "model": ""}, "model must be a non-empty string"),
+        ({"prompt": "x", "fallback_models": ["gpt-4", None]}, "fallback_models must be a list"),
+        ({"prompt": "x", "response_format": "json"}, "response_format must be a dict"),
+        ({"prompt": "x", "extra_body": {"model": "y"}}, "extra_body must not set"),
+        ({"prompt": "x", "max_retries": -1}, "max_retries must be an integer"),
+        ({"prompt": "x", "on_quality_failure": "ignore"}, "on_quality_failure must be one of"),
+        ({"prompt": "x", "quality_retries": -2}, "quality_retries must be an integer"),
+        ({"prompt": "x", "quality": {"min_len": 3}}, "bad `quality` spec: unknown quality rule"),
+        ({"prompt": "x", "timeout": 0}, "timeout must be positive"),
+    ],
+)
+def test_bad_arguments_fail_at_parse_time_with_the_fix(dag, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        LLMOperator(task_id="ask", **kwargs)
+
+
+def _success_event(text="答案" * 30):
+    meta = {
+        "model": "gpt-3.5-turbo",
+        "conn_id": "llm_default",
+        "usage": {"prompt_tokens": 5, "completion_tokens": 60, "total_tokens": 65},
+        "finish_reason": "stop",
+        "latency_s": 1.5,
+        "attempts": [
+            {"conn_id": "llm_default", "model": "gpt-4", "status": 503, "result": "error"},
+            {"conn_id": "llm_default", "model": "gpt-3.5-turbo", "status": 200, "result": "ok"},
+        ],
+        "quality": {"passed": True, "failures": []},
+        "fallback_used": True,
+    }
+    return {"status": "success", "text": text, "meta": meta}
+
+
+def test_execute_complete_pushes_text_and_meta(dag):
+    op = LLMOperator(task_id="ask", prompt="x", output_key="analysis")
+    ti = RecordingTI()
+    event = _success_event()
+    assert op.execute_complete({"ti": ti}, event) == event["text"]
+    assert ti.pushed == {"analysis": event["text"], "llm_meta": event["meta"]}
+
+
+def test_output_key_return_value_is_not_pushed_twice(dag):
+    ti = RecordingTI()
+    LLMOperator(task_id="ask", prompt="x", output_key="return_value").execute_complete(
+        {"ti": ti}, _success_event()
+    )
+    assert set(ti.pushed) == {"llm_meta"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "exception"),
+    [
+        ("client", AirflowFailException),
+        ("config", AirflowFailException),
+        ("server", AirflowException),
+        ("rate_limit", AirflowException),
+        ("deadline", AirflowException),
+        ("quality", AirflowException),
+    ],
+)
+def test_a_failed_call_raises_with_the_api_message(dag, kind, exception):
+    event = {
+        "status": "error",
+        "error": {
+            "kind": kind,
+            "status": 404,
+            "code": "model_not_found",
+            "message": "HTTP 404: no such model",
+        },
+        "meta": {"attempts": [{"conn_id": "llm_default", "model": "gpt-5x", "result": "error"}]},
+    }
+    with pytest.raises(exception) as info:
+        LLMOperator(task_id="ask", prompt="x").execute_complete({"ti": RecordingTI()}, event)
+    assert f"LLM call failed ({kind}): HTTP 404: no such model" in str(info.value)
+    assert "gpt-5x@llm_default: error" in str(info.value)
+    if exception is AirflowException:
+        assert not isinstance(info.value, AirflowFailException)  # task retries may still help
+
+
+def test_text_processing_builds_the_article_prompts(dag):
+    cases = {
+        ("summarize", "zh"): "请用100字以内总结以下内容:\n原文",
+        ("translate", "zh"): "将以下内容翻译成英文:\n原文",
+        ("analyze", "zh"): "分析以下内容的关键要点:\n原文",
+        ("summarize", "en"): "Summarize the following in at most 100 words:\n原文",
+        ("translate", "en"): "Translate the following into English:\n原文",
+        ("analyze", "en"): "Analyze the key points of the following:\n原文",
+    }
+    for (operation, language), prompt in cases.items():
+        op = TextProcessingOperator(
+            task_id=f"{operation}_{language}", operation=operation, language=language, text="原文"
+        )
+        assert op.build_request()["messages"] == [{"role": "user", "content": prompt}]
+
+
+def test_text_is_templated_and_braces_in_it_are_data(dag):
+    op = TextProcessingOperator(
+        task_id="t",
+        operation="translate",
+        target_language="{{ params.lang }}",
+        text="{{ ti.xcom_pull(task_ids='up') }}",
+    )
+    ti = RecordingTI(pulls={("up", "return_value"): "代码 {x} 与 {{ y }}"})
+    op.render_template_fields({"ti": ti, "params": {"lang": "日文"}})
+    assert op.build_request()["messages"][0]["content"] == "将以下内容翻译成日文:\n代码 {x} 与 {{ y }}"
+
+
+def test_structured_text_is_sent_as_json(dag):
+    op = TextProcessingOperator(task_id="t", operation="analyze", text={"标题": "AI"})
+    assert op.build_request()["messages"][0]["content"].endswith('{"标题": "AI"}')
+
+
+def test_text_processing_records_the_article_quality_verdict_by_default(dag):
+    op = TextProcessingOperator(task_id="t", operation="summarize", text="x")
+    assert op.quality == {
+        "min_chars": 50,
+        "refusal_markers": ["错误", "抱歉"],
+        "regex": None,
+        "reject_finish_reasons": [],
+        "require_json": False,
+    }
+    assert op.on_quality_failure == "return"
+    assert op.output_key == "processed_text"
+
+
+def test_an_unknown_operation_lists_the_valid_ones_at_parse_time(dag):
+    with pytest.raises(
+        ValueError, match=r"Unknown operation 'sumarize'.*\['analyze', 'summarize', 'translate'\]"
+    ):
+        TextProcessingOperator(task_id="t", operation="sumarize", text="x")
+    with pytest.raises(ValueError, match="language must be one of"):
+        TextProcessingOperator(task_id="t2", operation="summarize", language="fr", text="x")
+
+
+@pytest.mark.parametrize(
+    ("answer", "branch"),
+    [
+        ("太短了", "retry_task"),
+        (None, "retry_task"),
+        ("抱歉" + "。" * 60, "fallback_task"),
+        ("分析结果出现错误" + "内容" * 30, "fallback_task"),
+        (
+            "大语言模型正在改变数据工程的方式,自动化清洗、文档生成和代码审查都能借助模型完成,团队效率明显提升,成本持续下降。",
+            "continue_task",
+        ),
+    ],
+)
+def test_quality_branch_follows_the_article_rules(dag, answer, branch):
+    op = LLMQualityBranchOperator(task_id="quality_check", source_task_id="generate")
+    ti = RecordingTI(pulls={("generate", "return_value"): answer})
+    assert op.choose_branch({"ti": ti}) == branch
+
+
+def test_quality_branch_ids_and_rules_are_configurable(dag):
+    op = LLMQualityBranchOperator(
+        task_id="q",
+        source_task_id="g",
+        source_key="analysis",
+        min_chars=3,
+        refusal_markers=["sorry"],
+        retry_task="again",
+        fallback_task="other",
+        continue_task="go",
+    )
+
+    def pick(answer):
+        return op.choose_branch({"ti": RecordingTI(pulls={("g", "analysis"): answer})})
+
+    assert (pick("ab"), pick("so sorry"), pick("fine")) == ("again", "other", "go")
+
+
+def test_quality_branch_rejects_bad_rules(dag):
+    with pytest.raises(ValueError, match="min_chars"):
+        LLMQualityBranchOperator(task_id="q", source_task_id="g", min_chars=-5)
