@@ -28,6 +28,9 @@ def get_provider_info() -> dict:
             },
         ],
         "integrations": [
-            {"integration-name": "LLM", "external-doc-url": "https://platform.openai.com/docs/api-reference/chat"},
+            {
+                "integration-name": "LLM",
+                "external-doc-url": "https://platform.openai.com/docs/api-reference/chat",
+            },
         ],
     }

@@ -4,7 +4,10 @@ import pytest
 
 from airflow_llm_async.quality import ARTICLE_RULES, QualitySpec
 
-GOOD = "大语言模型正在改变数据工程:自动化清洗、文档生成和代码审查都能借助模型完成,团队效率明显提升,成本持续下降。"
+GOOD = (
+    "大语言模型正在改变数据工程:自动化清洗、文档生成和代码审查都能借助模型完成,"
+    "团队效率明显提升,成本持续下降。"
+)
 
 
 def rules(failures):
