@@ -14,20 +14,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskD
 from airflow_llm_async.operators.branch import LLMQualityBranchOperator
 from airflow_llm_async.operators.llm import LLMOperator, TextProcessingOperator
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
-
-
-class RecordingTI:
-    """Stands in for Airflow's task instance: records pushes, serves pulls."""
-
-    def __init__(self, pulls: dict | None = None):
-        self.pushed: dict = {}
-        self.pulls = pulls or {}
-
-    def xcom_push(self, key, value):
-        self.pushed[key] = value
-
-    def xcom_pull(self, task_ids=None, key="return_value"):
-        return self.pulls.get((task_ids, key))
+from tests.doubles import RecordingTI
 
 
 @pytest.fixture

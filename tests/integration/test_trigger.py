@@ -1,0 +1,213 @@
+"""ChatCompletionTrigger driven the way the triggerer drives it, against the fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from airflow_llm_async.quality import ARTICLE_RULES
+from airflow_llm_async.triggers.chat import ChatCompletionTrigger
+from tests.integration.conftest import API_KEY, point_connection, wait_until
+
+REQUEST = {
+    "messages": [{"role": "user", "content": "总结以下文章:人工智能正在快速发展。"}],
+    "max_tokens": 500,
+}
+
+
+async def run(trigger: ChatCompletionTrigger) -> dict:
+    events = [event async for event in trigger.run()]
+    assert len(events) == 1, "a trigger must fire exactly one event"
+    payload = events[0].payload
+    json.dumps(payload)  # it travels through the DB and into XCom
+    return payload
+
+
+def trigger(**kwargs) -> ChatCompletionTrigger:
+    kwargs.setdefault("request", REQUEST)
+    kwargs.setdefault("conn_id", "llm_fake")
+    return ChatCompletionTrigger(**kwargs)
+
+
+def outcomes(payload: dict) -> list[tuple]:
+    return [(a["model"], a["status"], a["result"]) for a in payload["meta"]["attempts"]]
+
+
+async def test_a_call_yields_one_success_event_with_text_and_meta(fake_llm):
+    payload = await run(trigger(models=["gpt-4"]))
+    assert payload["status"] == "success"
+    assert len(payload["text"]) >= 50 and "人工智能" in payload["text"]
+    meta = payload["meta"]
+    assert (meta["model"], meta["conn_id"], meta["finish_reason"]) == ("gpt-4", "llm_fake", "stop")
+    assert (
+        meta["usage"]["total_tokens"]
+        == meta["usage"]["prompt_tokens"] + meta["usage"]["completion_tokens"]
+        > 0
+    )
+    assert outcomes(payload) == [("gpt-4", 200, "ok")]
+    assert meta["fallback_used"] is False
+    assert meta["quality"] == {"passed": True, "failures": []}
+    assert fake_llm.stats()["requests"] == 1
+
+
+async def test_a_trigger_rebuilt_from_its_serialized_form_runs_the_same(fake_llm):
+    original = trigger(models=[None], max_retries=0)
+    _, kwargs = original.serialize()
+    rebuilt = ChatCompletionTrigger(**json.loads(json.dumps(kwargs)))
+    payload = await run(rebuilt)
+    assert payload["meta"]["model"] == "gpt-4"  # None -> the connection's default_model
+    assert payload["text"] == (await run(original))["text"]  # the fake server is deterministic
+
+
+async def test_server_errors_are_retried_on_the_same_model(fake_llm):
+    fake_llm.set_fault("gpt-4", "503*2")
+    payload = await run(trigger(models=["gpt-4"], max_retries=2))
+    assert payload["status"] == "success"
+    assert outcomes(payload) == [("gpt-4", 503, "error"), ("gpt-4", 503, "error"), ("gpt-4", 200, "ok")]
+
+
+async def test_a_rate_limit_is_retried_after_the_servers_retry_after(fake_llm):
+    fake_llm.set_fault("gpt-4", "429*1")
+    started = time.monotonic()
+    payload = await run(trigger(models=["gpt-4"]))
+    assert outcomes(payload) == [("gpt-4", 429, "error"), ("gpt-4", 200, "ok")]
+    assert payload["meta"]["attempts"][0]["reason"]["kind"] == "rate_limit"
+    assert time.monotonic() - started >= 0.2  # the fake server's retry-after-ms
+
+
+async def test_after_its_retries_a_failing_model_falls_back_to_the_next(fake_llm):
+    fake_llm.set_fault("gpt-4", "503")
+    payload = await run(trigger(models=["gpt-4", "gpt-3.5-turbo"], max_retries=1))
+    assert payload["status"] == "success"
+    assert outcomes(payload) == [
+        ("gpt-4", 503, "error"),
+        ("gpt-4", 503, "error"),
+        ("gpt-3.5-turbo", 200, "ok"),
+    ]
+    assert payload["meta"]["model"] == "gpt-3.5-turbo"
+    assert payload["meta"]["fallback_used"] is True
+
+
+async def test_an_unknown_model_is_not_retried_and_fails_with_the_api_message(fake_llm):
+    payload = await run(trigger(models=["gpt-5x"], max_retries=3))
+    assert payload["status"] == "error"
+    assert outcomes(payload) == [("gpt-5x", 404, "error")]
+    error = payload["error"]
+    assert (error["kind"], error["status"], error["code"]) == ("client", 404, "model_not_found")
+    assert "gpt-5x" in error["message"] and "does not exist" in error["message"]
+
+
+async def test_an_unknown_model_moves_to_the_fallback_at_once(fake_llm):
+    payload = await run(trigger(models=["gpt-5x", "gpt-3.5-turbo"]))
+    assert outcomes(payload) == [("gpt-5x", 404, "error"), ("gpt-3.5-turbo", 200, "ok")]
+
+
+async def test_a_bad_key_fails_at_once_and_the_key_is_nowhere_in_the_event(fake_llm, monkeypatch):
+    point_connection(monkeypatch, "llm_badkey", fake_llm.base_url, api_key="sk-wrong-key-77aa")
+    payload = await run(trigger(conn_id="llm_badkey", models=["gpt-4"]))
+    assert outcomes(payload) == [("gpt-4", 401, "error")]
+    assert payload["error"]["kind"] == "client"
+    assert "API key" in payload["error"]["message"]
+    assert "sk-wrong-key-77aa" not in json.dumps(payload)
+    assert API_KEY not in json.dumps(trigger(conn_id="llm_badkey").serialize())
+
+
+@pytest.mark.parametrize(("fault", "fragment"), [("malformed", "not valid JSON"), ("empty", "no choices")])
+async def test_unusable_answers_are_retried_then_reported(fake_llm, fault, fragment):
+    fake_llm.set_fault("gpt-4", fault)
+    payload = await run(trigger(models=["gpt-4"], max_retries=1))
+    assert outcomes(payload) == [("gpt-4", 200, "error")] * 2
+    assert payload["error"]["kind"] == "invalid_response"
+    assert fragment in payload["error"]["message"]
+
+
+async def test_a_stalled_server_times_out_per_attempt(fake_llm, monkeypatch):
+    point_connection(monkeypatch, "llm_fast", fake_llm.base_url, timeout=0.3)
+    fake_llm.set_fault("gpt-4", "stall")
+    payload = await run(trigger(conn_id="llm_fast", models=["gpt-4"], max_retries=1))
+    assert outcomes(payload) == [("gpt-4", None, "error")] * 2
+    assert payload["error"]["kind"] == "timeout"
+    assert "within 0.3 s" in payload["error"]["message"]
+
+
+async def test_the_deadline_ends_the_whole_chain(fake_llm):
+    fake_llm.set_fault("*", "stall")
+    payload = await run(trigger(models=["gpt-4", "gpt-3.5-turbo"], deadline=time.time() + 0.5, max_retries=5))
+    assert payload["error"]["kind"] == "deadline"
+    assert outcomes(payload) == [("gpt-4", None, "error")]
+
+
+async def test_a_deadline_already_past_calls_nothing(fake_llm):
+    payload = await run(trigger(models=["gpt-4"], deadline=time.time() - 1))
+    assert payload["error"]["kind"] == "deadline"
+    assert fake_llm.stats()["requests"] == 0
+
+
+async def test_a_refusal_fails_the_quality_gate_and_falls_back(fake_llm):
+    fake_llm.set_fault("gpt-4", "refusal")
+    payload = await run(trigger(models=["gpt-4", "gpt-3.5-turbo"], quality=ARTICLE_RULES.to_dict()))
+    assert outcomes(payload) == [("gpt-4", 200, "quality_failed"), ("gpt-3.5-turbo", 200, "ok")]
+    assert payload["meta"]["attempts"][0]["reason"][0]["rule"] == "refusal_markers"
+    assert payload["meta"]["quality"]["passed"] is True
+
+
+async def test_quality_retries_ask_the_same_model_again(fake_llm):
+    fake_llm.set_fault("gpt-4", "short*1")
+    payload = await run(trigger(models=["gpt-4"], quality={"min_chars": 50}, quality_retries=1))
+    assert outcomes(payload) == [("gpt-4", 200, "quality_failed"), ("gpt-4", 200, "ok")]
+
+
+async def test_a_quality_failure_everywhere_fails_or_returns_the_verdict(fake_llm):
+    fake_llm.set_fault("*", "short")
+    failed = await run(trigger(models=["gpt-4", "gpt-3.5-turbo"], quality={"min_chars": 50}))
+    assert failed["status"] == "error" and failed["error"]["kind"] == "quality"
+    assert "min_chars" in failed["error"]["message"]
+    returned = await run(
+        trigger(models=["gpt-4", "gpt-3.5-turbo"], quality={"min_chars": 50}, on_quality_failure="return")
+    )
+    assert returned["status"] == "success" and len(returned["text"]) < 50
+    assert returned["meta"]["quality"]["passed"] is False
+    assert returned["meta"]["quality"]["failures"][0]["rule"] == "min_chars"
+
+
+async def test_an_undefined_connection_ends_with_a_config_error_event():
+    payload = await run(trigger(conn_id="llm_nowhere"))
+    assert payload["status"] == "error" and payload["error"]["kind"] == "config"
+    assert "airflow connections add llm_nowhere" in payload["error"]["message"]
+
+
+async def test_no_model_anywhere_is_a_config_error(fake_llm, monkeypatch):
+    point_connection(monkeypatch, "llm_nomodel", fake_llm.base_url)
+    payload = await run(trigger(conn_id="llm_nomodel"))
+    assert payload["error"]["kind"] == "config" and "default_model" in payload["error"]["message"]
+    assert fake_llm.stats()["requests"] == 0
+
+
+async def test_a_server_that_is_down_is_a_connection_error(monkeypatch):
+    point_connection(monkeypatch, "llm_down", "http://127.0.0.1:9/v1")
+    payload = await run(trigger(conn_id="llm_down", models=["gpt-4"], max_retries=0))
+    assert payload["error"]["kind"] == "connection"
+    assert "cannot reach http://127.0.0.1:9/v1" in payload["error"]["message"]
+
+
+async def test_cancelling_the_trigger_releases_the_request(fake_llm):
+    fake_llm.set_fault("gpt-4", "stall")
+    task = asyncio.ensure_future(run(trigger(models=["gpt-4"])))
+    await wait_until(lambda: fake_llm.stats()["in_flight"] == 1)  # the request reached the server
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: fake_llm.stats()["in_flight"] == 0)  # and the server saw it go away
+
+
+async def test_many_triggers_run_concurrently_with_the_connections_headers(fake_llm, monkeypatch):
+    # The connection's extra headers reach the server: here they ask the fake server for latency.
+    point_connection(monkeypatch, "llm_slow", fake_llm.base_url, headers={"x-fake-latency": "0.5"})
+    payloads = await asyncio.gather(*(run(trigger(conn_id="llm_slow", models=["gpt-4"])) for _ in range(50)))
+    assert all(p["status"] == "success" for p in payloads)
+    stats = fake_llm.stats()
+    assert stats["requests"] == 50
+    assert stats["max_in_flight"] == 50  # all waited together, none queued behind another
