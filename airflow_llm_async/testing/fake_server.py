@@ -332,6 +332,9 @@ def compose_answer(system: str, user: str) -> str:
     digest = hashlib.sha256(prompt.encode()).hexdigest()
     ref, variant = digest[:8], int(digest[8:10], 16)
     kind = _task_kind(prompt)
+    # Quote the material, not the instruction: prompts such as "Summarize:\n<text>" put it after line one.
+    instruction, _, material = user.strip().partition("\n")
+    user = material.strip() or instruction
     if _CJK_RE.search(prompt):
         text = _chinese_answer(kind, _excerpt(user or system or "空输入", 24), user, ref, variant)
         filler = "补充说明：以上内容仅用于测试。"

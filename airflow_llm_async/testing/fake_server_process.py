@@ -42,8 +42,11 @@ class FakeServerProcess:
         self._http = httpx.Client(timeout=10)
 
     def start(self, timeout: float = 30) -> None:
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log)
+        if self.log_path:
+            with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+                self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log)
+        else:
+            self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         found = threading.Event()
 
         def read_stdout() -> None:

@@ -88,12 +88,8 @@ class ChatCompletionTrigger(BaseTrigger):
         except LLMConfigError as exc:
             yield TriggerEvent(config_error(exc))
             return
-        self.log.info(
-            "Calling %s on connection %r (%d message(s))",
-            " -> ".join(str(m) for m in self.models),
-            self.conn_id,
-            len(self.request.get("messages", [])),
-        )
+        models = " -> ".join(model or "(connection default)" for model in self.models)
+        self.log.info("Calling %s on connection %r", models, self.conn_id)
         outcome = await complete(spec, endpoints)
         self.log.info("LLM call ended: %s", outcome["status"])
         yield TriggerEvent(outcome)

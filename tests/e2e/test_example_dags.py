@@ -1,0 +1,136 @@
+"""The example DAGs on real Airflow processes, driven through the REST API, against the fake server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.e2e.conftest import API_KEY
+
+pytestmark = pytest.mark.e2e
+
+PIPELINE = "llm_content_pipeline"
+ERRORS = "llm_error_handling"
+
+
+def wait_for(condition, timeout: float, what: str, on_timeout=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s\n{on_timeout()}")
+        time.sleep(0.25)
+
+
+def run_dag(airflow, dag_id: str, conf: dict | None = None) -> tuple[str, str]:
+    airflow.wait_for_dag(dag_id)
+    airflow.unpause(dag_id)
+    run_id = airflow.trigger(dag_id, conf)
+    return run_id, airflow.wait_for_run(dag_id, run_id, timeout=300)
+
+
+def test_content_pipeline_waits_in_the_triggerer_and_ends_with_an_analysis(airflow, fake_llm):
+    airflow.wait_for_dag(PIPELINE)
+    airflow.unpause(PIPELINE)
+    fake_llm.reset()
+    fake_llm.hold()  # every LLM call waits at the server until released
+    try:
+        run_id = airflow.trigger(PIPELINE)
+        wait_for(
+            lambda: fake_llm.stats()["held"] == 5,
+            180,
+            "five summaries in flight",
+            lambda: airflow.describe_run(PIPELINE, run_id),
+        )
+        in_flight = [
+            ti for ti in airflow.task_instances(PIPELINE, run_id) if ti["task_id"] == "summarize_articles"
+        ]
+        # While their calls are in flight the LLM tasks are deferred: no worker slot is held.
+        assert sorted(ti["map_index"] for ti in in_flight) == [0, 1, 2, 3, 4]
+        assert {ti["state"] for ti in in_flight} == {"deferred"}
+    finally:
+        fake_llm.release()
+    assert airflow.wait_for_run(PIPELINE, run_id, timeout=300) == "success", airflow.describe_run(
+        PIPELINE, run_id
+    )
+
+    states = airflow.task_states(PIPELINE, run_id)
+    assert states == {
+        "start": "success",
+        "extract_data": "success",
+        "validate_data": "success",
+        **{f"summarize_articles[{i}]": "success" for i in range(5)},
+        "aggregate_results": "success",
+        "analyze_trends": "success",
+        "end": "success",
+    }
+    articles = airflow.xcom(PIPELINE, run_id, "validate_data")
+    summaries = [airflow.xcom(PIPELINE, run_id, "summarize_articles", map_index=i) for i in range(5)]
+    for article, summary in zip(articles, summaries, strict=True):
+        assert summary and article.split(":")[0] in summary  # each summary is about its own article
+    assert len(set(summaries)) == 5
+    assert airflow.xcom(PIPELINE, run_id, "aggregate_results") == "\n\n".join(summaries)
+    meta = airflow.xcom(PIPELINE, run_id, "summarize_articles", key="llm_meta", map_index=0)
+    assert meta["quality"] == {"passed": True, "failures": []}
+
+    analysis = airflow.xcom(PIPELINE, run_id, "analyze_trends", key="analysis")
+    assert analysis and analysis == airflow.xcom(PIPELINE, run_id, "analyze_trends")
+    meta = airflow.xcom(PIPELINE, run_id, "analyze_trends", key="llm_meta")
+    assert (meta["model"], meta["conn_id"], meta["fallback_used"]) == ("gpt-4", "llm_default", False)
+    assert meta["usage"]["total_tokens"] > 0
+    assert [a["status"] for a in meta["attempts"]] == [200]
+    assert fake_llm.stats()["requests"] == 6
+
+
+@pytest.mark.parametrize(
+    ("fault", "branch"),
+    [(None, "continue_task"), ("short", "retry_task"), ("refusal", "fallback_task")],
+)
+def test_error_handling_routes_by_the_article_quality_rules(airflow, fake_llm, fault, branch):
+    fake_llm.reset()
+    if fault:
+        fake_llm.set_faults({"gpt-4": fault})
+    run_id, state = run_dag(airflow, ERRORS)
+    assert state == "success", airflow.describe_run(ERRORS, run_id)
+    states = airflow.task_states(ERRORS, run_id)
+    expected = {
+        "continue_task": "skipped",
+        "retry_task": "skipped",
+        "fallback_task": "skipped",
+        branch: "success",
+    }
+    assert states == {"generate_answer": "success", "quality_check": "success", **expected}
+    if branch != "continue_task":
+        # gpt-4 keeps answering badly: the trigger's quality gate moved the call on to gpt-3.5-turbo.
+        meta = airflow.xcom(ERRORS, run_id, branch, key="llm_meta")
+        assert meta["model"] == "gpt-3.5-turbo" and meta["fallback_used"] is True
+        assert [a["result"] for a in meta["attempts"]][-1] == "ok"
+        assert "quality_failed" in [a["result"] for a in meta["attempts"]]
+
+
+def test_failed_calls_fail_their_task_with_the_reason_and_sync_mode_works(airflow, fake_llm):
+    fake_llm.reset()
+    run_id, state = run_dag(airflow, "e2e_failures")
+    assert state == "failed"
+    assert airflow.task_states("e2e_failures", run_id) == {
+        "unknown_model": "failed",
+        "undefined_connection": "failed",
+        "server_down": "failed",
+        "sync_mode": "success",
+    }
+    expected = {
+        "unknown_model": "The model `gpt-5x` does not exist",
+        "undefined_connection": "airflow connections add llm_nowhere",
+        "server_down": "cannot reach http://127.0.0.1:9/v1",
+    }
+    for task_id, fragment in expected.items():
+        assert fragment in airflow.task_log("e2e_failures", run_id, task_id), task_id
+    assert airflow.xcom("e2e_failures", run_id, "sync_mode", key="answer")
+
+
+def test_the_api_key_appears_in_no_log(airflow, fake_llm):
+    """Runs after the DAG tests in this module: their process, task and fake-server logs hold no key."""
+    logs = [path.read_text(errors="replace") for path in airflow.home.rglob("*.log")]
+    logs.append(fake_llm.log.read_text(errors="replace"))
+    assert len(logs) > 5
+    assert not [text for text in logs if API_KEY in text]
