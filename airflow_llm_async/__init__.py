@@ -27,6 +27,21 @@ def get_provider_info() -> dict:
                 "python-modules": ["airflow_llm_async.operators.llm", "airflow_llm_async.operators.branch"],
             },
         ],
+        "config": {
+            "llm_async": {
+                "description": "Options for airflow-llm-async operators.",
+                "options": {
+                    "start_from_trigger": {
+                        "description": "Default of LLMOperator's start_from_trigger: start LLM tasks "
+                        "directly in the triggerer and end them there, never taking a worker slot.",
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": "True",
+                        "default": "False",
+                    },
+                },
+            },
+        },
         "integrations": [
             {
                 "integration-name": "LLM",

@@ -203,6 +203,18 @@ def _success(
     return {"status": "success", "text": completion.text, "meta": meta}
 
 
+def describe_failure(outcome: dict[str, Any]) -> str:
+    """One line for a failed outcome: the error, then what each attempt did."""
+    error = outcome.get("error") or {}
+    message = f"LLM call failed ({error.get('kind')}): {error.get('message')}"
+    tried = [
+        f"{a['model']}@{a['conn_id']}: {a.get('result')}" for a in outcome.get("meta", {}).get("attempts", [])
+    ]
+    if tried:
+        message += f" [attempts: {'; '.join(tried)}]"
+    return message
+
+
 def _failure(error: LLMCallError, attempts: list, started: float) -> dict[str, Any]:
     meta = {"latency_s": round(time.monotonic() - started, 3), "attempts": attempts}
     return {"status": "error", "error": error.to_dict(), "meta": meta}

@@ -9,17 +9,20 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
+from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.triggers.base import StartTriggerArgs
 from asgiref.sync import async_to_sync
 
 from airflow_llm_async import transport
-from airflow_llm_async.completion import ON_QUALITY_FAILURE, CallSpec, complete
+from airflow_llm_async.completion import ON_QUALITY_FAILURE, CallSpec, complete, describe_failure
 from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
-from airflow_llm_async.protocol import build_messages
+from airflow_llm_async.protocol import LLMCallError, build_messages
 from airflow_llm_async.quality import ARTICLE_RULES, QualitySpec
-from airflow_llm_async.triggers.chat import ChatCompletionTrigger, config_error, resolve_endpoints
+from airflow_llm_async.triggers.chat import ChatCompletionTrigger, error_outcome, resolve_endpoints
 
 META_KEY = "llm_meta"
+TRIGGER_CLASSPATH = "airflow_llm_async.triggers.chat.ChatCompletionTrigger"
 # Failures that another task try cannot fix: the request or the configuration is wrong.
 _NOT_RETRYABLE_KINDS = frozenset({"client", "config"})
 # Airflow's own deferral timeout fires this long after our deadline, so our clearer error wins.
@@ -52,6 +55,10 @@ class LLMOperator(BaseOperator):
     :param timeout: overall time limit of the call, retries and fallbacks included (default:
         ``execution_timeout``); carried as a wall-clock deadline, so it holds while deferred.
     :param deferrable: wait in the triggerer (default); ``False`` runs the same code on the worker.
+    :param start_from_trigger: worker-free mode: the task starts in the triggerer and ends there,
+        never taking a worker slot (default: ``[llm_async] start_from_trigger``, else False).
+        ``dag.test()`` and ``airflow tasks test`` run it in the default deferrable mode. The
+        ``timeout`` then counts from the start of the call (a triggerer restart starts it again).
     """
 
     template_fields: Sequence[str] = ("prompt", "system_prompt", "messages")
@@ -78,6 +85,7 @@ class LLMOperator(BaseOperator):
         on_quality_failure: str = "fail",
         timeout: timedelta | float | None = None,
         deferrable: bool = True,
+        start_from_trigger: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -99,6 +107,17 @@ class LLMOperator(BaseOperator):
         self.timeout = timeout
         self.deferrable = deferrable
         self._validate()
+        if start_from_trigger is None:
+            start_from_trigger = conf.getboolean("llm_async", "start_from_trigger", fallback=False)
+        if start_from_trigger and deferrable:
+            self.start_from_trigger = True
+            # Per instance: the class attribute is shared by every LLMOperator.
+            self.start_trigger_args = StartTriggerArgs(
+                trigger_cls=TRIGGER_CLASSPATH,
+                next_method="execute_complete",
+                trigger_kwargs=self.worker_free_trigger_kwargs(),
+                timeout=self._deferral_timeout(),
+            )
 
     def _validate(self) -> None:
         """Catch bad arguments when the DAG is parsed, with a message naming the fix."""
@@ -147,8 +166,18 @@ class LLMOperator(BaseOperator):
         if self.timeout is not None and _seconds(self.timeout) <= 0:
             raise ValueError(f"{where}: timeout must be positive, got {self.timeout!r}.")
 
-    def build_request(self) -> dict[str, Any]:
+    def build_request(self, *, with_messages: bool = True) -> dict[str, Any]:
         """The model-independent request body, from the rendered fields."""
+        request: dict[str, Any] = {**self.extra_body}
+        if with_messages:
+            request["messages"] = self._rendered_messages()
+        request["temperature"] = self.temperature
+        request["max_tokens"] = self.max_tokens
+        if self.response_format is not None:
+            request["response_format"] = self.response_format
+        return request
+
+    def _rendered_messages(self) -> list[dict[str, Any]]:
         messages = self.messages
         if isinstance(messages, str):
             # A template such as "{{ ti.xcom_pull(...) }}" renders to text unless the DAG renders natively.
@@ -159,53 +188,63 @@ class LLMOperator(BaseOperator):
                     f"messages rendered to text that is not a JSON list: {messages[:200]!r}"
                 ) from None
         try:
-            built = build_messages(_as_text(self.prompt), self.system_prompt, messages)
+            return build_messages(_as_text(self.prompt), self.system_prompt, messages)
         except ValueError as exc:
             raise AirflowFailException(f"{type(self).__name__} {self.task_id!r}: {exc}") from None
-        request: dict[str, Any] = {
-            **self.extra_body,
-            "messages": built,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
+
+    def _time_limit(self) -> float | None:
+        limit = self.timeout if self.timeout is not None else self.execution_timeout
+        return None if limit is None else _seconds(limit)
+
+    def _deferral_timeout(self) -> timedelta | None:
+        limit = self._time_limit()
+        return None if limit is None else timedelta(seconds=limit) + _DEFERRAL_GRACE
+
+    def _trigger_options(self) -> dict[str, Any]:
+        return {
+            "conn_id": self.llm_conn_id,
+            "models": [self.model, *self.fallback_models],
+            "max_retries": self.max_retries,
+            "quality": self.quality,
+            "quality_retries": self.quality_retries,
+            "on_quality_failure": self.on_quality_failure,
         }
-        if self.response_format is not None:
-            request["response_format"] = self.response_format
-        return request
 
     def build_trigger(self) -> ChatCompletionTrigger:
-        limit = self.timeout if self.timeout is not None else self.execution_timeout
+        """The trigger ``execute`` defers to, from the rendered fields, with a wall-clock deadline."""
+        limit = self._time_limit()
         return ChatCompletionTrigger(
             request=self.build_request(),
-            conn_id=self.llm_conn_id,
-            models=[self.model, *self.fallback_models],
-            deadline=None if limit is None else time.time() + _seconds(limit),
-            max_retries=self.max_retries,
-            quality=self.quality,
-            quality_retries=self.quality_retries,
-            on_quality_failure=self.on_quality_failure,
+            deadline=None if limit is None else time.time() + limit,
+            **self._trigger_options(),
         )
+
+    def worker_free_trigger_kwargs(self) -> dict[str, Any]:
+        """Kwargs fixed at parse time: the templates travel unrendered; the triggerer renders them."""
+        request = self.build_request(with_messages=False)
+        return {
+            "request": request,
+            "prompt": self.prompt,
+            "system_prompt": self.system_prompt,
+            "messages": self.messages,
+            "time_limit": self._time_limit(),
+            "end_from_trigger": True,
+            "output_key": self.output_key,
+            **self._trigger_options(),
+        }
 
     def execute(self, context: Context) -> str:
         trigger = self.build_trigger()
         if self.deferrable:
-            limit = self.timeout if self.timeout is not None else self.execution_timeout
-            self.defer(
-                trigger=trigger,
-                method_name="execute_complete",
-                timeout=None if limit is None else timedelta(seconds=_seconds(limit)) + _DEFERRAL_GRACE,
-            )
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=self._deferral_timeout())
         return self.execute_complete(context, run_sync(trigger.call_spec()))
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
         """Resume after the trigger fired: push the answer, or fail with the API's own message."""
         meta = event.get("meta") or {}
         if event.get("status") != "success":
-            error = event.get("error") or {}
-            message = f"LLM call failed ({error.get('kind')}): {error.get('message')}"
-            tried = [f"{a['model']}@{a['conn_id']}: {a.get('result')}" for a in meta.get("attempts", [])]
-            if tried:
-                message += f" [attempts: {'; '.join(tried)}]"
-            if error.get("kind") in _NOT_RETRYABLE_KINDS:
+            message = describe_failure(event)
+            if (event.get("error") or {}).get("kind") in _NOT_RETRYABLE_KINDS:
                 raise AirflowFailException(message)
             raise AirflowException(message)
         text = event["text"]
@@ -230,7 +269,7 @@ def run_sync(spec: CallSpec) -> dict[str, Any]:
     try:
         endpoints = resolve_endpoints(spec)
     except LLMConfigError as exc:
-        return config_error(exc)
+        return error_outcome(LLMCallError("config", str(exc)))
     return async_to_sync(_complete_and_close)(spec, endpoints)
 
 
@@ -303,13 +342,25 @@ class TextProcessingOperator(LLMOperator):
             **kwargs,
         )
 
-    def build_request(self) -> dict[str, Any]:
+    def _rendered_messages(self) -> list[dict[str, Any]]:
         # The prompt is a str.format template filled with the already rendered text: braces in
         # the text are data, and Jinja syntax in the text is never evaluated.
-        self.prompt = TEXT_PROMPTS[self.language][self.operation].format(
+        self.prompt = self._prompt_template().format(
             text=_as_text(self.text), target_language=self.target_language
         )
-        return super().build_request()
+        return super()._rendered_messages()
+
+    def worker_free_trigger_kwargs(self) -> dict[str, Any]:
+        # Parse time: ``text`` and ``target_language`` are still templates (or literals); placed in
+        # the prompt template, the triggerer renders them as part of ``prompt``, as a worker would.
+        kwargs = super().worker_free_trigger_kwargs()
+        kwargs["prompt"] = self._prompt_template().format(
+            text=_as_text(self.text), target_language=self.target_language
+        )
+        return kwargs
+
+    def _prompt_template(self) -> str:
+        return TEXT_PROMPTS[self.language][self.operation]
 
 
 def _as_text(value: Any) -> str | None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
-from airflow_llm_async.completion import CallSpec, complete
+from airflow_llm_async.completion import CallSpec, complete, describe_failure
 from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
-from airflow_llm_async.protocol import Endpoint, LLMCallError
+from airflow_llm_async.protocol import Endpoint, LLMCallError, build_messages
 from airflow_llm_async.quality import QualitySpec
 
 
@@ -31,6 +33,12 @@ class ChatCompletionTrigger(BaseTrigger):
     :param quality: a :class:`~airflow_llm_async.quality.QualitySpec` as a dict.
     :param quality_retries: how often to ask the same model again after a failed quality check.
     :param on_quality_failure: ``fail`` or ``return`` (succeed and record the verdict).
+
+    Worker-free mode (``LLMOperator(start_from_trigger=True)``): the scheduler creates this trigger
+    from kwargs fixed when the DAG was parsed, so the messages come as the operator's raw
+    ``prompt`` / ``system_prompt`` / ``messages`` templates, which the triggerer renders in place
+    before ``run()``; ``time_limit`` (seconds) then starts counting when the call starts, and
+    ``end_from_trigger`` ends the task here with its XComs (``output_key`` names the extra key).
     """
 
     def __init__(
@@ -44,8 +52,21 @@ class ChatCompletionTrigger(BaseTrigger):
         quality: dict[str, Any] | None = None,
         quality_retries: int = 0,
         on_quality_failure: str = "fail",
+        prompt: str | None = None,
+        system_prompt: str | None = None,
+        messages: list[dict[str, Any]] | str | None = None,
+        time_limit: float | None = None,
+        end_from_trigger: bool = False,
+        output_key: str = "llm_output",
     ) -> None:
         super().__init__()
+        # Attribute names match LLMOperator.template_fields: the triggerer renders these in place.
+        self.prompt = prompt
+        self.system_prompt = system_prompt
+        self.messages = messages
+        self.time_limit = time_limit
+        self.end_from_trigger = end_from_trigger
+        self.output_key = output_key
         self.request = request
         self.conn_id = conn_id
         self.models = list(models) if models else [None]
@@ -67,32 +88,63 @@ class ChatCompletionTrigger(BaseTrigger):
                 "quality": self.quality,
                 "quality_retries": self.quality_retries,
                 "on_quality_failure": self.on_quality_failure,
+                "prompt": self.prompt,
+                "system_prompt": self.system_prompt,
+                "messages": self.messages,
+                "time_limit": self.time_limit,
+                "end_from_trigger": self.end_from_trigger,
+                "output_key": self.output_key,
             },
         )
 
     def call_spec(self) -> CallSpec:
         return CallSpec(
-            request=self.request,
+            request=self._full_request(),
             chain=[(self.conn_id, model) for model in self.models],
-            deadline=self.deadline,
+            deadline=self.deadline if self.time_limit is None else time.time() + self.time_limit,
             max_retries=self.max_retries,
             quality=QualitySpec.from_dict(self.quality),
             quality_retries=self.quality_retries,
             on_quality_failure=self.on_quality_failure,
         )
 
+    def _full_request(self) -> dict[str, Any]:
+        """The request, with messages built from the rendered templates in worker-free mode."""
+        if self.prompt is None and self.messages is None:
+            return self.request
+        messages = self.messages
+        if isinstance(messages, str):  # a template rendered to JSON text
+            messages = json.loads(messages)
+        return {**self.request, "messages": build_messages(self.prompt, self.system_prompt, messages)}
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        spec = self.call_spec()
+        outcome = await self._call()
+        if not self.end_from_trigger:
+            yield TriggerEvent(outcome)
+        elif outcome["status"] == "success":
+            text = outcome["text"]
+            yield TaskSuccessEvent(
+                xcoms={"return_value": text, self.output_key: text, "llm_meta": outcome["meta"]}
+            )
+        else:
+            # No worker will resume to raise this: the task log (triggerer part) is where it shows.
+            self.log.error(describe_failure(outcome))
+            yield TaskFailedEvent(xcoms={"llm_meta": {**outcome["meta"], "error": outcome["error"]}})
+
+    async def _call(self) -> dict[str, Any]:
+        try:
+            spec = self.call_spec()
+        except ValueError as exc:  # rendered messages that cannot be sent
+            return error_outcome(LLMCallError("config", str(exc)))
         try:
             endpoints = await resolve_endpoints_async(spec)
         except LLMConfigError as exc:
-            yield TriggerEvent(config_error(exc))
-            return
+            return error_outcome(LLMCallError("config", str(exc)))
         models = " -> ".join(model or "(connection default)" for model in self.models)
         self.log.info("Calling %s on connection %r", models, self.conn_id)
         outcome = await complete(spec, endpoints)
         self.log.info("LLM call ended: %s", outcome["status"])
-        yield TriggerEvent(outcome)
+        return outcome
 
 
 async def resolve_endpoints_async(spec: CallSpec) -> dict[str, Endpoint]:
@@ -103,6 +155,6 @@ def resolve_endpoints(spec: CallSpec) -> dict[str, Endpoint]:
     return {conn_id: LLMHook(conn_id).get_endpoint() for conn_id, _ in spec.chain}
 
 
-def config_error(exc: LLMConfigError) -> dict[str, Any]:
-    """The outcome for a connection that cannot be used: nothing was called."""
-    return {"status": "error", "error": LLMCallError("config", str(exc)).to_dict(), "meta": {"attempts": []}}
+def error_outcome(error: LLMCallError) -> dict[str, Any]:
+    """The outcome of a call that could not start: nothing was sent."""
+    return {"status": "error", "error": error.to_dict(), "meta": {"attempts": []}}

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
 
 from airflow_llm_async.quality import ARTICLE_RULES
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
@@ -16,6 +17,10 @@ REQUEST = {
     "messages": [{"role": "user", "content": "总结以下文章:人工智能正在快速发展。"}],
     "max_tokens": 500,
 }
+
+
+async def run_events(trigger: ChatCompletionTrigger) -> list:
+    return [event async for event in trigger.run()]
 
 
 async def run(trigger: ChatCompletionTrigger) -> dict:
@@ -211,3 +216,38 @@ async def test_many_triggers_run_concurrently_with_the_connections_headers(fake_
     stats = fake_llm.stats()
     assert stats["requests"] == 50
     assert stats["max_in_flight"] == 50  # all waited together, none queued behind another
+
+
+async def test_worker_free_success_ends_the_task_with_its_xcoms(fake_llm):
+    # As the triggerer leaves it after rendering the operator's templates in place.
+    rendered = trigger(
+        request={"max_tokens": 300},
+        prompt="分析以下内容的趋势: AI",
+        system_prompt="简洁",
+        models=["gpt-4"],
+        end_from_trigger=True,
+        output_key="analysis",
+        time_limit=30,
+    )
+    events = await run_events(rendered)
+    assert len(events) == 1 and isinstance(events[0], TaskSuccessEvent)
+    xcoms = events[0].xcoms
+    assert set(xcoms) == {"return_value", "analysis", "llm_meta"}
+    assert xcoms["return_value"] == xcoms["analysis"] and "AI" in xcoms["analysis"]
+    assert xcoms["llm_meta"]["model"] == "gpt-4"
+    json.dumps(xcoms)  # XComs sent by a TaskSuccessEvent must be JSON-safe
+
+
+async def test_worker_free_failure_ends_the_task_failed_with_the_error_in_meta(fake_llm):
+    events = await run_events(trigger(request={}, prompt="x", models=["gpt-5x"], end_from_trigger=True))
+    assert len(events) == 1 and isinstance(events[0], TaskFailedEvent)
+    meta = events[0].xcoms["llm_meta"]
+    assert meta["error"]["code"] == "model_not_found"
+    assert [a["status"] for a in meta["attempts"]] == [404]
+
+
+async def test_worker_free_messages_that_render_to_nothing_fail_cleanly(fake_llm):
+    events = await run_events(trigger(request={}, prompt="", end_from_trigger=True))
+    assert isinstance(events[0], TaskFailedEvent)
+    assert "Nothing to send" in events[0].xcoms["llm_meta"]["error"]["message"]
+    assert fake_llm.stats()["requests"] == 0

@@ -63,6 +63,12 @@ def test_execute_defers_to_a_trigger_holding_only_json_safe_kwargs(dag):
         "quality": {"min_chars": 10},
         "quality_retries": 0,
         "on_quality_failure": "fail",
+        "prompt": None,
+        "system_prompt": None,
+        "messages": None,
+        "time_limit": None,
+        "end_from_trigger": False,
+        "output_key": "llm_output",
     }
     json.dumps(kwargs)  # stored as JSON in the trigger table
 
@@ -77,6 +83,12 @@ def test_serialize_round_trips_exactly():
         quality={"min_chars": 5},
         quality_retries=2,
         on_quality_failure="return",
+        prompt="p {{ ds }}",
+        system_prompt="s",
+        messages=[{"role": "user", "content": "m"}],
+        time_limit=30.0,
+        end_from_trigger=True,
+        output_key="answer",
     )
     classpath, kwargs = trigger.serialize()
     clone = ChatCompletionTrigger(**kwargs)
@@ -324,3 +336,78 @@ def test_quality_branch_ids_and_rules_are_configurable(dag):
 def test_quality_branch_rejects_bad_rules(dag):
     with pytest.raises(ValueError, match="min_chars"):
         LLMQualityBranchOperator(task_id="q", source_task_id="g", min_chars=-5)
+
+
+def test_worker_free_mode_fixes_unrendered_trigger_kwargs_at_parse_time(dag):
+    op = LLMOperator(
+        task_id="ask",
+        prompt="Trends in {{ params.topic }}",
+        system_prompt="brief",
+        model="gpt-4",
+        fallback_models=["gpt-3.5-turbo"],
+        timeout=60,
+        output_key="analysis",
+        start_from_trigger=True,
+    )
+    other = LLMOperator(task_id="other", prompt="x", start_from_trigger=True)
+    args = op.start_trigger_args
+    assert op.start_from_trigger is True
+    assert (args.trigger_cls, args.next_method) == (
+        "airflow_llm_async.triggers.chat.ChatCompletionTrigger",
+        "execute_complete",
+    )
+    assert args.timeout == timedelta(seconds=120)
+    assert args.trigger_kwargs == {
+        "request": {"temperature": 0.7, "max_tokens": 1000},
+        "prompt": "Trends in {{ params.topic }}",
+        "system_prompt": "brief",
+        "messages": None,
+        "time_limit": 60.0,
+        "end_from_trigger": True,
+        "output_key": "analysis",
+        "conn_id": "llm_default",
+        "models": ["gpt-4", "gpt-3.5-turbo"],
+        "max_retries": None,
+        "quality": None,
+        "quality_retries": 0,
+        "on_quality_failure": "fail",
+    }
+    json.dumps(args.trigger_kwargs)
+    assert other.start_trigger_args.trigger_kwargs["prompt"] == "x"  # per instance, not shared
+    assert LLMOperator.start_trigger_args is None
+    # The kwargs rebuild the trigger; the triggerer renders `prompt`/`system_prompt`/`messages` in place.
+    trigger = ChatCompletionTrigger(**args.trigger_kwargs)
+    trigger.prompt = "Trends in LLM"
+    assert trigger.call_spec().request["messages"] == [
+        {"role": "system", "content": "brief"},
+        {"role": "user", "content": "Trends in LLM"},
+    ]
+
+
+def test_worker_free_text_processing_puts_the_text_template_in_the_prompt(dag):
+    op = TextProcessingOperator(
+        task_id="t", operation="translate", text="{{ ti.xcom_pull(task_ids='up') }}", start_from_trigger=True
+    )
+    assert (
+        op.start_trigger_args.trigger_kwargs["prompt"]
+        == "将以下内容翻译成英文:\n{{ ti.xcom_pull(task_ids='up') }}"
+    )
+
+
+def test_worker_free_tasks_still_defer_normally_when_executed(dag):
+    """dag.test() and `airflow tasks test` call execute(): it must still work there."""
+    op = LLMOperator(task_id="ask", prompt="x", start_from_trigger=True)
+    with pytest.raises(TaskDeferred) as info:
+        op.execute({})
+    assert info.value.trigger.end_from_trigger is False
+    assert info.value.trigger.request["messages"] == [{"role": "user", "content": "x"}]
+
+
+def test_worker_free_default_comes_from_the_provider_config(dag, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__LLM_ASYNC__START_FROM_TRIGGER", "True")
+    assert LLMOperator(task_id="on", prompt="x").start_from_trigger is True
+    assert LLMOperator(task_id="off", prompt="x", start_from_trigger=False).start_from_trigger is False
+    # Sync mode runs on the worker by definition, whatever the provider default says.
+    assert LLMOperator(task_id="sync", prompt="x", deferrable=False).start_from_trigger is False
+    monkeypatch.setenv("AIRFLOW__LLM_ASYNC__START_FROM_TRIGGER", "False")
+    assert LLMOperator(task_id="default", prompt="x").start_from_trigger is False
