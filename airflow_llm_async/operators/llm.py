@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -110,6 +111,7 @@ class LLMOperator(BaseOperator):
         if start_from_trigger is None:
             start_from_trigger = conf.getboolean("llm_async", "start_from_trigger", fallback=False)
         if start_from_trigger and deferrable:
+            _check_worker_free_templates(self)
             self.start_from_trigger = True
             # Per instance: the class attribute is shared by every LLMOperator.
             self.start_trigger_args = StartTriggerArgs(
@@ -361,6 +363,23 @@ class TextProcessingOperator(LLMOperator):
 
     def _prompt_template(self) -> str:
         return TEXT_PROMPTS[self.language][self.operation]
+
+
+# An xcom_pull without map_indexes asks for every map index (GetXComSequenceSlice), a request
+# Airflow 3.3.2's triggerer cannot answer: rendering in the triggerer would wait forever.
+_PULL_ALL_MAP_INDEXES = re.compile(r"xcom_pull\((?![^)]*map_indexes)[^)]*\)")
+
+
+def _check_worker_free_templates(op: LLMOperator) -> None:
+    for field in op.template_fields:
+        value = getattr(op, field, None)
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        if _PULL_ALL_MAP_INDEXES.search(text):
+            raise ValueError(
+                f"{type(op).__name__} {op.task_id!r}: with start_from_trigger=True the triggerer renders "
+                f"`{field}`, and Airflow 3.3.2's triggerer can only pull one map index: add "
+                f"map_indexes=-1 to the xcom_pull, e.g. ti.xcom_pull(task_ids='up', map_indexes=-1)."
+            )
 
 
 def _as_text(value: Any) -> str | None:

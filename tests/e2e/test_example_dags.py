@@ -134,3 +134,50 @@ def test_the_api_key_appears_in_no_log(airflow, fake_llm):
     logs.append(fake_llm.log.read_text(errors="replace"))
     assert len(logs) > 5
     assert not [text for text in logs if API_KEY in text]
+
+
+def test_worker_free_tasks_never_reach_a_worker_and_their_xcoms_read_back(airflow, fake_llm):
+    fake_llm.reset()
+    dag_id = "e2e_worker_free"
+    airflow.wait_for_dag(dag_id)
+    airflow.unpause(dag_id)
+    fake_llm.hold()
+    try:
+        run_id = airflow.trigger(dag_id)
+        wait_for(
+            lambda: fake_llm.stats()["held"] == 2,
+            180,
+            "ask and fails in flight",
+            lambda: airflow.describe_run(dag_id, run_id),
+        )
+        states = airflow.task_states(dag_id, run_id)
+        assert (states["ask"], states["fails"]) == ("deferred", "deferred")
+    finally:
+        fake_llm.release()
+    assert airflow.wait_for_run(dag_id, run_id, timeout=300) == "failed"  # `fails` fails, as it should
+    states = airflow.task_states(dag_id, run_id)
+    assert states == {
+        "topic": "success",
+        "ask": "success",
+        "translate": "success",
+        "fails": "failed",
+        "read_results": "success",
+    }
+    by_task = {ti["task_id"]: ti for ti in airflow.task_instances(dag_id, run_id)}
+    for task_id in ("ask", "translate", "fails"):
+        # Never queued for an executor: the scheduler handed it straight to the triggerer.
+        assert by_task[task_id]["queued_when"] is None, by_task[task_id]
+    assert by_task["topic"]["queued_when"] is not None  # a normal task, for contrast
+    analysis = airflow.xcom(dag_id, run_id, "ask", key="analysis")
+    assert "数据工程中的自动化" in analysis  # the prompt's templates were rendered in the triggerer
+    result = airflow.xcom(dag_id, run_id, "read_results")
+    meta = airflow.xcom(dag_id, run_id, "ask", key="llm_meta")
+    assert result == {
+        "answer_chars": len(analysis),
+        "model": "gpt-4",
+        "tokens": meta["usage"]["total_tokens"],
+        "translation_chars": len(airflow.xcom(dag_id, run_id, "translate")),
+    }
+    failed_meta = airflow.xcom(dag_id, run_id, "fails", key="llm_meta")
+    assert failed_meta["error"]["code"] == "model_not_found"
+    assert "The model `gpt-5x` does not exist" in airflow.task_log(dag_id, run_id, "fails")

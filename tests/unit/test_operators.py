@@ -385,13 +385,26 @@ def test_worker_free_mode_fixes_unrendered_trigger_kwargs_at_parse_time(dag):
 
 
 def test_worker_free_text_processing_puts_the_text_template_in_the_prompt(dag):
-    op = TextProcessingOperator(
-        task_id="t", operation="translate", text="{{ ti.xcom_pull(task_ids='up') }}", start_from_trigger=True
-    )
-    assert (
-        op.start_trigger_args.trigger_kwargs["prompt"]
-        == "将以下内容翻译成英文:\n{{ ti.xcom_pull(task_ids='up') }}"
-    )
+    pull = "{{ ti.xcom_pull(task_ids='up', map_indexes=-1) }}"
+    op = TextProcessingOperator(task_id="t", operation="translate", text=pull, start_from_trigger=True)
+    assert op.start_trigger_args.trigger_kwargs["prompt"] == f"将以下内容翻译成英文:\n{pull}"
+
+
+@pytest.mark.parametrize(
+    ("operator", "kwargs"),
+    [
+        (LLMOperator, {"prompt": "Sum up {{ ti.xcom_pull(task_ids='up') }}"}),
+        (LLMOperator, {"messages": [{"role": "user", "content": "{{ task_instance.xcom_pull('up') }}"}]}),
+        (
+            TextProcessingOperator,
+            {"operation": "summarize", "text": "{{ ti.xcom_pull(task_ids='up', key='k') }}"},
+        ),
+    ],
+)
+def test_worker_free_rejects_a_pull_the_triggerer_cannot_answer(dag, operator, kwargs):
+    with pytest.raises(ValueError, match="add map_indexes=-1 to the xcom_pull"):
+        operator(task_id="t", start_from_trigger=True, **kwargs)
+    operator(task_id="deferrable", **kwargs)  # fine when a worker renders the templates
 
 
 def test_worker_free_tasks_still_defer_normally_when_executed(dag):
