@@ -13,10 +13,19 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import jsonschema
+
 ARTICLE_MIN_CHARS = 50
 ARTICLE_REFUSAL_MARKERS = ("错误", "抱歉")
 
-_KNOWN_KEYS = ("min_chars", "refusal_markers", "regex", "reject_finish_reasons", "require_json")
+_KNOWN_KEYS = (
+    "min_chars",
+    "refusal_markers",
+    "regex",
+    "reject_finish_reasons",
+    "require_json",
+    "json_schema",
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,8 @@ class QualitySpec:
     regex: str | None = None
     reject_finish_reasons: tuple[str, ...] = ()
     require_json: bool = False
+    # A JSON Schema the answer (parsed as JSON) must match; implies require_json.
+    json_schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_chars, int) or self.min_chars < 0:
@@ -37,6 +48,15 @@ class QualitySpec:
             if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"quality {name} must be a list of non-empty strings, got {value!r}")
             object.__setattr__(self, name, tuple(value))
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, dict):
+                raise ValueError(
+                    f"quality json_schema must be a JSON Schema object, got {self.json_schema!r}"
+                )
+            try:
+                jsonschema.validators.validator_for(self.json_schema).check_schema(self.json_schema)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"quality json_schema is not a valid JSON Schema: {exc.message}") from None
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -79,11 +99,21 @@ class QualitySpec:
             failures.append({"rule": "regex", "detail": f"does not match {self.regex!r}"})
         if finish_reason in self.reject_finish_reasons:
             failures.append({"rule": "finish_reason", "detail": f"finish_reason is {finish_reason!r}"})
-        if self.require_json:
+        if self.require_json or self.json_schema is not None:
             try:
-                json.loads(text)
+                document = json.loads(text)
             except ValueError as exc:
                 failures.append({"rule": "require_json", "detail": f"not valid JSON: {exc}"})
+            else:
+                if self.json_schema is not None:
+                    error = jsonschema.exceptions.best_match(
+                        jsonschema.validators.validator_for(self.json_schema)(self.json_schema).iter_errors(
+                            document
+                        )
+                    )
+                    if error is not None:
+                        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+                        failures.append({"rule": "json_schema", "detail": f"at {where}: {error.message}"})
         return failures
 
 

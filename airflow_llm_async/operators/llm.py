@@ -47,6 +47,8 @@ class LLMOperator(BaseOperator):
         if given, is appended as the last user message.
     :param llm_conn_id: the ``llm`` connection.
     :param fallback_models: models to try in order when the model fails after its retries.
+    :param fallback_conn_ids: connections (other providers or regions) to try in order when every
+        model failed on ``llm_conn_id``; each is tried with ``model`` and ``fallback_models``.
     :param response_format: passed through, e.g. ``{"type": "json_object"}``.
     :param extra_body: more request fields passed through as they are (e.g. ``seed``, ``top_p``).
     :param max_retries: retries per model on 408/409/429/5xx/timeouts (default: the connection's, else 2).
@@ -78,6 +80,7 @@ class LLMOperator(BaseOperator):
         messages: list[dict[str, Any]] | None = None,
         llm_conn_id: str = LLMHook.default_conn_name,
         fallback_models: Sequence[str] | None = None,
+        fallback_conn_ids: Sequence[str] | None = None,
         response_format: dict[str, Any] | None = None,
         extra_body: dict[str, Any] | None = None,
         max_retries: int | None = None,
@@ -90,6 +93,11 @@ class LLMOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        for name, value in (("fallback_models", fallback_models), ("fallback_conn_ids", fallback_conn_ids)):
+            if isinstance(value, str):
+                raise ValueError(
+                    f"{type(self).__name__} {self.task_id!r}: {name} must be a list, e.g. [{value!r}]."
+                )
         self.prompt = prompt
         self.model = model
         self.temperature = temperature
@@ -99,6 +107,7 @@ class LLMOperator(BaseOperator):
         self.messages = messages
         self.llm_conn_id = llm_conn_id
         self.fallback_models = list(fallback_models or [])
+        self.fallback_conn_ids = list(fallback_conn_ids or [])
         self.response_format = response_format
         self.extra_body = dict(extra_body or {})
         self.max_retries = max_retries
@@ -139,6 +148,10 @@ class LLMOperator(BaseOperator):
         if not all(isinstance(m, str) and m for m in self.fallback_models):
             raise ValueError(
                 f"{where}: fallback_models must be a list of model names, got {self.fallback_models!r}."
+            )
+        if not all(isinstance(c, str) and c for c in self.fallback_conn_ids):
+            raise ValueError(
+                f"{where}: fallback_conn_ids must be a list of connection ids, got {self.fallback_conn_ids!r}"
             )
         if self.response_format is not None and not isinstance(self.response_format, dict):
             raise ValueError(f"{where}: response_format must be a dict such as {{'type': 'json_object'}}.")
@@ -206,6 +219,7 @@ class LLMOperator(BaseOperator):
         return {
             "conn_id": self.llm_conn_id,
             "models": [self.model, *self.fallback_models],
+            "fallback_conn_ids": self.fallback_conn_ids,
             "max_retries": self.max_retries,
             "quality": self.quality,
             "quality_retries": self.quality_retries,

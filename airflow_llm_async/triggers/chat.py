@@ -28,6 +28,8 @@ class ChatCompletionTrigger(BaseTrigger):
     :param request: the model-independent request body (messages, temperature, max_tokens, ...).
     :param conn_id: the ``llm`` connection to call.
     :param models: the model, then its fallbacks, in order; ``None`` means the connection's default.
+    :param fallback_conn_ids: connections to try, in order, when every model failed on ``conn_id``;
+        each gets the same ``models`` (``None`` is then that connection's default model).
     :param deadline: wall-clock epoch seconds after which no attempt starts or continues.
     :param max_retries: retries per model (None: the connection's ``max_retries``, else 2).
     :param quality: a :class:`~airflow_llm_async.quality.QualitySpec` as a dict.
@@ -58,8 +60,10 @@ class ChatCompletionTrigger(BaseTrigger):
         time_limit: float | None = None,
         end_from_trigger: bool = False,
         output_key: str = "llm_output",
+        fallback_conn_ids: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.fallback_conn_ids = list(fallback_conn_ids or [])
         # Attribute names match LLMOperator.template_fields: the triggerer renders these in place.
         self.prompt = prompt
         self.system_prompt = system_prompt
@@ -94,13 +98,18 @@ class ChatCompletionTrigger(BaseTrigger):
                 "time_limit": self.time_limit,
                 "end_from_trigger": self.end_from_trigger,
                 "output_key": self.output_key,
+                "fallback_conn_ids": self.fallback_conn_ids,
             },
         )
 
     def call_spec(self) -> CallSpec:
         return CallSpec(
             request=self._full_request(),
-            chain=[(self.conn_id, model) for model in self.models],
+            chain=[
+                (conn_id, model)
+                for conn_id in (self.conn_id, *self.fallback_conn_ids)
+                for model in self.models
+            ],
             deadline=self.deadline if self.time_limit is None else time.time() + self.time_limit,
             max_retries=self.max_retries,
             quality=QualitySpec.from_dict(self.quality),
@@ -141,18 +150,20 @@ class ChatCompletionTrigger(BaseTrigger):
         except LLMConfigError as exc:
             return error_outcome(LLMCallError("config", str(exc)))
         models = " -> ".join(model or "(connection default)" for model in self.models)
-        self.log.info("Calling %s on connection %r", models, self.conn_id)
+        self.log.info("Calling %s on %s", models, " -> ".join((self.conn_id, *self.fallback_conn_ids)))
         outcome = await complete(spec, endpoints)
         self.log.info("LLM call ended: %s", outcome["status"])
         return outcome
 
 
 async def resolve_endpoints_async(spec: CallSpec) -> dict[str, Endpoint]:
-    return {conn_id: await LLMHook(conn_id).aget_endpoint() for conn_id, _ in spec.chain}
+    return {
+        conn_id: await LLMHook(conn_id).aget_endpoint() for conn_id in dict.fromkeys(c for c, _ in spec.chain)
+    }
 
 
 def resolve_endpoints(spec: CallSpec) -> dict[str, Endpoint]:
-    return {conn_id: LLMHook(conn_id).get_endpoint() for conn_id, _ in spec.chain}
+    return {conn_id: LLMHook(conn_id).get_endpoint() for conn_id in dict.fromkeys(c for c, _ in spec.chain)}
 
 
 def error_outcome(error: LLMCallError) -> dict[str, Any]:

@@ -251,3 +251,33 @@ async def test_worker_free_messages_that_render_to_nothing_fail_cleanly(fake_llm
     assert isinstance(events[0], TaskFailedEvent)
     assert "Nothing to send" in events[0].xcoms["llm_meta"]["error"]["message"]
     assert fake_llm.stats()["requests"] == 0
+
+
+async def test_after_every_model_fails_on_one_connection_the_next_connection_is_tried(fake_llm, monkeypatch):
+    point_connection(monkeypatch, "llm_primary", "http://127.0.0.1:9/v1")  # nothing listens there
+    point_connection(monkeypatch, "llm_backup", fake_llm.base_url, default_model="gpt-3.5-turbo")
+    payload = await run(
+        trigger(conn_id="llm_primary", fallback_conn_ids=["llm_backup"], models=["gpt-4"], max_retries=0)
+    )
+    assert payload["status"] == "success"
+    assert [(a["conn_id"], a["model"], a["result"]) for a in payload["meta"]["attempts"]] == [
+        ("llm_primary", "gpt-4", "error"),
+        ("llm_backup", "gpt-4", "ok"),
+    ]
+    assert payload["meta"]["conn_id"] == "llm_backup" and payload["meta"]["fallback_used"] is True
+
+
+async def test_a_json_schema_gate_retries_until_the_answer_matches(fake_llm):
+    fake_llm.set_fault("gpt-4", "short*1")
+    schema = {"type": "object", "minProperties": 1}
+    payload = await run(
+        trigger(
+            request={**REQUEST, "response_format": {"type": "json_object"}},
+            models=["gpt-4"],
+            quality={"json_schema": schema},
+            quality_retries=1,
+        )
+    )
+    assert payload["status"] == "success", payload
+    assert [a["result"] for a in payload["meta"]["attempts"]] == ["quality_failed", "ok"]
+    assert isinstance(json.loads(payload["text"]), dict)

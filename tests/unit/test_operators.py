@@ -59,6 +59,7 @@ def test_execute_defers_to_a_trigger_holding_only_json_safe_kwargs(dag):
         },
         "conn_id": "llm_test",
         "models": ["gpt-4", "gpt-3.5-turbo"],
+        "fallback_conn_ids": [],
         "max_retries": 3,
         "quality": {"min_chars": 10},
         "quality_retries": 0,
@@ -89,6 +90,7 @@ def test_serialize_round_trips_exactly():
         time_limit=30.0,
         end_from_trigger=True,
         output_key="answer",
+        fallback_conn_ids=["backup"],
     )
     classpath, kwargs = trigger.serialize()
     clone = ChatCompletionTrigger(**kwargs)
@@ -165,6 +167,7 @@ def test_an_undefined_template_variable_is_an_error_not_an_empty_prompt(dag):
         ({"prompt": "x", "model": ""}, "model must be a non-empty string"),
         ({"prompt": "x", "fallback_models": ["gpt-4", None]}, "fallback_models must be a list"),
         ({"prompt": "x", "response_format": "json"}, "response_format must be a dict"),
+        ({"prompt": "x", "fallback_conn_ids": "backup"}, "fallback_conn_ids must be a list"),
         ({"prompt": "x", "extra_body": {"model": "y"}}, "extra_body must not set"),
         ({"prompt": "x", "max_retries": -1}, "max_retries must be an integer"),
         ({"prompt": "x", "on_quality_failure": "ignore"}, "on_quality_failure must be one of"),
@@ -282,6 +285,7 @@ def test_text_processing_records_the_article_quality_verdict_by_default(dag):
         "regex": None,
         "reject_finish_reasons": [],
         "require_json": False,
+        "json_schema": None,
     }
     assert op.on_quality_failure == "return"
     assert op.output_key == "processed_text"
@@ -367,6 +371,7 @@ def test_worker_free_mode_fixes_unrendered_trigger_kwargs_at_parse_time(dag):
         "output_key": "analysis",
         "conn_id": "llm_default",
         "models": ["gpt-4", "gpt-3.5-turbo"],
+        "fallback_conn_ids": [],
         "max_retries": None,
         "quality": None,
         "quality_retries": 0,

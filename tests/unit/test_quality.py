@@ -52,6 +52,7 @@ def test_round_trip_through_a_dict():
         "regex": "a+",
         "reject_finish_reasons": ["length"],
         "require_json": False,
+        "json_schema": None,
     }
 
 
@@ -65,8 +66,28 @@ def test_round_trip_through_a_dict():
         ({"refusal_markers": [""]}, "refusal_markers"),
         ({"regex": "("}, "does not compile"),
         ("min_chars=5", "must be a dict"),
+        ({"json_schema": "object"}, "must be a JSON Schema object"),
+        ({"json_schema": {"type": "objekt"}}, "not a valid JSON Schema"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(spec, fragment):
     with pytest.raises(ValueError, match=fragment):
         QualitySpec.from_dict(spec)
+
+
+SCHEMA = {
+    "type": "object",
+    "required": ["label", "score"],
+    "properties": {"label": {"enum": ["positive", "negative"]}, "score": {"type": "number"}},
+}
+
+
+def test_json_schema_checks_the_parsed_answer():
+    spec = QualitySpec(json_schema=SCHEMA)
+    assert spec.check('{"label": "positive", "score": 0.9}') == []
+    assert spec.check('{"label": "neutral", "score": 1}') == [
+        {"rule": "json_schema", "detail": "at label: 'neutral' is not one of ['positive', 'negative']"}
+    ]
+    assert rules(spec.check('{"label": "negative"}')) == ["json_schema"]
+    assert rules(spec.check("not json")) == ["require_json"]
+    assert QualitySpec.from_dict(spec.to_dict()) == spec
