@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from airflow.sdk.execution_time.xcom import XCom
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
 from airflow_llm_async.completion import CallSpec, complete, describe_failure
@@ -128,17 +129,31 @@ class ChatCompletionTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         outcome = await self._call()
-        if not self.end_from_trigger:
+        if self.end_from_trigger:
+            yield await self._end_task(outcome)
+        else:
             yield TriggerEvent(outcome)
-        elif outcome["status"] == "success":
+
+    async def _end_task(self, outcome: dict[str, Any]) -> TaskSuccessEvent | TaskFailedEvent:
+        """Worker-free mode: push the XComs a worker would have pushed, then end the task."""
+        if outcome["status"] == "success":
             text = outcome["text"]
-            yield TaskSuccessEvent(
-                xcoms={"return_value": text, self.output_key: text, "llm_meta": outcome["meta"]}
-            )
+            xcoms = {"return_value": text, self.output_key: text, "llm_meta": outcome["meta"]}
+            event: TaskSuccessEvent | TaskFailedEvent = TaskSuccessEvent()
         else:
             # No worker will resume to raise this: the task log (triggerer part) is where it shows.
             self.log.error(describe_failure(outcome))
-            yield TaskFailedEvent(xcoms={"llm_meta": {**outcome["meta"], "error": outcome["error"]}})
+            xcoms = {"llm_meta": {**outcome["meta"], "error": outcome["error"]}}
+            event = TaskFailedEvent()
+        # Pushed through the configured XCom backend as a worker would, not as the event's `xcoms`: 3.3.2
+        # stores those JSON-encoded twice (models/trigger.py handle_event_submit -> XComModel.set),
+        # so downstream tasks would read the meta dict as text and the answer with quotes.
+        ti = self.task_instance
+        for key, value in xcoms.items():
+            await XCom.aset(
+                key, value, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index
+            )
+        return event
 
     async def _call(self) -> dict[str, Any]:
         try:

@@ -144,14 +144,14 @@ def test_worker_free_tasks_never_reach_a_worker_and_their_xcoms_read_back(airflo
     fake_llm.hold()
     try:
         run_id = airflow.trigger(dag_id)
+        # `fails` is refused at once (unknown model); `ask` waits at the server.
         wait_for(
-            lambda: fake_llm.stats()["held"] == 2,
+            lambda: fake_llm.stats()["held"] == 1,
             180,
-            "ask and fails in flight",
+            "ask in flight",
             lambda: airflow.describe_run(dag_id, run_id),
         )
-        states = airflow.task_states(dag_id, run_id)
-        assert (states["ask"], states["fails"]) == ("deferred", "deferred")
+        assert airflow.task_states(dag_id, run_id)["ask"] == "deferred"
     finally:
         fake_llm.release()
     assert airflow.wait_for_run(dag_id, run_id, timeout=300) == "failed"  # `fails` fails, as it should
@@ -169,7 +169,7 @@ def test_worker_free_tasks_never_reach_a_worker_and_their_xcoms_read_back(airflo
         assert by_task[task_id]["queued_when"] is None, by_task[task_id]
     assert by_task["topic"]["queued_when"] is not None  # a normal task, for contrast
     analysis = airflow.xcom(dag_id, run_id, "ask", key="analysis")
-    assert "数据工程中的自动化" in analysis  # the prompt's templates were rendered in the triggerer
+    assert "大语言模型与数据工程" in analysis  # params and the XCom pull were rendered in the triggerer
     result = airflow.xcom(dag_id, run_id, "read_results")
     meta = airflow.xcom(dag_id, run_id, "ask", key="llm_meta")
     assert result == {

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
+from airflow.sdk.execution_time.comms import SetXCom
 from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
 
 from airflow_llm_async.quality import ARTICLE_RULES
@@ -218,38 +220,66 @@ async def test_many_triggers_run_concurrently_with_the_connections_headers(fake_
     assert stats["max_in_flight"] == 50  # all waited together, none queued behind another
 
 
-async def test_worker_free_success_ends_the_task_with_its_xcoms(fake_llm):
-    # As the triggerer leaves it after rendering the operator's templates in place.
-    rendered = trigger(
+class RecordingComms:
+    """Stands in for the triggerer's channel to its supervisor: records what the trigger sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    async def asend(self, message):
+        self.sent.append(message)
+
+
+@pytest.fixture
+def supervisor(monkeypatch):
+    comms = RecordingComms()
+    monkeypatch.setattr("airflow.sdk.execution_time.task_runner.SUPERVISOR_COMMS", comms, raising=False)
+    return comms
+
+
+def worker_free(**kwargs) -> ChatCompletionTrigger:
+    """A worker-free trigger as the triggerer runs it: templates rendered, task instance attached."""
+    made = trigger(end_from_trigger=True, **kwargs)
+    made.task_instance = SimpleNamespace(dag_id="d", task_id="t", run_id="r", map_index=-1)
+    return made
+
+
+def pushed(comms: RecordingComms) -> dict:
+    xcoms = [m for m in comms.sent if isinstance(m, SetXCom)]
+    assert {(m.dag_id, m.task_id, m.run_id, m.map_index) for m in xcoms} == {("d", "t", "r", -1)}
+    return {m.key: m.value for m in xcoms}
+
+
+async def test_worker_free_success_pushes_the_xcoms_then_ends_the_task(fake_llm, supervisor):
+    made = worker_free(
         request={"max_tokens": 300},
         prompt="分析以下内容的趋势: AI",
         system_prompt="简洁",
         models=["gpt-4"],
-        end_from_trigger=True,
         output_key="analysis",
         time_limit=30,
     )
-    events = await run_events(rendered)
+    events = await run_events(made)
     assert len(events) == 1 and isinstance(events[0], TaskSuccessEvent)
-    xcoms = events[0].xcoms
+    assert events[0].xcoms is None  # pushed through the XCom backend instead, see _end_task
+    xcoms = pushed(supervisor)
     assert set(xcoms) == {"return_value", "analysis", "llm_meta"}
     assert xcoms["return_value"] == xcoms["analysis"] and "AI" in xcoms["analysis"]
     assert xcoms["llm_meta"]["model"] == "gpt-4"
-    json.dumps(xcoms)  # XComs sent by a TaskSuccessEvent must be JSON-safe
 
 
-async def test_worker_free_failure_ends_the_task_failed_with_the_error_in_meta(fake_llm):
-    events = await run_events(trigger(request={}, prompt="x", models=["gpt-5x"], end_from_trigger=True))
+async def test_worker_free_failure_ends_the_task_failed_with_the_error_in_meta(fake_llm, supervisor):
+    events = await run_events(worker_free(request={}, prompt="x", models=["gpt-5x"]))
     assert len(events) == 1 and isinstance(events[0], TaskFailedEvent)
-    meta = events[0].xcoms["llm_meta"]
+    meta = pushed(supervisor)["llm_meta"]
     assert meta["error"]["code"] == "model_not_found"
     assert [a["status"] for a in meta["attempts"]] == [404]
 
 
-async def test_worker_free_messages_that_render_to_nothing_fail_cleanly(fake_llm):
-    events = await run_events(trigger(request={}, prompt="", end_from_trigger=True))
+async def test_worker_free_messages_that_render_to_nothing_fail_cleanly(fake_llm, supervisor):
+    events = await run_events(worker_free(request={}, prompt=""))
     assert isinstance(events[0], TaskFailedEvent)
-    assert "Nothing to send" in events[0].xcoms["llm_meta"]["error"]["message"]
+    assert "Nothing to send" in pushed(supervisor)["llm_meta"]["error"]["message"]
     assert fake_llm.stats()["requests"] == 0
 
 
