@@ -311,3 +311,18 @@ async def test_a_json_schema_gate_retries_until_the_answer_matches(fake_llm):
     assert payload["status"] == "success", payload
     assert [a["result"] for a in payload["meta"]["attempts"]] == ["quality_failed", "ok"]
     assert isinstance(json.loads(payload["text"]), dict)
+
+
+async def test_a_rate_limit_that_never_ends_stops_after_the_retry_budget(fake_llm):
+    fake_llm.set_fault("gpt-4", "429")
+    payload = await run(trigger(models=["gpt-4"], max_retries=2))
+    assert outcomes(payload) == [("gpt-4", 429, "error")] * 3
+    assert payload["error"]["kind"] == "rate_limit"
+
+
+async def test_a_prompt_too_long_is_a_client_error_with_a_hint(fake_llm):
+    fake_llm.set_fault("gpt-4", "400")
+    payload = await run(trigger(models=["gpt-4"], max_retries=3))
+    assert outcomes(payload) == [("gpt-4", 400, "error")]
+    assert payload["error"]["code"] == "context_length_exceeded"
+    assert "context window" in payload["error"]["message"]
