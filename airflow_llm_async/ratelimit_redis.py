@@ -1,0 +1,258 @@
+"""A connection's request and token buckets in Redis, shared by every triggerer host.
+
+Opt in per connection with the extra ``"rate_limit_backend": "redis://host:6379/0"``. One Lua
+script refills both buckets, takes (or gives back) and returns the wait, atomically and on
+Redis's clock, so the hosts' clocks never have to agree. Only the head of each host's line
+calls it: one round trip per call, at most one reservation in progress per host and
+connection. The concurrency cap and the AIMD back-off stay local to each host (each host cuts
+its own rate when it sees 429s; the rate it passes refills the shared bucket, and a cut or a
+drain takes effect at that host's next script call). The key is ``KEY_PREFIX + conn_id``:
+deployments sharing one Redis must use different databases.
+
+If Redis cannot be reached, the connection uses this process's own buckets for
+:data:`RETRY_SECONDS` and logs why: a rate limiter is a safeguard, not a reason to fail calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from airflow_llm_async.ratelimit import BURST_SECONDS, Limits, LocalBuckets
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "airflow_llm_async:ratelimit:"
+# A Redis that does not answer within this many seconds counts as down (the whole line waits on it).
+SOCKET_TIMEOUT = 2.0
+# After a failure, how long the process limits on its own before trying Redis again.
+RETRY_SECONDS = 10.0
+
+# KEYS[1]: the connection's hash. ARGV[1]: now in seconds ('' = Redis's clock), ARGV[2]: '1' to
+# drain both buckets first, then rate/s, capacity, amount for the request bucket (ARGV[3..5]) and the
+# token bucket (ARGV[6..8]); rate 0 = no such bucket. A positive amount is taken, even below zero,
+# and the wait until it could go is returned (as TokenBucket.reserve); a negative one is given back.
+# Numbers are stored and returned as full-precision strings (Redis truncates Lua numbers to integers).
+_SCRIPT = """
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local state = redis.call('HMGET', KEYS[1], 'updated', 'requests', 'tokens')
+local updated = tonumber(state[1]) or now
+local elapsed = math.max(0, now - updated)
+local wait, ttl = 0, 1
+local levels = {}
+for i = 1, 2 do
+  local rate = tonumber(ARGV[3 * i])
+  local capacity = tonumber(ARGV[3 * i + 1])
+  local amount = tonumber(ARGV[3 * i + 2])
+  local level = tonumber(state[i + 1]) or capacity
+  if rate > 0 then
+    level = math.min(capacity, level + elapsed * rate)
+    if ARGV[2] == '1' then level = math.min(level, 0) end
+    if amount > 0 then
+      wait = math.max(wait, (math.min(amount, capacity) - level) / rate)
+      level = level - amount
+    elseif amount < 0 then
+      level = math.min(capacity, level - amount)
+    end
+    ttl = math.max(ttl, (capacity - level) / rate)
+  end
+  levels[i] = string.format('%.17g', level)
+end
+redis.call('HSET', KEYS[1], 'updated', string.format('%.17g', math.max(now, updated)),
+           'requests', levels[1], 'tokens', levels[2])
+-- Once a bucket would be full again its key can go: a missing key reads as full buckets.
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + 1000)
+return {string.format('%.17g', wait), levels[1], levels[2]}
+"""
+
+
+class RedisBuckets:
+    """The buckets of one connection in Redis, with this process's own buckets as the fallback."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        client: Redis,
+        key: str,
+        limits: Limits,
+        *,
+        fallback: LocalBuckets,
+        clock: Callable[[], float] | None = None,
+        label: str = "redis",
+    ) -> None:
+        self._script = client.register_script(_SCRIPT)
+        self.key = key
+        self._per_minute = (limits.requests_per_minute, limits.tokens_per_minute)
+        self._fallback = fallback
+        self._clock = clock  # tests pass the time in; otherwise the script reads Redis's clock
+        self._label = label  # the URL without credentials, for logs
+        self._fraction = 1.0
+        self._drain = False
+        self._levels: dict[str, float | None] = {"requests_available": None, "tokens_available": None}
+        self._down_until = -math.inf
+
+    @classmethod
+    def for_url(
+        cls,
+        url: str,
+        conn_id: str,
+        limits: Limits,
+        *,
+        fallback: LocalBuckets,
+        key_prefix: str = KEY_PREFIX,
+        clock: Callable[[], float] | None = None,
+    ) -> RedisBuckets:
+        key = f"{key_prefix}{conn_id}"
+        return cls(client_for(url), key, limits, fallback=fallback, clock=clock, label=redacted(url))
+
+    @property
+    def down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    async def reserve(self, tokens: int) -> float:
+        if self.down:
+            return self._fallback.reserve_now(tokens)
+        call = asyncio.ensure_future(self._run(1, tokens))
+        _track(call)
+        try:
+            # Shielded: a caller cancelled mid-call must not leave a reservation nobody gives back.
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._undo(done, tokens))
+            raise
+        except (RedisError, OSError) as exc:
+            self._fail(exc)
+            return self._fallback.reserve_now(tokens)
+
+    def adjust(self, requests: float, tokens: float) -> None:
+        """Take more (positive) or give back (negative), in the background: the call is not delayed."""
+        if self.down:
+            self._fallback.adjust(requests, tokens)
+            return
+        _track(asyncio.get_running_loop().create_task(self._adjust(requests, tokens)))
+
+    def set_throttle(self, fraction: float) -> None:
+        self._fraction = fraction  # sent with every script call
+        self._fallback.set_throttle(fraction)
+
+    def drain(self) -> None:
+        self._drain = True  # applied by the next script call
+        self._fallback.drain()
+
+    def snapshot(self) -> dict[str, float | None]:
+        """Levels as of this process's last script call (or of the fallback while Redis is down)."""
+        return self._fallback.snapshot() if self.down else dict(self._levels)
+
+    async def _run(self, requests: float, tokens: float) -> float:
+        drain, self._drain = self._drain, False
+        rates = [per_minute / 60 * self._fraction if per_minute else 0 for per_minute in self._per_minute]
+        args = [
+            "" if self._clock is None else repr(self._clock()),
+            int(drain),
+            rates[0],
+            rates[0] * BURST_SECONDS,
+            requests,
+            rates[1],
+            rates[1] * BURST_SECONDS,
+            tokens,
+        ]
+        try:
+            wait, requests_level, tokens_level = await self._script(keys=[self.key], args=args)
+        except BaseException:
+            self._drain = self._drain or drain
+            raise
+        self._levels = {
+            "requests_available": float(requests_level) if rates[0] else None,
+            "tokens_available": float(tokens_level) if rates[1] else None,
+        }
+        return float(wait)
+
+    async def _adjust(self, requests: float, tokens: float) -> None:
+        try:
+            await self._run(requests, tokens)
+        except (RedisError, OSError) as exc:
+            self._fail(exc)
+
+    def _undo(self, call: asyncio.Future[float], tokens: int) -> None:
+        if not call.cancelled() and call.exception() is None:
+            self.adjust(-1, -tokens)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + RETRY_SECONDS
+        log.warning(
+            "rate limit backend %s failed (%s: %s); limiting %s in this process only for %.0f s",
+            self._label,
+            type(exc).__name__,
+            exc,
+            self.key,
+            RETRY_SECONDS,
+        )
+
+
+# --- clients, one per event loop and URL --------------------------------------------------------
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Redis]] = weakref.WeakKeyDictionary()
+_pending: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[asyncio.Future]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _track(task: asyncio.Future) -> None:
+    # Keep a reference until done (the loop holds tasks only weakly), and let close_clients wait.
+    pending = _pending.setdefault(asyncio.get_running_loop(), set())
+    pending.add(task)
+    task.add_done_callback(pending.discard)
+
+
+def client_for(url: str) -> Redis:
+    """The running loop's client for ``url`` (a client's connections belong to one loop)."""
+    clients = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = clients.get(url)
+    if client is None:
+        client = clients[url] = Redis.from_url(
+            url,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+            # One immediate retry for a pooled connection the server closed; a timeout is not retried,
+            # as the script may have run. Anything longer would hold up the whole line.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+    return client
+
+
+async def close_clients() -> None:
+    """Let the running loop's pending adjustments finish, then close its clients."""
+    loop = asyncio.get_running_loop()
+    pending = _pending.pop(loop, set())
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    for client in _clients.pop(loop, {}).values():
+        await client.aclose()
+
+
+async def wait_for_adjustments() -> None:
+    """Wait until the running loop's script calls, and the refunds and settlements they led to, are done."""
+    while pending := _pending.get(asyncio.get_running_loop()):
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def redacted(url: str) -> str:
+    """The URL without its user, password and query (which may carry a password too)."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()
