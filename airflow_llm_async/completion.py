@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from airflow_llm_async import protocol, transport
+from airflow_llm_async import protocol, ratelimit, transport
 from airflow_llm_async.protocol import Completion, Endpoint, LLMCallError
 from airflow_llm_async.quality import QualitySpec
 from airflow_llm_async.retry import RetryPolicy
@@ -122,6 +122,27 @@ async def complete(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> dict[st
 
 
 async def _attempt(spec: CallSpec, endpoint: Endpoint, model: str, attempts: list) -> Completion:
+    """Wait for the connection's limits, then one round trip; tell the limiter how it went."""
+    limiter = ratelimit.limiter_for(endpoint)
+    wait_limit = None if spec.deadline is None else max(0.0, spec.deadline - time.time())
+    try:
+        async with limiter.slot(ratelimit.estimate_tokens(spec.request), timeout=wait_limit) as permit:
+            try:
+                completion = await _round_trip(spec, endpoint, model, attempts)
+            except LLMCallError as exc:
+                if exc.kind == "rate_limit":
+                    limiter.on_rate_limited(permit)
+                raise
+            permit.settle(completion.usage.get("total_tokens"))
+            limiter.on_success()
+            return completion
+    except TimeoutError:  # only the wait for the limiter raises it: the round trip classifies its own
+        raise LLMCallError(
+            "deadline", "the call's deadline passed while waiting for the connection's rate limits"
+        ) from None
+
+
+async def _round_trip(spec: CallSpec, endpoint: Endpoint, model: str, attempts: list) -> Completion:
     """One HTTP round trip; records it in ``attempts`` and raises a classified error on failure."""
     timeout = endpoint.timeout
     capped_by_deadline = False

@@ -44,6 +44,8 @@ class Endpoint:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_retries: int | None = None
+    # Shared request/token buckets across triggerer hosts, e.g. redis://host:6379/0 (may hold a password).
+    rate_limit_backend: str | None = field(default=None, repr=False)
 
     @property
     def chat_url(self) -> str:

@@ -332,7 +332,7 @@ class Limits(NamedTuple):
             endpoint.max_concurrency,
             endpoint.requests_per_minute,
             endpoint.tokens_per_minute,
-            getattr(endpoint, "rate_limit_backend", None),
+            endpoint.rate_limit_backend,
         )
 
 

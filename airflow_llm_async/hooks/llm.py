@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import BaseHook, Connection
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from airflow_llm_async import ratelimit
 from airflow_llm_async.protocol import DEFAULT_BASE_URL, Endpoint
 
 
@@ -23,6 +24,7 @@ _KNOWN_EXTRAS = (
     "timeout",
     "headers",
     "max_retries",
+    "rate_limit_backend",
     *_POSITIVE_INT_EXTRAS,
 )
 
@@ -33,7 +35,8 @@ class LLMHook(BaseHook):
 
     Connection fields: host = base URL (default ``https://api.openai.com/v1``), password = API key,
     extra = ``default_model``, ``organization``, ``timeout`` (seconds per attempt), ``headers``,
-    ``max_retries``, ``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``.
+    ``max_retries``, ``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``,
+    ``rate_limit_backend`` (``redis://...`` to share the request/token buckets across hosts).
 
     With no ``llm_default`` connection, the ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` environment
     variables are used, as the OpenAI SDK does.
@@ -131,6 +134,13 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
                 f"The LLM connection {conn_id!r} extra 'max_retries' must be an integer >= 0, got {value!r}."
             )
         options["max_retries"] = value
+    if extra.get("rate_limit_backend"):
+        try:
+            options["rate_limit_backend"] = ratelimit.check_backend(extra["rate_limit_backend"])
+        except ValueError as exc:
+            raise LLMConfigError(
+                f"The LLM connection {conn_id!r} extra 'rate_limit_backend': {exc}"
+            ) from None
     headers = extra.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise LLMConfigError(

@@ -246,12 +246,8 @@ async def test_a_caller_cancelled_during_the_script_call_leaves_nothing_reserved
 
 async def test_limiter_for_uses_redis_when_the_connection_names_it(redis_client):
     conn_id = f"test-{uuid.uuid4().hex}"
-
-    class RedisEndpoint(Endpoint):
-        rate_limit_backend = REDIS_URL
-
     try:
-        limiter = limiter_for(RedisEndpoint(conn_id, requests_per_minute=60))
+        limiter = limiter_for(Endpoint(conn_id, requests_per_minute=60, rate_limit_backend=REDIS_URL))
         async with limiter.slot(10):
             pass
         assert limiter.stats()["backend"] == "redis"

@@ -326,3 +326,14 @@ async def test_a_prompt_too_long_is_a_client_error_with_a_hint(fake_llm):
     assert outcomes(payload) == [("gpt-4", 400, "error")]
     assert payload["error"]["code"] == "context_length_exceeded"
     assert "context window" in payload["error"]["message"]
+
+
+async def test_the_connections_concurrency_cap_holds_across_triggers(fake_llm, monkeypatch):
+    point_connection(
+        monkeypatch, "llm_capped", fake_llm.base_url, max_concurrency=3, headers={"x-fake-latency": "0.2"}
+    )
+    payloads = await asyncio.gather(
+        *(run(trigger(conn_id="llm_capped", models=["gpt-4"])) for _ in range(12))
+    )
+    assert all(p["status"] == "success" for p in payloads)
+    assert fake_llm.stats()["max_in_flight"] == 3

@@ -108,12 +108,21 @@ def test_a_connection_without_key_says_to_set_the_password(monkeypatch):
         ({"max_retries": -1}, "'max_retries' must be an integer >= 0"),
         ({"headers": ["X"]}, "'headers' must be an object"),
         ({"default_modle": "gpt-4"}, "unknown extra field"),
+        ({"rate_limit_backend": "memcached://x"}, "'rate_limit_backend' must be a Redis URL"),
     ],
 )
 def test_bad_extras_name_the_field_and_the_fix(monkeypatch, extra, fragment):
     set_conn(monkeypatch, "llm_bad", host="http://127.0.0.1:9/v1", password="sk-1", extra=extra)
     with pytest.raises(LLMConfigError, match=fragment):
         LLMHook("llm_bad").get_endpoint()
+
+
+def test_a_redis_rate_limit_backend_is_kept_out_of_the_endpoint_repr(monkeypatch):
+    backend = "redis://:hunter22@127.0.0.1:6379/0"
+    set_conn(monkeypatch, "llm_redis", password="sk-1", extra={"rate_limit_backend": backend})
+    endpoint = LLMHook("llm_redis").get_endpoint()
+    assert endpoint.rate_limit_backend == backend
+    assert "hunter22" not in repr(endpoint)
 
 
 def test_error_messages_never_contain_the_key(monkeypatch):

@@ -349,13 +349,10 @@ def test_estimate_defaults_the_completion_and_survives_odd_input():
 # --- limits, registry, config -----------------------------------------------------------------
 
 
-def test_limits_of_an_endpoint_with_and_without_a_backend_field():
+def test_limits_of_an_endpoint_with_and_without_a_backend():
     assert Limits.of(Endpoint("a", max_concurrency=3, requests_per_minute=60)) == Limits(3, 60, None, None)
-
-    class WithBackend(Endpoint):
-        rate_limit_backend = "redis://localhost/0"
-
-    assert Limits.of(WithBackend("a", tokens_per_minute=9)).backend == "redis://localhost/0"
+    endpoint = Endpoint("a", tokens_per_minute=9, rate_limit_backend="redis://localhost/0")
+    assert Limits.of(endpoint).backend == "redis://localhost/0"
 
 
 def test_limiter_for_is_one_per_connection_and_loop_and_rebuilt_on_change():
