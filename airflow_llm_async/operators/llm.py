@@ -139,7 +139,7 @@ class LLMOperator(BaseOperator):
             )
         if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 2:
             raise ValueError(f"{where}: temperature must be a number from 0 to 2, got {self.temperature!r}.")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_count(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"{where}: max_tokens must be a positive integer, got {self.max_tokens!r}.")
         if not isinstance(self.output_key, str) or not self.output_key:
             raise ValueError(f"{where}: output_key must be a non-empty string, got {self.output_key!r}.")
@@ -158,19 +158,11 @@ class LLMOperator(BaseOperator):
         reserved = sorted({"model", "messages"} & set(self.extra_body))
         if reserved:
             raise ValueError(f"{where}: extra_body must not set {reserved}; use the operator's parameters.")
-        if self.max_retries is not None and (
-            isinstance(self.max_retries, bool)
-            or not isinstance(self.max_retries, int)
-            or self.max_retries < 0
-        ):
+        if self.max_retries is not None and not _is_count(self.max_retries):
             raise ValueError(f"{where}: max_retries must be an integer >= 0, got {self.max_retries!r}.")
         if self.on_quality_failure not in ON_QUALITY_FAILURE:
             raise ValueError(f"{where}: on_quality_failure must be one of {list(ON_QUALITY_FAILURE)}.")
-        if (
-            isinstance(self.quality_retries, bool)
-            or not isinstance(self.quality_retries, int)
-            or (self.quality_retries < 0)
-        ):
+        if not _is_count(self.quality_retries):
             raise ValueError(
                 f"{where}: quality_retries must be an integer >= 0, got {self.quality_retries!r}."
             )
@@ -194,15 +186,15 @@ class LLMOperator(BaseOperator):
 
     def _rendered_messages(self) -> list[dict[str, Any]]:
         messages = self.messages
-        if isinstance(messages, str):
-            # A template such as "{{ ti.xcom_pull(...) }}" renders to text unless the DAG renders natively.
-            try:
-                messages = json.loads(messages)
-            except ValueError:
-                raise ValueError(
-                    f"messages rendered to text that is not a JSON list: {messages[:200]!r}"
-                ) from None
         try:
+            if isinstance(messages, str):
+                # "{{ ti.xcom_pull(...) }}" renders to text unless the DAG renders native objects.
+                try:
+                    messages = json.loads(messages)
+                except ValueError:
+                    raise ValueError(
+                        f"messages rendered to text that is not a JSON list: {messages[:200]!r}"
+                    ) from None
             return build_messages(_as_text(self.prompt), self.system_prompt, messages)
         except ValueError as exc:
             raise AirflowFailException(f"{type(self).__name__} {self.task_id!r}: {exc}") from None
@@ -401,6 +393,11 @@ def _as_text(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False)
+
+
+def _is_count(value: Any) -> bool:
+    """An integer >= 0 (bool is an int to Python, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _seconds(value: timedelta | float) -> float:

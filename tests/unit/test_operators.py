@@ -143,6 +143,13 @@ def test_messages_rendered_to_json_text_are_parsed(dag):
     assert op.build_request()["messages"] == [{"role": "user", "content": "hi"}]
 
 
+def test_messages_that_render_to_non_json_fail_without_retries(dag):
+    op = LLMOperator(task_id="ask", messages="{{ params.history }}")
+    op.render_template_fields({"params": {"history": "not json"}})
+    with pytest.raises(AirflowFailException, match="not a JSON list"):
+        op.execute({})
+
+
 def test_a_prompt_that_renders_empty_fails_without_retries(dag):
     op = LLMOperator(task_id="ask", prompt="{{ params.text }}")
     op.render_template_fields({"params": {"text": ""}})
