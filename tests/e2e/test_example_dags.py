@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -128,14 +130,6 @@ def test_failed_calls_fail_their_task_with_the_reason_and_sync_mode_works(airflo
     assert airflow.xcom("e2e_failures", run_id, "sync_mode", key="answer")
 
 
-def test_the_api_key_appears_in_no_log(airflow, fake_llm):
-    """Runs after the DAG tests in this module: their process, task and fake-server logs hold no key."""
-    logs = [path.read_text(errors="replace") for path in airflow.home.rglob("*.log")]
-    logs.append(fake_llm.log.read_text(errors="replace"))
-    assert len(logs) > 5
-    assert not [text for text in logs if API_KEY in text]
-
-
 def test_worker_free_tasks_never_reach_a_worker_and_their_xcoms_read_back(airflow, fake_llm):
     fake_llm.reset()
     dag_id = "e2e_worker_free"
@@ -181,3 +175,27 @@ def test_worker_free_tasks_never_reach_a_worker_and_their_xcoms_read_back(airflo
     failed_meta = airflow.xcom(dag_id, run_id, "fails", key="llm_meta")
     assert failed_meta["error"]["code"] == "model_not_found"
     assert "The model `gpt-5x` does not exist" in airflow.task_log(dag_id, run_id, "fails")
+
+
+def test_the_api_key_appears_in_no_log_and_nowhere_in_the_metadata_db(airflow, fake_llm):
+    """Runs after the DAG tests in this module: their logs and every table hold no key."""
+    logs = [path.read_text(errors="replace") for path in airflow.home.rglob("*.log")]
+    logs.append(fake_llm.log.read_text(errors="replace"))
+    assert len(logs) > 5
+    assert not [text for text in logs if API_KEY in text]
+    assert API_KEY not in dump_metadata_db(airflow)
+
+
+def dump_metadata_db(airflow) -> str:
+    """Every row of every table as text (the connection lives in env vars, never in the DB)."""
+    if airflow.is_sqlite:
+        path = airflow.db_url.removeprefix("sqlite:///")
+        return "".join(
+            Path(p).read_bytes().decode("utf-8", "replace") for p in (path, f"{path}-wal") if Path(p).exists()
+        )
+    url = airflow.db_url.replace("postgresql+psycopg2://", "postgresql://")
+    dump = subprocess.run(
+        ["pg_dump", "--data-only", url], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "COPY public.xcom" in dump.stdout  # the dump really holds the tables
+    return dump.stdout
