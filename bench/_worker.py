@@ -161,8 +161,9 @@ async def run(args: argparse.Namespace, out: IO[str]) -> None:
         if not await client.warmup():
             raise RuntimeError(f"warm-up call failed for {args.mode}")
     gc.collect()
-    print(json.dumps({"rss_kb": rss_kb(), "gc_objects": len(gc.get_objects())}), file=out, flush=True)
-    types_before = object_types()
+    ready = {"rss_kb": rss_kb(), "gc_objects": len(gc.get_objects())}
+    types_before = object_types()  # before "ready", so a profiler attached after it never sees this
+    print(json.dumps(ready), file=out, flush=True)
     if sys.stdin.readline().strip() != "go":  # blocking on purpose: nothing else is running yet
         return
     # The orchestrator sends SIGUSR1 when the server holds every call: count the objects then.
