@@ -53,11 +53,17 @@ async def close_shared_session() -> None:
         await session.close()
 
 
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    # Most calls share their connection's timeout: one immutable object instead of one per request.
+    return aiohttp.ClientTimeout(total=seconds)
+
+
 async def post_json(
     url: str, headers: Mapping[str, str], body: bytes, time_limit: float
 ) -> tuple[int, Mapping[str, str], bytes]:
     """POST ``body``; return status, headers and the whole body, read within ``time_limit`` seconds."""
     async with shared_session().post(
-        url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=time_limit)
+        url, data=body, headers=headers, timeout=_timeout(time_limit)
     ) as response:
         return response.status, response.headers, await response.read()

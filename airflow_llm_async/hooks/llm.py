@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
 from typing import Any
 
 from airflow.sdk import BaseHook, Connection
@@ -103,6 +105,29 @@ class LLMHook(BaseHook):
                 "extra": '{"default_model": "gpt-4o-mini", "timeout": 120, "max_concurrency": 50}',
             },
         }
+
+
+# Seconds a triggerer reuses a resolved connection. Thousands of calls start together, and each
+# Airflow lookup costs about half a millisecond of CPU and a hop to a thread (3.3.2 rebuilds its
+# secrets backends on every lookup); a changed key or limit is picked up within this delay.
+ENDPOINT_TTL = 60.0
+_endpoints: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[str, tuple[float, asyncio.Future[Endpoint]]]  # (looked up at, lookup)
+] = weakref.WeakKeyDictionary()
+
+
+async def shared_endpoint(conn_id: str, ttl: float = ENDPOINT_TTL) -> Endpoint:
+    """Resolve ``conn_id`` at most once per ``ttl`` per event loop; concurrent callers share one lookup."""
+    loop = asyncio.get_running_loop()
+    cache = _endpoints.setdefault(loop, {})
+    entry = cache.get(conn_id)
+    stale = entry is None or entry[0] + ttl < loop.time()
+    failed = entry is not None and entry[1].done() and entry[1].exception() is not None
+    if stale or failed:  # a failed lookup is not kept: the user may be fixing the connection
+        entry = (loop.time(), loop.create_task(LLMHook(conn_id).aget_endpoint()))
+        cache[conn_id] = entry
+    # Shielded: one caller being cancelled must not cancel the lookup the others wait for.
+    return await asyncio.shield(entry[1])
 
 
 def endpoint_from_connection(conn: Connection) -> Endpoint:

@@ -164,10 +164,16 @@ class ChatCompletionTrigger(BaseTrigger):
             endpoints = await resolve_endpoints_async(spec)
         except LLMConfigError as exc:
             return error_outcome(LLMCallError("config", str(exc)))
-        models = " -> ".join(model or "(connection default)" for model in self.models)
-        self.log.info("Calling %s on %s", models, " -> ".join((self.conn_id, *self.fallback_conn_ids)))
         outcome = await complete(spec, endpoints)
-        self.log.info("LLM call ended: %s", outcome["status"])
+        # One line per call: at thousands of calls a second, logging is a real share of the CPU.
+        meta = outcome["meta"]
+        self.log.info(
+            "LLM call %s: %s after %d attempt(s) in %.2f s",
+            outcome["status"],
+            meta.get("model") or (outcome.get("error") or {}).get("kind"),
+            len(meta["attempts"]),
+            meta["latency_s"],
+        )
         return outcome
 
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
+from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook, shared_endpoint
 from airflow_llm_async.protocol import DEFAULT_BASE_URL
 
 
@@ -140,3 +141,24 @@ def test_the_provider_declares_the_llm_connection_type():
         {"connection-type": "llm", "hook-class-name": "airflow_llm_async.hooks.llm.LLMHook"}
     ]
     assert LLMHook.conn_type == "llm" and LLMHook.default_conn_name == "llm_default"
+
+
+async def test_the_triggerer_reuses_a_resolved_connection_until_it_expires(monkeypatch):
+    set_conn(monkeypatch, "llm_cached", password="sk-1", extra={"default_model": "a"})
+    first = await shared_endpoint("llm_cached")
+    set_conn(monkeypatch, "llm_cached", password="sk-1", extra={"default_model": "b"})
+    assert await shared_endpoint("llm_cached") is first  # within the TTL: no new lookup
+    assert (await shared_endpoint("llm_cached", ttl=0)).default_model == "b"  # expired: looked up again
+
+
+async def test_concurrent_first_calls_share_one_lookup(monkeypatch):
+    set_conn(monkeypatch, "llm_burst", password="sk-1")
+    endpoints = await asyncio.gather(*(shared_endpoint("llm_burst") for _ in range(50)))
+    assert all(endpoint is endpoints[0] for endpoint in endpoints)
+
+
+async def test_a_failed_lookup_is_not_kept(monkeypatch):
+    with pytest.raises(LLMConfigError, match="is not defined"):
+        await shared_endpoint("llm_later")
+    set_conn(monkeypatch, "llm_later", password="sk-1")  # the user fixes the connection
+    assert (await shared_endpoint("llm_later")).api_key == "sk-1"
