@@ -11,7 +11,7 @@ from airflow.sdk.execution_time.xcom import XCom
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
 from airflow_llm_async.completion import CallSpec, complete, describe_failure
-from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
+from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook, shared_endpoint
 from airflow_llm_async.protocol import Endpoint, LLMCallError, build_messages
 from airflow_llm_async.quality import QualitySpec
 
@@ -178,9 +178,7 @@ class ChatCompletionTrigger(BaseTrigger):
 
 
 async def resolve_endpoints_async(spec: CallSpec) -> dict[str, Endpoint]:
-    return {
-        conn_id: await LLMHook(conn_id).aget_endpoint() for conn_id in dict.fromkeys(c for c, _ in spec.chain)
-    }
+    return {conn_id: await shared_endpoint(conn_id) for conn_id in dict.fromkeys(c for c, _ in spec.chain)}
 
 
 def resolve_endpoints(spec: CallSpec) -> dict[str, Endpoint]:

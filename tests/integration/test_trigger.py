@@ -337,3 +337,11 @@ async def test_the_connections_concurrency_cap_holds_across_triggers(fake_llm, m
     )
     assert all(p["status"] == "success" for p in payloads)
     assert fake_llm.stats()["max_in_flight"] == 3
+
+
+async def test_triggers_in_one_loop_reuse_the_resolved_connection(fake_llm, monkeypatch):
+    point_connection(monkeypatch, "llm_reused", fake_llm.base_url, default_model="gpt-4")
+    assert (await run(trigger(conn_id="llm_reused")))["status"] == "success"
+    # Within ENDPOINT_TTL the triggerer does not look the connection up again.
+    point_connection(monkeypatch, "llm_reused", "http://127.0.0.1:9/v1", default_model="gpt-4")
+    assert (await run(trigger(conn_id="llm_reused")))["status"] == "success"
