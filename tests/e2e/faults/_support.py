@@ -1,0 +1,195 @@
+"""Helpers shared by the fault-survival e2e tests and the deferral-race study (``race_study.py``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import psutil
+
+from airflow_llm_async.testing.airflow_stack import AirflowStack, create_postgres_database
+from airflow_llm_async.testing.fake_server import LATENCY_HEADER, compose_answer
+
+API_KEY = "sk-faults-7c41e0aa"
+# The worker's report of a task's defer-exit comes late by up to this many seconds (see race_study.py).
+AIRFLOW_DEFAULT_MIN_HEARTBEAT_INTERVAL = "5"
+
+# A killed triggerer's triggers go to a live one once its heartbeat is older than
+# [triggerer] triggerer_health_check_threshold (airflow/models/trigger.py, Trigger.assign_unassigned,
+# read with conf.getint in airflow/jobs/triggerer_job_runner.py: an integer). The job heartbeats every
+# [triggerer] job_heartbeat_sec (airflow/jobs/job.py, Job._heartrate); defaults 5 s and 30 s.
+# A live triggerer whose loop stalls longer than the threshold looks dead too, and its triggers then
+# run on both triggerers at once: every such call is paid twice. On this shared 2-core machine the
+# triggerers' heartbeats stalled 18-26 s, e.g. while a fresh triggerer's in-process Execution API
+# built its versioned routes on first use (cadwyn/applications.py, Cadwyn._cadwyn_initialize), so
+# thresholds of 6, 10 and 15 s all saw such "false takeovers"; the tests count them
+# (trigger_starts) and report them.
+FAST_TAKEOVER = {"triggerer": {"job_heartbeat_sec": "1", "triggerer_health_check_threshold": "15"}}
+
+# Models of the fake server, one per scenario, so that a fault rule only hits its own scenario.
+KILL_MODEL = "gpt-4"
+RECOVER_MODEL = "gpt-4o"
+STALL_MODEL = "gpt-4o-mini"
+RACE_MODEL = "fake-model"
+
+
+def llm_connection(base_url: str, *, latency: float | None = None, **extra: Any) -> str:
+    """An ``llm`` connection as AIRFLOW_CONN_* JSON; ``latency`` becomes the fake server's header."""
+    if latency is not None:
+        extra["headers"] = {LATENCY_HEADER: str(latency)}
+    return json.dumps({"conn_type": "llm", "host": base_url, "password": API_KEY, "extra": extra})
+
+
+def connections_env(base_url: str, race_latency: float = 1.0) -> dict[str, str]:
+    """The connections the DAGs under tests/e2e/faults/dags use."""
+    return {
+        # 8 s calls: long enough to kill a triggerer while all of them are in flight.
+        "AIRFLOW_CONN_LLM_SLOW": llm_connection(base_url, latency=8, default_model=KILL_MODEL, timeout=60),
+        "AIRFLOW_CONN_LLM_FLAKY": llm_connection(
+            base_url, latency=0.2, default_model=RECOVER_MODEL, timeout=30
+        ),
+        # A short per-attempt timeout: a stalled server is given up on after 3 s.
+        "AIRFLOW_CONN_LLM_STALL": llm_connection(base_url, default_model=STALL_MODEL, timeout=3),
+        "AIRFLOW_CONN_LLM_QUICK": llm_connection(
+            base_url, latency=race_latency, default_model=RACE_MODEL, timeout=30
+        ),
+        # 0.2 s answers: the fastest calls, the ones most exposed to the deferral race.
+        "AIRFLOW_CONN_LLM_FAST": llm_connection(base_url, latency=0.2, default_model=RACE_MODEL, timeout=30),
+    }
+
+
+def require_postgres() -> str:
+    db_url = create_postgres_database("airflow_llm_faults")
+    if db_url is None:
+        raise RuntimeError(
+            "These tests need PostgreSQL on 127.0.0.1:5432 (user postgres or root, trust auth): no server "
+            "answered. Start it (e.g. `service postgresql start`) and run them again."
+        )
+    return db_url
+
+
+def expected_answer(prompt: str) -> str:
+    """What the fake server answers to a lone user message (its answers are deterministic)."""
+    return compose_answer("", prompt)
+
+
+def chat_requests(stats: dict) -> int:
+    """Chat requests the fake server has seen since its last reset (every model)."""
+    return sum(stats["by_model"].values())
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, on_timeout=lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s\n{on_timeout()}")
+        time.sleep(0.2)
+
+
+def connections_to(pid: int, port: int) -> int:
+    """Established TCP connections to 127.0.0.1:``port`` held by process ``pid`` and its children."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    count = 0
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        count += sum(
+            1 for c in conns if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        )
+    return count
+
+
+def state_mismatches(stack: AirflowStack, dag_id: str, run_id: str) -> list[dict]:
+    """The audit-log entries the scheduler writes when it fails a task for a "state mismatch"."""
+    entries, offset = [], 0
+    while True:
+        page = stack.api(
+            "GET",
+            "eventLogs",
+            params={
+                "dag_id": dag_id,
+                "run_id": run_id,
+                "event": "state mismatch",
+                "limit": 100,
+                "offset": offset,
+            },
+        )
+        entries += page["event_logs"]
+        offset += len(page["event_logs"])
+        if not page["event_logs"] or offset >= page["total_entries"]:
+            return entries
+
+
+def trigger_starts(stack: AirflowStack, dag_id: str, run_id: str) -> dict[str, list[int]]:
+    """``{task: [triggerer job id of each start of its trigger, oldest first]}``, from the task logs.
+
+    A triggerer writes a task's trigger log to ``attempt=N.log.trigger.<its job id>.log``; every
+    start of the trigger (a takeover included) logs "trigger <name> (ID n) starting" there.
+    """
+    run_dir = stack.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
+    starts: dict[str, list[tuple[str, int]]] = {}
+    for path in run_dir.glob("task_id=*/**/attempt=*.log.trigger.*.log"):
+        parts = dict(p.split("=", 1) for p in path.relative_to(run_dir).parts[:-1])
+        task = parts["task_id"] if "map_index" not in parts else f"{parts['task_id']}[{parts['map_index']}]"
+        job = int(path.name.rsplit(".", 2)[-2])
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            event = record.get("event", "")
+            if event.startswith("trigger ") and event.endswith(" starting"):
+                starts.setdefault(task, []).append((record.get("timestamp", ""), job))
+    return {task: [job for _, job in sorted(found)] for task, found in starts.items()}
+
+
+_PAUSED = re.compile(r"^(\S+ \S+) \[info\s*\] Pausing task as DEFERRED\..*ti_id=(\S+)")
+_DEFER_EXIT = re.compile(r"^(\S+) \[info\s*\] Workload finished .*final_state=deferred .*workload_id=(\S+)")
+
+
+def defer_exit_delays(stack: AirflowStack, dag_id: str | None = None) -> list[float]:
+    """Per deferral: seconds from the task's "Pausing task as DEFERRED" to its worker's "Workload
+    finished ... final_state=deferred", i.e. how late the executor learns that the try exited.
+
+    The LocalExecutor's workers log to the scheduler's log, the task process's lines included.
+    """
+    paused: dict[str, datetime] = {}
+    delays = []
+    for line in stack.log_path("scheduler").read_text(errors="replace").splitlines():
+        if (match := _PAUSED.match(line)) and (dag_id is None or f"dag_id={dag_id} " in line):
+            paused[match[2]] = datetime.fromisoformat(match[1])
+        elif (match := _DEFER_EXIT.match(line)) and match[2] in paused:
+            exited = datetime.fromisoformat(match[1].replace("Z", "+00:00"))
+            delays.append((exited - paused.pop(match[2])).total_seconds())
+    return delays
+
+
+def delay_figures(delays: list[float]) -> dict[str, Any]:
+    if not delays:
+        return {"count": 0}
+    ordered = sorted(delays)
+    return {
+        "count": len(ordered),
+        "median_s": round(statistics.median(ordered), 2),
+        "p90_s": round(ordered[int(0.9 * (len(ordered) - 1))], 2),
+        "max_s": round(ordered[-1], 2),
+        "over_1s": sum(d > 1 for d in ordered),
+    }
+
+
+def ti_label(ti: dict) -> str:
+    return ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]"
