@@ -224,6 +224,10 @@ class LLMOperator(BaseOperator):
         return ChatCompletionTrigger(
             request=self.build_request(),
             deadline=None if limit is None else time.time() + limit,
+            # A success ends the task in the triggerer (no resume, so no 3.3.2 deferral race), unless
+            # a subclass wants its own execute_complete to see the answer.
+            end_on_success=type(self).execute_complete is LLMOperator.execute_complete,
+            output_key=self.output_key,
             **self._trigger_options(),
         )
 

@@ -243,8 +243,9 @@ class AirflowStack:
             },
             # Workers, scheduler and api-server must sign/verify JWTs with the same secret.
             "api_auth": {"jwt_secret": secrets.token_hex(32)},
-            # Works around a 3.3.2 race with short deferred tasks (the supervisor's heartbeat/select loop,
-            # airflow/sdk/execution_time/supervisor.py _monitor_subprocess, runs at this interval).
+            # Narrows (does not close) a 3.3.2 race with short deferred tasks: the supervisor's select loop
+            # (airflow/sdk/execution_time/supervisor.py _monitor_subprocess) reports a deferred exit late
+            # by up to this interval. See docs/fault-survival.md.
             "workers": {"min_heartbeat_interval": "1"},
             # Tests trigger their own runs; no cron-driven runs interfering.
             "scheduler": {"use_job_schedule": "False"},

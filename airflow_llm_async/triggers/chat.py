@@ -42,6 +42,11 @@ class ChatCompletionTrigger(BaseTrigger):
     ``prompt`` / ``system_prompt`` / ``messages`` templates, which the triggerer renders in place
     before ``run()``; ``time_limit`` (seconds) then starts counting when the call starts, and
     ``end_from_trigger`` ends the task here with its XComs (``output_key`` names the extra key).
+
+    ``end_on_success`` (the default mode) ends the task here only when the call succeeded; a
+    failure resumes the task on a worker, which raises the right exception. Not resuming on
+    success avoids Airflow 3.3.2's deferral race (see docs/fault-survival.md): a worker's late
+    report of the deferred try can fail a task that the trigger had already re-queued.
     """
 
     def __init__(
@@ -62,8 +67,10 @@ class ChatCompletionTrigger(BaseTrigger):
         end_from_trigger: bool = False,
         output_key: str = "llm_output",
         fallback_conn_ids: list[str] | None = None,
+        end_on_success: bool = False,
     ) -> None:
         super().__init__()
+        self.end_on_success = end_on_success
         self.fallback_conn_ids = list(fallback_conn_ids or [])
         # Attribute names match LLMOperator.template_fields: the triggerer renders these in place.
         self.prompt = prompt
@@ -100,6 +107,7 @@ class ChatCompletionTrigger(BaseTrigger):
                 "end_from_trigger": self.end_from_trigger,
                 "output_key": self.output_key,
                 "fallback_conn_ids": self.fallback_conn_ids,
+                "end_on_success": self.end_on_success,
             },
         )
 
@@ -129,13 +137,15 @@ class ChatCompletionTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         outcome = await self._call()
-        if self.end_from_trigger:
+        ends_here = self.end_from_trigger or (self.end_on_success and outcome["status"] == "success")
+        # Without a task instance (dag.test() runs triggers inline) the task resumes as usual.
+        if ends_here and self.task_instance is not None:
             yield await self._end_task(outcome)
         else:
             yield TriggerEvent(outcome)
 
     async def _end_task(self, outcome: dict[str, Any]) -> TaskSuccessEvent | TaskFailedEvent:
-        """Worker-free mode: push the XComs a worker would have pushed, then end the task."""
+        """Push the XComs a worker would have pushed, then end the task here."""
         if outcome["status"] == "success":
             text = outcome["text"]
             xcoms = {"return_value": text, self.output_key: text, "llm_meta": outcome["meta"]}

@@ -177,6 +177,17 @@ def test_worker_free_tasks_never_reach_a_worker_and_their_xcoms_read_back(airflo
     assert "The model `gpt-5x` does not exist" in airflow.task_log(dag_id, run_id, "fails")
 
 
+def test_airflow_dags_test_runs_every_mode_in_process(airflow, fake_llm):
+    """`airflow dags test` (dag.test()) ignores start_from_trigger: both LLM tasks must still work."""
+    airflow.wait_for_dag("e2e_dag_test")
+    result = airflow.airflow("dags", "test", "e2e_dag_test", check=False, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = airflow.api("GET", "dags/e2e_dag_test/dagRuns")["dag_runs"]
+    assert [run["state"] for run in runs] == ["success"]
+    states = airflow.task_states("e2e_dag_test", runs[0]["dag_run_id"])
+    assert states == {"deferrable": "success", "worker_free": "success", "check": "success"}
+
+
 def test_the_api_key_appears_in_no_log_and_nowhere_in_the_metadata_db(airflow, fake_llm):
     """Runs after the DAG tests in this module: their logs and every table hold no key."""
     logs = [path.read_text(errors="replace") for path in airflow.home.rglob("*.log")]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.sdk.execution_time.comms import SetXCom
-from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
+from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
 from airflow_llm_async.quality import ARTICLE_RULES
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
@@ -345,3 +345,22 @@ async def test_triggers_in_one_loop_reuse_the_resolved_connection(fake_llm, monk
     # Within ENDPOINT_TTL the triggerer does not look the connection up again.
     point_connection(monkeypatch, "llm_reused", "http://127.0.0.1:9/v1", default_model="gpt-4")
     assert (await run(trigger(conn_id="llm_reused")))["status"] == "success"
+
+
+async def test_default_mode_ends_a_success_in_the_triggerer_and_resumes_a_failure(fake_llm, supervisor):
+    deferred = trigger(models=["gpt-4"], end_on_success=True, output_key="answer")
+    deferred.task_instance = SimpleNamespace(dag_id="d", task_id="t", run_id="r", map_index=-1)
+    events = await run_events(deferred)
+    assert isinstance(events[0], TaskSuccessEvent)
+    assert set(pushed(supervisor)) == {"return_value", "answer", "llm_meta"}
+    failing = trigger(models=["gpt-5x"], end_on_success=True)
+    failing.task_instance = deferred.task_instance
+    events = await run_events(failing)
+    # A failure goes back to the worker, whose execute_complete raises the right exception.
+    assert type(events[0]) is TriggerEvent and events[0].payload["error"]["kind"] == "client"
+
+
+async def test_without_a_task_instance_a_success_resumes_as_usual(fake_llm):
+    """dag.test() runs triggers inline with no task instance: the event must resume the task."""
+    payload = await run(trigger(models=["gpt-4"], end_on_success=True))
+    assert payload["status"] == "success"

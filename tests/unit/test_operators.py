@@ -70,6 +70,7 @@ def test_execute_defers_to_a_trigger_holding_only_json_safe_kwargs(dag):
         "time_limit": None,
         "end_from_trigger": False,
         "output_key": "llm_output",
+        "end_on_success": True,  # a success ends the task in the triggerer: no resume, no 3.3.2 race
     }
     json.dumps(kwargs)  # stored as JSON in the trigger table
 
@@ -91,6 +92,7 @@ def test_serialize_round_trips_exactly():
         end_from_trigger=True,
         output_key="answer",
         fallback_conn_ids=["backup"],
+        end_on_success=True,
     )
     classpath, kwargs = trigger.serialize()
     clone = ChatCompletionTrigger(**kwargs)
@@ -436,3 +438,13 @@ def test_worker_free_default_comes_from_the_provider_config(dag, monkeypatch):
     assert LLMOperator(task_id="sync", prompt="x", deferrable=False).start_from_trigger is False
     monkeypatch.setenv("AIRFLOW__LLM_ASYNC__START_FROM_TRIGGER", "False")
     assert LLMOperator(task_id="default", prompt="x").start_from_trigger is False
+
+
+def test_a_subclass_with_its_own_execute_complete_still_resumes(dag):
+    class Custom(LLMOperator):
+        def execute_complete(self, context, event):
+            return super().execute_complete(context, event).upper()
+
+    with pytest.raises(TaskDeferred) as info:
+        Custom(task_id="custom", prompt="x").execute({})
+    assert info.value.trigger.end_on_success is False
