@@ -331,9 +331,10 @@ def compose_answer(system: str, user: str) -> str:
     prompt = f"{system}\n{user}"
     digest = hashlib.sha256(prompt.encode()).hexdigest()
     ref, variant = digest[:8], int(digest[8:10], 16)
-    kind = _task_kind(prompt)
-    # Quote the material, not the instruction: prompts such as "Summarize:\n<text>" put it after line one.
+    # Prompts such as "Summarize:\n<text>" put the material after line one: the instruction decides
+    # the kind of answer (the material may well contain "summary"), the material is what is quoted.
     instruction, _, material = user.strip().partition("\n")
+    kind = _task_kind(f"{system}\n{instruction}")
     user = material.strip() or instruction
     if _CJK_RE.search(prompt):
         text = _chinese_answer(kind, _excerpt(user or system or "空输入", 24), user, ref, variant)
