@@ -11,6 +11,8 @@ import pytest
 from airflow.sdk.execution_time.comms import SetXCom
 from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
+from airflow_llm_async import ratelimit
+from airflow_llm_async.hooks.llm import shared_endpoint
 from airflow_llm_async.quality import ARTICLE_RULES
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 from tests.integration.conftest import API_KEY, point_connection, wait_until
@@ -364,3 +366,34 @@ async def test_without_a_task_instance_a_success_resumes_as_usual(fake_llm):
     """dag.test() runs triggers inline with no task instance: the event must resume the task."""
     payload = await run(trigger(models=["gpt-4"], end_on_success=True))
     assert payload["status"] == "success"
+
+
+async def test_a_429_storm_ends_with_every_call_answered_and_the_limiter_backed_off(fake_llm, monkeypatch):
+    """50 calls at once; the server refuses the first 40 with 429 and retry-after 200 ms."""
+    point_connection(
+        monkeypatch,
+        "llm_storm",
+        fake_llm.base_url,
+        requests_per_minute=6000,
+        headers={"x-fake-latency": "0.1"},
+    )
+    fake_llm.set_fault("gpt-4", "429*40")
+    calls = [run(trigger(conn_id="llm_storm", models=["gpt-4"], max_retries=2)) for _ in range(50)]
+    limiter = ratelimit.limiter_for(await shared_endpoint("llm_storm"))
+    fractions = []
+
+    async def watch():
+        while True:
+            fractions.append(limiter.stats()["rate_fraction"])
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        payloads = await asyncio.gather(*calls)
+    finally:
+        watcher.cancel()
+    assert [p["status"] for p in payloads] == ["success"] * 50  # nobody's retry budget ran out
+    assert max(len(p["meta"]["attempts"]) for p in payloads) <= 3
+    assert fake_llm.stats()["by_status"]["429"] == 40
+    assert min(fractions) < 1.0  # the 429s cut the allowed rate...
+    assert limiter.stats()["rate_fraction"] > min(fractions)  # ...and the successes let it recover
