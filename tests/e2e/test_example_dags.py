@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import API_KEY
+from tests.e2e.polling import wait_for
 
 pytestmark = pytest.mark.e2e
 
 PIPELINE = "llm_content_pipeline"
 ERRORS = "llm_error_handling"
-
-
-def wait_for(condition, timeout: float, what: str, on_timeout=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s\n{on_timeout()}")
-        time.sleep(0.25)
 
 
 def run_dag(airflow, dag_id: str, conf: dict | None = None) -> tuple[str, str]:

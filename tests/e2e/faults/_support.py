@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -81,17 +79,6 @@ def expected_answer(prompt: str) -> str:
 def chat_requests(stats: dict) -> int:
     """Chat requests the fake server has seen since its last reset (every model)."""
     return sum(stats["by_model"].values())
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, on_timeout=lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s\n{on_timeout()}")
-        time.sleep(0.2)
 
 
 def connections_to(pid: int, port: int) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.faults._support import STALL_MODEL, expected_answer, wait_for
+from tests.e2e.faults._support import STALL_MODEL, expected_answer
+from tests.e2e.polling import wait_for
 
 pytestmark = pytest.mark.e2e
 

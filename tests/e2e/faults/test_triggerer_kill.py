@@ -20,8 +20,8 @@ from tests.e2e.faults._support import (
     expected_answer,
     ti_label,
     trigger_starts,
-    wait_for,
 )
+from tests.e2e.polling import wait_for
 
 pytestmark = pytest.mark.e2e
 

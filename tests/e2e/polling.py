@@ -1,0 +1,18 @@
+"""Waiting on real processes: poll a condition, bounded, with a useful message on timeout."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, on_timeout=lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s\n{on_timeout()}")
+        time.sleep(0.2)
