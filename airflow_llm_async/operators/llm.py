@@ -67,6 +67,8 @@ class LLMOperator(BaseOperator):
     template_fields: Sequence[str] = ("prompt", "system_prompt", "messages")
     template_fields_renderers = {"prompt": "md", "system_prompt": "md", "messages": "json"}
     ui_color = "#e8f4fd"
+    # The trigger worker-free mode starts (a subclass with its own trigger sets its own).
+    trigger_classpath: str = TRIGGER_CLASSPATH
 
     def __init__(
         self,
@@ -124,7 +126,7 @@ class LLMOperator(BaseOperator):
             self.start_from_trigger = True
             # Per instance: the class attribute is shared by every LLMOperator.
             self.start_trigger_args = StartTriggerArgs(
-                trigger_cls=TRIGGER_CLASSPATH,
+                trigger_cls=self.trigger_classpath,
                 next_method="execute_complete",
                 trigger_kwargs=self.worker_free_trigger_kwargs(),
                 timeout=self._deferral_timeout(),
@@ -133,10 +135,7 @@ class LLMOperator(BaseOperator):
     def _validate(self) -> None:
         """Catch bad arguments when the DAG is parsed, with a message naming the fix."""
         where = f"{type(self).__name__} {self.task_id!r}"
-        if self.prompt is None and self.messages is None:
-            raise ValueError(
-                f"{where}: pass `prompt` (a string) or `messages` (a list of role/content dicts)."
-            )
+        self._validate_input(where)
         if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 2:
             raise ValueError(f"{where}: temperature must be a number from 0 to 2, got {self.temperature!r}.")
         if not _is_count(self.max_tokens) or self.max_tokens < 1:
@@ -172,6 +171,12 @@ class LLMOperator(BaseOperator):
             raise ValueError(f"{where}: bad `quality` spec: {exc}") from None
         if self.timeout is not None and _seconds(self.timeout) <= 0:
             raise ValueError(f"{where}: timeout must be positive, got {self.timeout!r}.")
+
+    def _validate_input(self, where: str) -> None:
+        if self.prompt is None and self.messages is None:
+            raise ValueError(
+                f"{where}: pass `prompt` (a string) or `messages` (a list of role/content dicts)."
+            )
 
     def build_request(self, *, with_messages: bool = True) -> dict[str, Any]:
         """The model-independent request body, from the rendered fields."""
