@@ -39,6 +39,15 @@ def get_provider_info() -> dict:
                         "example": "True",
                         "default": "False",
                     },
+                    "prices_file": {
+                        "description": "A JSON file of model prices in US dollars per million tokens, "
+                        '{"model": {"input": 2.5, "output": 10}}, over the built-in defaults; a '
+                        "connection's `prices` extra overrides both. See docs/cost.md.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/opt/airflow/llm_prices.json",
+                        "default": None,
+                    },
                 },
             },
         },

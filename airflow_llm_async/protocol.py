@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_llm_async.pricing import DEFAULT_PRICES, Price
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 # Statuses worth another try on the same model: timeouts, conflicts, rate limits, server errors.
@@ -46,6 +48,8 @@ class Endpoint:
     max_retries: int | None = None
     # Shared request/token buckets across triggerer hosts, e.g. redis://host:6379/0 (may hold a password).
     rate_limit_backend: str | None = field(default=None, repr=False)
+    # USD per million tokens by model: the defaults, the prices file, the connection's `prices` extra.
+    prices: Mapping[str, Price] = field(default_factory=lambda: DEFAULT_PRICES, repr=False)
 
     @property
     def chat_url(self) -> str:
@@ -73,7 +77,8 @@ class LLMCallError(Exception):
     """A failed attempt, classified so the retry policy can decide without parsing messages.
 
     ``kind`` is one of: ``rate_limit``, ``server``, ``timeout``, ``connection``,
-    ``invalid_response`` (retryable) or ``client`` (not retryable).
+    ``invalid_response`` (retryable), or ``client``, ``config``, ``deadline``, ``quality``,
+    ``budget`` (not retryable).
     """
 
     RETRYABLE_KINDS = frozenset({"rate_limit", "server", "timeout", "connection", "invalid_response"})

@@ -63,6 +63,11 @@ def estimate_tokens(request: dict[str, Any]) -> int:
     It only has to be good enough to reserve from the tokens-per-minute bucket: the real usage
     settles the difference once the answer arrives.
     """
+    return estimate_prompt_tokens(request) + completion_budget(request)
+
+
+def estimate_prompt_tokens(request: dict[str, Any]) -> int:
+    """A guess of the prompt tokens of a chat request (messages, and schemas sent as prompt)."""
     prompt = 0
     for message in request.get("messages") or ():
         prompt += MESSAGE_OVERHEAD_TOKENS
@@ -78,13 +83,18 @@ def estimate_tokens(request: dict[str, Any]) -> int:
     for key in ("tools", "functions", "response_format"):  # schemas are sent as prompt tokens
         if request.get(key):
             prompt += _text_tokens(json.dumps(request[key], ensure_ascii=False))
+    return prompt
+
+
+def completion_budget(request: dict[str, Any]) -> int:
+    """The most completion tokens a request allows: ``max_tokens`` (or a default) times ``n``."""
     completion = request.get("max_completion_tokens") or request.get("max_tokens")
     if not isinstance(completion, int) or completion < 1:
         completion = DEFAULT_COMPLETION_TOKENS
     choices = request.get("n")
     if isinstance(choices, int) and choices > 1:
         completion *= choices
-    return prompt + completion
+    return completion
 
 
 def _text_tokens(text: str) -> int:
@@ -346,13 +356,14 @@ class Permit:
     call) keeps its whole reservation: the provider may well have counted it.
     """
 
-    __slots__ = ("_limiter", "estimated_tokens", "_timeout", "granted_at", "_reserved", "_actual")
+    __slots__ = ("_limiter", "estimated_tokens", "_timeout", "granted_at", "waited", "_reserved", "_actual")
 
     def __init__(self, limiter: ConnectionLimiter, estimated_tokens: int, timeout: float | None) -> None:
         self._limiter = limiter
         self.estimated_tokens = estimated_tokens
         self._timeout = timeout
         self.granted_at: float | None = None  # the limiter's clock when the call was let through
+        self.waited = False  # held back: behind others in line, for a slot, or for tokens
         self._reserved = False
         self._actual: int | None = None
 
@@ -413,6 +424,11 @@ class ConnectionLimiter:
             self._adaptive = AdaptiveRate(1.0, floor=MIN_RATE_FRACTION, increase=RATE_INCREASE)
         self._fast = self._cap is None and self._buckets is None
 
+    @property
+    def in_flight(self) -> int:
+        """Calls let through and not yet back (the head of the line pacing for tokens not included)."""
+        return self._in_flight - self._pacing
+
     def slot(self, estimated_tokens: int = 0, *, timeout: float | None = None) -> Permit:
         """``async with limiter.slot(tokens) as permit``: wait for a slot and tokens, FIFO.
 
@@ -470,7 +486,7 @@ class ConnectionLimiter:
         stats: dict[str, Any] = {
             "conn_id": self.conn_id,
             "backend": self._buckets.kind if self._buckets is not None else None,
-            "in_flight": self._in_flight - self._pacing,
+            "in_flight": self.in_flight,
             "waiting": self._waiting,
             "max_concurrency": self._cap,
             "requests_per_minute": rpm * fraction if rpm else None,
@@ -487,6 +503,7 @@ class ConnectionLimiter:
     # -- internals --
 
     async def _acquire(self, permit: Permit) -> None:
+        permit.waited = self._gate.locked()
         self._waiting += 1
         try:
             if permit._timeout is None:
@@ -500,6 +517,7 @@ class ConnectionLimiter:
     async def _take_turn(self, permit: Permit) -> None:
         async with self._gate:
             while self._cap is not None and self._in_flight >= self._cap:
+                permit.waited = True
                 self._slot_freed = asyncio.get_running_loop().create_future()
                 try:
                     await self._slot_freed
@@ -517,6 +535,7 @@ class ConnectionLimiter:
     async def _reserve(self, buckets: Buckets, permit: Permit) -> None:
         wait = await buckets.reserve(permit.estimated_tokens)
         if wait > 0:
+            permit.waited = True
             self._pacing = True
             try:
                 await self._sleep(wait)

@@ -8,9 +8,10 @@ import weakref
 from typing import Any
 
 from airflow.sdk import BaseHook, Connection
+from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from airflow_llm_async import ratelimit
+from airflow_llm_async import pricing, ratelimit
 from airflow_llm_async.protocol import DEFAULT_BASE_URL, Endpoint
 
 
@@ -27,6 +28,7 @@ _KNOWN_EXTRAS = (
     "headers",
     "max_retries",
     "rate_limit_backend",
+    "prices",
     *_POSITIVE_INT_EXTRAS,
 )
 
@@ -38,7 +40,9 @@ class LLMHook(BaseHook):
     Connection fields: host = base URL (default ``https://api.openai.com/v1``), password = API key,
     extra = ``default_model``, ``organization``, ``timeout`` (seconds per attempt), ``headers``,
     ``max_retries``, ``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``,
-    ``rate_limit_backend`` (``redis://...`` to share the request/token buckets across hosts).
+    ``rate_limit_backend`` (``redis://...`` to share the request/token buckets across hosts),
+    ``prices`` (``{"model": {"input": usd_per_1M_tokens, "output": usd_per_1M_tokens}}``, over the
+    built-in prices and ``[llm_async] prices_file``; see docs/cost.md).
 
     With no ``llm_default`` connection, the ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` environment
     variables are used, as the OpenAI SDK does.
@@ -81,6 +85,7 @@ class LLMHook(BaseHook):
                 base_url=os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
                 api_key=os.environ["OPENAI_API_KEY"],
                 organization=os.environ.get("OPENAI_ORG_ID"),
+                prices=_price_table(self.llm_conn_id, None),
             )
         also = (
             " or set the OPENAI_API_KEY (and optionally OPENAI_BASE_URL) environment variable"
@@ -166,6 +171,7 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
             raise LLMConfigError(
                 f"The LLM connection {conn_id!r} extra 'rate_limit_backend': {exc}"
             ) from None
+    options["prices"] = _price_table(conn_id, extra.get("prices"))
     headers = extra.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise LLMConfigError(
@@ -180,6 +186,16 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
         default_model=extra.get("default_model") or None,
         **options,
     )
+
+
+def _price_table(conn_id: str, extra_prices: Any) -> dict[str, pricing.Price]:
+    try:
+        overrides = None
+        if extra_prices is not None:
+            overrides = pricing.parse_prices(extra_prices, f"The LLM connection {conn_id!r} extra 'prices'")
+        return pricing.price_table(overrides, conf.get("llm_async", "prices_file", fallback=None))
+    except pricing.PriceTableError as exc:
+        raise LLMConfigError(str(exc)) from None
 
 
 def _base_url(conn: Connection) -> str:

@@ -25,7 +25,8 @@ from airflow_llm_async.triggers.chat import ChatCompletionTrigger, error_outcome
 META_KEY = "llm_meta"
 TRIGGER_CLASSPATH = "airflow_llm_async.triggers.chat.ChatCompletionTrigger"
 # Failures that another task try cannot fix: the request or the configuration is wrong.
-_NOT_RETRYABLE_KINDS = frozenset({"client", "config"})
+# A budget refusal is not retried either: each task try would spend the budget again.
+_NOT_RETRYABLE_KINDS = frozenset({"client", "config", "budget"})
 # Airflow's own deferral timeout fires this long after our deadline, so our clearer error wins.
 _DEFERRAL_GRACE = timedelta(seconds=60)
 
@@ -55,6 +56,9 @@ class LLMOperator(BaseOperator):
     :param quality: rules checked in the trigger (:class:`~airflow_llm_async.quality.QualitySpec` fields).
     :param quality_retries: how often to ask the same model again when an answer fails the rules.
     :param on_quality_failure: ``fail`` the task, or ``return`` the answer with the verdict in ``llm_meta``.
+    :param max_cost_usd: the most this call may cost, in US dollars, retries and fallbacks included:
+        an attempt whose worst case (estimated prompt tokens and ``max_tokens`` at the model's price)
+        would exceed it is not sent, and the next fallback is tried. Prices: docs/cost.md.
     :param timeout: overall time limit of the call, retries and fallbacks included (default:
         ``execution_timeout``); carried as a wall-clock deadline, so it holds while deferred.
     :param deferrable: wait in the triggerer (default); ``False`` runs the same code on the worker.
@@ -89,6 +93,7 @@ class LLMOperator(BaseOperator):
         quality: dict[str, Any] | None = None,
         quality_retries: int = 0,
         on_quality_failure: str = "fail",
+        max_cost_usd: float | None = None,
         timeout: timedelta | float | None = None,
         deferrable: bool = True,
         start_from_trigger: bool | None = None,
@@ -116,6 +121,7 @@ class LLMOperator(BaseOperator):
         self.quality = quality
         self.quality_retries = quality_retries
         self.on_quality_failure = on_quality_failure
+        self.max_cost_usd = max_cost_usd
         self.timeout = timeout
         self.deferrable = deferrable
         self._validate()
@@ -169,6 +175,14 @@ class LLMOperator(BaseOperator):
             QualitySpec.from_dict(self.quality)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: bad `quality` spec: {exc}") from None
+        if self.max_cost_usd is not None and (
+            not isinstance(self.max_cost_usd, int | float)
+            or isinstance(self.max_cost_usd, bool)
+            or not 0 < self.max_cost_usd < float("inf")
+        ):
+            raise ValueError(
+                f"{where}: max_cost_usd must be a positive number of US dollars, got {self.max_cost_usd!r}."
+            )
         if self.timeout is not None and _seconds(self.timeout) <= 0:
             raise ValueError(f"{where}: timeout must be positive, got {self.timeout!r}.")
 
@@ -221,6 +235,7 @@ class LLMOperator(BaseOperator):
             "quality": self.quality,
             "quality_retries": self.quality_retries,
             "on_quality_failure": self.on_quality_failure,
+            "max_cost_usd": self.max_cost_usd,
         }
 
     def build_trigger(self) -> ChatCompletionTrigger:

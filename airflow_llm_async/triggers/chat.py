@@ -10,7 +10,7 @@ from typing import Any
 from airflow.sdk.execution_time.xcom import XCom
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
-from airflow_llm_async.completion import CallSpec, complete, describe_failure
+from airflow_llm_async.completion import CallSpec, complete, describe_failure, not_started
 from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook, shared_endpoint
 from airflow_llm_async.protocol import Endpoint, LLMCallError, build_messages
 from airflow_llm_async.quality import QualitySpec
@@ -36,6 +36,8 @@ class ChatCompletionTrigger(BaseTrigger):
     :param quality: a :class:`~airflow_llm_async.quality.QualitySpec` as a dict.
     :param quality_retries: how often to ask the same model again after a failed quality check.
     :param on_quality_failure: ``fail`` or ``return`` (succeed and record the verdict).
+    :param max_cost_usd: refuse any attempt whose worst case (estimated prompt + ``max_tokens``)
+        would take the call's spending past this many US dollars; the chain then moves on.
 
     Worker-free mode (``LLMOperator(start_from_trigger=True)``): the scheduler creates this trigger
     from kwargs fixed when the DAG was parsed, so the messages come as the operator's raw
@@ -68,8 +70,10 @@ class ChatCompletionTrigger(BaseTrigger):
         output_key: str = "llm_output",
         fallback_conn_ids: list[str] | None = None,
         end_on_success: bool = False,
+        max_cost_usd: float | None = None,
     ) -> None:
         super().__init__()
+        self.max_cost_usd = max_cost_usd
         self.end_on_success = end_on_success
         self.fallback_conn_ids = list(fallback_conn_ids or [])
         # Attribute names match LLMOperator.template_fields: the triggerer renders these in place.
@@ -108,6 +112,7 @@ class ChatCompletionTrigger(BaseTrigger):
                 "output_key": self.output_key,
                 "fallback_conn_ids": self.fallback_conn_ids,
                 "end_on_success": self.end_on_success,
+                "max_cost_usd": self.max_cost_usd,
             },
         )
 
@@ -124,6 +129,7 @@ class ChatCompletionTrigger(BaseTrigger):
             quality=QualitySpec.from_dict(self.quality),
             quality_retries=self.quality_retries,
             on_quality_failure=self.on_quality_failure,
+            max_cost_usd=self.max_cost_usd,
         )
 
     def _full_request(self) -> dict[str, Any]:
@@ -197,4 +203,4 @@ def resolve_endpoints(spec: CallSpec) -> dict[str, Endpoint]:
 
 def error_outcome(error: LLMCallError) -> dict[str, Any]:
     """The outcome of a call that could not start: nothing was sent."""
-    return {"status": "error", "error": error.to_dict(), "meta": {"attempts": []}}
+    return not_started(error)

@@ -36,6 +36,7 @@ def test_execute_defers_to_a_trigger_holding_only_json_safe_kwargs(dag):
         quality={"min_chars": 10},
         timeout=timedelta(minutes=2),
         llm_conn_id="llm_test",
+        max_cost_usd=0.25,
     )
     before = time.time()
     with pytest.raises(TaskDeferred) as info:
@@ -71,6 +72,7 @@ def test_execute_defers_to_a_trigger_holding_only_json_safe_kwargs(dag):
         "end_from_trigger": False,
         "output_key": "llm_output",
         "end_on_success": True,  # a success ends the task in the triggerer: no resume, no 3.3.2 race
+        "max_cost_usd": 0.25,
     }
     json.dumps(kwargs)  # stored as JSON in the trigger table
 
@@ -93,6 +95,7 @@ def test_serialize_round_trips_exactly():
         output_key="answer",
         fallback_conn_ids=["backup"],
         end_on_success=True,
+        max_cost_usd=0.5,
     )
     classpath, kwargs = trigger.serialize()
     clone = ChatCompletionTrigger(**kwargs)
@@ -385,6 +388,7 @@ def test_worker_free_mode_fixes_unrendered_trigger_kwargs_at_parse_time(dag):
         "quality": None,
         "quality_retries": 0,
         "on_quality_failure": "fail",
+        "max_cost_usd": None,
     }
     json.dumps(args.trigger_kwargs)
     assert other.start_trigger_args.trigger_kwargs["prompt"] == "x"  # per instance, not shared
