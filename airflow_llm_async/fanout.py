@@ -1,0 +1,228 @@
+"""Many chat completions in one task: one ``complete()`` per item, all on one event loop, then a summary.
+
+Each item is an ordinary call (:func:`airflow_llm_async.completion.complete`) with its own retries,
+quality gate and fallback chain; all of them share the connection's limiter (concurrency,
+requests/min, tokens/min), so the fan-out never goes faster than the connection allows. The trigger
+(``triggers/fanout.py``) and sync mode run the same :func:`run_items`.
+
+An item's outcome is kept as a small JSON *record*, ``{"text": str | None, "meta": {...}}``: what the
+task's XComs need and what progress parts persist (``progress.py``), without the attempts of calls
+that succeeded.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from airflow_llm_async.completion import CallSpec, complete
+from airflow_llm_async.protocol import Endpoint, LLMCallError, build_messages
+
+# One task cannot hold more: the records, the XComs and the trigger kwargs grow with the items.
+MAX_ITEMS = 10_000
+# Calls started per turn of the event loop: starting 1,000 at once would hold the loop for ~0.1 s.
+START_BATCH = 25
+# Failures named in the task's error message; every failure is in ``llm_meta``.
+FAILURES_SHOWN = 5
+
+Record = dict[str, Any]
+
+
+def parse_items(value: Any) -> list[Any]:
+    """The rendered ``prompts``: a list, or JSON text of one (an XCom rendered without native objects)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = _python_literal(value)
+        if isinstance(value, str):
+            raise ValueError(
+                f"prompts rendered to text that is not a JSON list: {value[:200]!r}. Pass a list, or a "
+                "template that renders one, e.g. \"{{ ti.xcom_pull(task_ids='up', map_indexes=-1) }}\"."
+            )
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"prompts must be a list of prompts or message lists, got {type(value).__name__}.")
+    if len(value) > MAX_ITEMS:
+        raise ValueError(
+            f"prompts has {len(value)} items; one task takes at most {MAX_ITEMS}: split the list."
+        )
+    return list(value)
+
+
+def _python_literal(text: str) -> Any:
+    """A list rendered by Jinja without ``| tojson`` is its Python repr: read as a literal, never as code."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def item_messages(item: Any, system_prompt: str | None) -> list[dict[str, Any]]:
+    """An item is a prompt (text) or a message list (``[{"role": ..., "content": ...}, ...]``)."""
+    if isinstance(item, str):
+        return build_messages(item, system_prompt)
+    if isinstance(item, list | tuple):
+        return build_messages(None, system_prompt, list(item))
+    raise ValueError(f"an item must be a prompt (text) or a list of role/content dicts, got {item!r:.200}")
+
+
+def item_specs(items: Sequence[Any], base: CallSpec, system_prompt: str | None) -> list[CallSpec | Record]:
+    """One CallSpec per item, sharing ``base``'s chain and options; a record for an item that is unusable."""
+    specs: list[CallSpec | Record] = []
+    for index, item in enumerate(items):
+        try:
+            request = {**base.request, "messages": item_messages(item, system_prompt)}
+        except ValueError as exc:
+            specs.append(error_record(LLMCallError("config", f"item {index}: {exc}")))
+            continue
+        specs.append(replace(base, request=request))
+    return specs
+
+
+async def run_items(
+    specs: Sequence[CallSpec | Record],
+    endpoints: Mapping[str, Endpoint],
+    done: Mapping[int, Record] | None = None,
+    on_record: Callable[[int, Record], None] | None = None,
+) -> list[Record]:
+    """Call every item not in ``done`` concurrently; ``on_record`` hears of each new record as it lands."""
+    records: list[Record | None] = [None] * len(specs)
+    for index, record in (done or {}).items():
+        records[index] = record
+
+    async def call(index: int, spec: CallSpec) -> None:
+        record = to_record(await complete(spec, endpoints))
+        records[index] = record
+        if on_record is not None:
+            on_record(index, record)
+
+    tasks = []
+    try:
+        for index, spec in enumerate(specs):
+            if records[index] is not None:
+                continue
+            if not isinstance(spec, CallSpec):  # an item that could not become a request
+                records[index] = spec
+                if on_record is not None:
+                    on_record(index, spec)
+                continue
+            tasks.append(asyncio.create_task(call(index, spec)))
+            if len(tasks) % START_BATCH == 0:
+                await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:  # cancelled (trigger cleanup) or a bug in one call: stop the others
+            task.cancel()
+    return [record for record in records if record is not None]
+
+
+def to_record(outcome: dict[str, Any]) -> Record:
+    """The record of one call's outcome: the text and what ``llm_meta`` keeps about the item."""
+    meta = outcome.get("meta") or {}
+    attempts = meta.get("attempts") or []
+    item: dict[str, Any] = {"status": outcome["status"], "attempts": len(attempts)}
+    if outcome["status"] == "success":
+        item.update(
+            model=meta.get("model"),
+            usage=meta.get("usage") or {},
+            quality=meta.get("quality"),
+            fallback_used=meta.get("fallback_used", False),
+            latency_s=meta.get("latency_s"),
+        )
+        if meta.get("cost_usd") is not None:
+            item["cost_usd"] = meta["cost_usd"]
+        return {"text": outcome["text"], "meta": item}
+    # A failure keeps its attempts: they say what each model answered.
+    item.update(error=outcome.get("error"), attempt_log=attempts, latency_s=meta.get("latency_s"))
+    if meta.get("cost_usd") is not None:
+        item["cost_usd"] = meta["cost_usd"]
+    return {"text": None, "meta": item}
+
+
+def error_record(error: LLMCallError) -> Record:
+    return {"text": None, "meta": {"status": "error", "attempts": 0, "error": error.to_dict()}}
+
+
+def check_max_failures(value: Any) -> None:
+    """``max_failures``: a count (int >= 0) or a fraction of the items (float from 0 to 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"max_failures must be a count (int >= 0) or a fraction (0.0-1.0), got {value!r}.")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"max_failures must be a count >= 0, got {value!r}.")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"max_failures as a fraction must be from 0.0 to 1.0, got {value!r}.")
+
+
+def allowed_failures(max_failures: int | float, items: int) -> int:
+    """How many failed items still let the task succeed."""
+    if isinstance(max_failures, float):
+        return math.floor(max_failures * items + 1e-9)
+    return max_failures
+
+
+def summarize(records: Sequence[Record], max_failures: int | float, resumed: int = 0) -> dict[str, Any]:
+    """The task's outcome: ``{"status", "results", "meta", "message"}``, results in input order."""
+    items = [record["meta"] for record in records]
+    failed = [index for index, item in enumerate(items) if item["status"] != "success"]
+    allowed = allowed_failures(max_failures, len(records))
+    costs = [item["cost_usd"] for item in items if item.get("cost_usd") is not None]
+    totals = {
+        "items": len(records),
+        "succeeded": len(records) - len(failed),
+        "failed": len(failed),
+        "prompt_tokens": _usage_sum(items, "prompt_tokens"),
+        "completion_tokens": _usage_sum(items, "completion_tokens"),
+        "total_tokens": _usage_sum(items, "total_tokens"),
+        "cost_usd": round(sum(costs), 6) if costs else None,
+        "attempts": sum(item["attempts"] for item in items),
+        "fallback_used": sum(bool(item.get("fallback_used")) for item in items),
+        "quality_failed": sum(
+            item["status"] == "success" and not (item.get("quality") or {}).get("passed", True)
+            for item in items
+        ),
+        "resumed": resumed,  # records read back from progress parts, not called again
+    }
+    meta = {
+        "items": items,
+        "totals": totals,
+        "failed_items": failed,
+        "max_failures": max_failures,
+        "allowed_failures": allowed,
+    }
+    ok = len(failed) <= allowed
+    return {
+        "status": "success" if ok else "error",
+        "results": [record["text"] for record in records],
+        "meta": meta,
+        "message": describe(totals, failed, items, allowed),
+    }
+
+
+def describe(totals: dict[str, Any], failed: list[int], items: list[dict], allowed: int) -> str:
+    """One line for the log, or the task's error: counts, tokens, then the first failures."""
+    line = (
+        f"LLM fan-out: {totals['succeeded']} of {totals['items']} items succeeded, {totals['failed']} failed "
+        f"(allowed: {allowed}); {totals['total_tokens']} tokens in {totals['attempts']} attempts"
+    )
+    if totals["cost_usd"] is not None:
+        line += f", ${totals['cost_usd']:.4f}"
+    if failed:
+        shown = "; ".join(
+            f"item {index}: ({(items[index].get('error') or {}).get('kind')}) "
+            f"{(items[index].get('error') or {}).get('message')}"
+            for index in failed[:FAILURES_SHOWN]
+        )
+        more = (
+            f"; and {len(failed) - FAILURES_SHOWN} more in llm_meta" if len(failed) > FAILURES_SHOWN else ""
+        )
+        line += f". Failed: {shown}{more}"
+    return line
+
+
+def _usage_sum(items: list[dict], field: str) -> int:
+    return sum((item.get("usage") or {}).get(field) or 0 for item in items)

@@ -1,0 +1,174 @@
+"""LLMFanOutOperator: hundreds of prompts in one task, all waiting together in one trigger."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import Context
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from asgiref.sync import async_to_sync
+
+from airflow_llm_async import fanout, ratelimit, transport
+from airflow_llm_async.hooks.llm import LLMConfigError
+from airflow_llm_async.operators.llm import _NOT_RETRYABLE_KINDS, META_KEY, LLMOperator
+from airflow_llm_async.protocol import LLMCallError
+from airflow_llm_async.triggers.chat import resolve_endpoints
+from airflow_llm_async.triggers.fanout import FanOutTrigger, task_error
+
+
+class LLMFanOutOperator(LLMOperator):
+    """
+    Ask the model once per item of ``prompts``; every call waits in one trigger, concurrently.
+
+    One task instead of one task per prompt: Airflow's per-task work (scheduling, state, logs,
+    XCom) is paid once, however many prompts. Each item is an ordinary call with its own retries,
+    quality gate and fallback chain, and every item shares the connection's limits
+    (``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``).
+
+    Pushes the answers as one list in input order (``return_value``, and ``output_key`` if it is
+    another key), ``None`` for an item that failed, and ``llm_meta``:
+    ``{"items": [{status, model, usage, attempts, quality, fallback_used, latency_s[, cost_usd]
+    [, error, attempt_log]}, ...], "totals": {items, succeeded, failed, prompt_tokens,
+    completion_tokens, total_tokens, cost_usd, attempts, fallback_used, quality_failed, resumed},
+    "failed_items": [...], "max_failures": ..., "allowed_failures": ...}``.
+
+    :param prompts: a list of items (templated): each a prompt (text) or a message list
+        (``[{"role": ..., "content": ...}, ...]``). A template may render the list as JSON
+        (``| tojson``) or as its Python repr; ``render_template_as_native_obj`` DAGs pass it as is.
+    :param max_failures: failed items the task tolerates: a count (default 0), or a fraction of the
+        items (e.g. ``0.05``). At most that many: the task succeeds with ``None`` for the failed items
+        and their errors in ``llm_meta``; more: the task fails with a summary.
+    :param system_prompt: a system message sent with every item (templated).
+    :param output_key: another XCom key that also holds the list (default: none, only ``return_value``).
+    :param start_from_trigger: worker-free mode (default ``True``): the task starts and ends in the
+        triggerer. ``False`` with ``deferrable=True`` renders on a worker and defers; ``deferrable=False``
+        runs every call on the worker.
+
+    Every other parameter is :class:`~airflow_llm_async.operators.llm.LLMOperator`'s (model,
+    temperature, max_tokens, llm_conn_id, fallback_models, fallback_conn_ids, response_format,
+    extra_body, max_retries, quality, quality_retries, on_quality_failure, timeout); they apply to
+    every item, and ``timeout`` limits the whole fan-out. ``prompt`` and ``messages`` are not taken.
+    """
+
+    template_fields: Sequence[str] = ("prompts", "system_prompt")
+    template_fields_renderers = {"prompts": "json", "system_prompt": "md"}
+    trigger_classpath = "airflow_llm_async.triggers.fanout.FanOutTrigger"
+
+    def __init__(
+        self,
+        *,
+        prompts: list[Any] | str,
+        max_failures: int | float = 0,
+        output_key: str = "return_value",
+        start_from_trigger: bool | None = True,
+        **kwargs: Any,
+    ) -> None:
+        for name in ("prompt", "messages"):
+            if name in kwargs:
+                raise ValueError(
+                    f"{type(self).__name__} {kwargs.get('task_id')!r}: pass the items as `prompts` (a list "
+                    f"of prompts or message lists), not `{name}`."
+                )
+        self.prompts = prompts
+        self.max_failures = max_failures
+        super().__init__(output_key=output_key, start_from_trigger=start_from_trigger, **kwargs)
+
+    def _validate_input(self, where: str) -> None:
+        if isinstance(self.prompts, list | tuple):
+            try:
+                fanout.parse_items(self.prompts)
+                for item in self.prompts:
+                    if "{{" not in str(item):  # a templated item is checked once rendered
+                        fanout.item_messages(item, None)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        elif not isinstance(self.prompts, str):
+            raise ValueError(
+                f"{where}: prompts must be a list of prompts or message lists, or a template that renders "
+                f"one, got {type(self.prompts).__name__}."
+            )
+        try:
+            fanout.check_max_failures(self.max_failures)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+    def _fan_out_kwargs(self) -> dict[str, Any]:
+        return {
+            "request": self.build_request(with_messages=False),
+            "options": self._trigger_options(),
+            "max_failures": self.max_failures,
+            "output_key": self.output_key,
+        }
+
+    def worker_free_trigger_kwargs(self) -> dict[str, Any]:
+        """Kwargs fixed at parse time: the templates travel unrendered; the triggerer renders them."""
+        return {
+            "prompts": self.prompts,
+            "system_prompt": self.system_prompt,
+            "time_limit": self._time_limit(),
+            "end_from_trigger": True,
+            **self._fan_out_kwargs(),
+        }
+
+    def build_trigger(self) -> FanOutTrigger:
+        """The trigger ``execute`` defers to, from the rendered fields, with a wall-clock deadline."""
+        try:
+            items = fanout.parse_items(self.prompts)
+        except ValueError as exc:
+            raise AirflowFailException(f"{type(self).__name__} {self.task_id!r}: {exc}") from None
+        limit = self._time_limit()
+        return FanOutTrigger(
+            prompts=items,
+            system_prompt=self.system_prompt,
+            deadline=None if limit is None else time.time() + limit,
+            end_on_success=type(self).execute_complete is LLMFanOutOperator.execute_complete,
+            mapped_output=self.has_dag() and next(self.iter_mapped_dependants(), None) is not None,
+            **self._fan_out_kwargs(),
+        )
+
+    def execute(self, context: Context) -> list[str | None] | None:
+        trigger = self.build_trigger()
+        if self.deferrable:
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=self._deferral_timeout())
+        return self.execute_complete(context, {**run_fan_out_sync(trigger), "stored": False})
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> list[str | None] | None:
+        """Push the list (unless the trigger already did), or fail with the summary of the failures."""
+        ti = context["ti"]
+        if not event.get("stored"):
+            if self.output_key != "return_value":
+                ti.xcom_push(key=self.output_key, value=event["results"])
+            ti.xcom_push(key=META_KEY, value=event["meta"])
+        if event.get("status") != "success":
+            if not event.get("stored"):
+                ti.xcom_push(key="return_value", value=event["results"])
+            if (event.get("error") or {}).get("kind") in _NOT_RETRYABLE_KINDS:
+                raise AirflowFailException(event["message"])
+            raise AirflowException(event["message"])
+        self.log.info(event["message"])
+        if event.get("stored"):  # returned again so a subclass (or a mapped downstream) sees the list
+            return ti.xcom_pull(task_ids=ti.task_id, map_indexes=ti.map_index)
+        return event["results"]
+
+
+def run_fan_out_sync(trigger: FanOutTrigger) -> dict[str, Any]:
+    """Sync mode: the trigger's fan-out, run to completion in a private event loop on this worker."""
+    try:
+        specs = trigger.item_specs()
+        usable = [spec for spec in specs if not isinstance(spec, dict)]
+        endpoints = resolve_endpoints(usable[0]) if usable else {}
+    except (ValueError, LLMConfigError) as exc:
+        return task_error(LLMCallError("config", str(exc)))
+    return async_to_sync(_run_and_close)(trigger, specs, endpoints)
+
+
+async def _run_and_close(trigger: FanOutTrigger, specs: list, endpoints: dict) -> dict[str, Any]:
+    try:
+        records = await fanout.run_items(specs, endpoints)
+    finally:
+        # The loop ends with these calls; its session and limiters must be closed first.
+        await transport.close_shared_session()
+        await ratelimit.close_loop_limiters()
+    return fanout.summarize(records, trigger.max_failures)
