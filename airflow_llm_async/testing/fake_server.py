@@ -973,11 +973,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--retry-after-ms", type=int, default=DEFAULT_RETRY_AFTER_MS, help="retry-after-ms sent with 429s"
     )
     parser.add_argument("--access-log", action="store_true", help="log one INFO line per request")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="serve this model too, e.g. llama3.2 (as a vLLM or Ollama server would); repeatable",
+    )
     args = parser.parse_args(argv)
+    args.models = (*DEFAULT_MODELS, *(m for m in args.model if m not in DEFAULT_MODELS))
     try:
         _loopback_host(args.host)
         create_app(
             latency=args.latency,
+            models=args.models,
             faults=dict(args.fault),
             retry_after_ms=args.retry_after_ms,
         )
@@ -996,6 +1005,7 @@ async def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         latency=args.latency,
         api_key=args.api_key,
+        models=args.models,
         faults=dict(args.fault),
         seed=args.seed,
         access_log=args.access_log,

@@ -28,12 +28,15 @@ class FakeServerProcess:
         latency: float = 0.0,
         api_key: str | None = None,
         faults: dict[str, str] | None = None,
+        models: tuple[str, ...] = (),
         log_path: Path | None = None,
     ) -> None:
         self.argv = [sys.executable, "-m", "airflow_llm_async.testing.fake_server", "--port", "0"]
         self.argv += ["--latency", str(latency)]
         if api_key:
             self.argv += ["--api-key", api_key]
+        for model in models:
+            self.argv += ["--model", model]
         for model, spec in (faults or {}).items():
             self.argv += ["--fault", f"{model}={spec}"]
         self.log_path = log_path

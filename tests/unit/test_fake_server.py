@@ -664,6 +664,14 @@ def test_only_loopback_addresses_are_accepted(capsys: pytest.CaptureFixture[str]
     assert "refusing to bind" in capsys.readouterr().err
 
 
+def test_the_console_script_serves_more_models_when_asked() -> None:
+    from airflow_llm_async.testing.fake_server import DEFAULT_MODELS, _parse_args
+
+    assert _parse_args([]).models == DEFAULT_MODELS
+    args = _parse_args(["--model", "llama3.2", "--model", "gpt-4", "--model", "Qwen/Qwen2.5-7B-Instruct"])
+    assert args.models == (*DEFAULT_MODELS, "llama3.2", "Qwen/Qwen2.5-7B-Instruct")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_console_script_serves_until_signalled(signum: int) -> None:
     secret, wrong = "sk-cli-secret-key", "sk-cli-wrong-key"
