@@ -57,4 +57,6 @@ def get_provider_info() -> dict:
                 "external-doc-url": "https://platform.openai.com/docs/api-reference/chat",
             },
         ],
+        # `airflow llm monitor`; the dashboard plugin is an `airflow.plugins` entry point (pyproject.toml).
+        "cli": ["airflow_llm_async.monitor.cli.get_cli_commands"],
     }

@@ -1,0 +1,115 @@
+"""``airflow-llm monitor`` (also ``airflow llm monitor``): the LLM calls and triggerers, from the metadata DB.
+
+Reads the DB that the Airflow configuration in the environment points at (``AIRFLOW_HOME`` /
+``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``), so it sees every triggerer of the deployment, wherever it runs.
+Live by default (the tables redrawn every ``--interval`` seconds; Ctrl-C exits); ``--once --json`` prints
+one snapshot for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+# (flags, argparse keyword arguments): shared by the console script and the Airflow CLI command.
+_ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--once",), {"action": "store_true", "help": "print one snapshot and exit"}),
+    (("--json",), {"action": "store_true", "help": "JSON instead of tables (one object per refresh)"}),
+    (("--interval",), {"type": float, "default": 5.0, "help": "seconds between refreshes (default 5)"}),
+    (
+        ("--window",),
+        {"type": float, "default": 60.0, "help": "minutes of LLM calls to count (default 60)"},
+    ),
+    (
+        ("--capacity",),
+        {"type": int, "default": None, "help": "each triggerer's capacity (default: [triggerer] capacity)"},
+    ),
+]
+_HELP = "Show LLM calls (per DAG and model) and triggerers (in flight, capacity left) from the metadata DB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``airflow-llm`` console script."""
+    parser = argparse.ArgumentParser(prog="airflow-llm", description="Tools of airflow-llm-async.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    monitor_parser = commands.add_parser("monitor", help=_HELP, description=__doc__)
+    for flags, kwargs in _ARGUMENTS:
+        monitor_parser.add_argument(*flags, **kwargs)
+    args = parser.parse_args(argv)
+    return monitor(args)
+
+
+def monitor(args: argparse.Namespace) -> int:
+    error = _check(args)
+    if error:
+        print(f"airflow-llm monitor: {error}", file=sys.stderr)
+        return 2
+    from airflow.utils.session import create_session
+
+    from airflow_llm_async.monitor import db, text
+
+    def show() -> None:
+        with create_session() as session:
+            snapshot = db.load_snapshot(session, window_s=args.window * 60, capacity=args.capacity)
+        if args.json:
+            print(json.dumps(snapshot), flush=True)
+        elif args.once:
+            print(text.render(snapshot), flush=True)
+        else:
+            # Home the cursor and clear the screen, then draw: a plain redraw any terminal understands.
+            print("\x1b[H\x1b[2J" + text.render(snapshot), flush=True)
+
+    if args.once:
+        show()
+        return 0
+    try:
+        while True:
+            show()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    if args.interval <= 0:
+        return f"--interval must be more than 0 seconds, got {args.interval:g}"
+    if args.window <= 0:
+        return f"--window must be more than 0 minutes, got {args.window:g}"
+    if args.capacity is not None and args.capacity <= 0:
+        return f"--capacity must be a positive number of triggers, got {args.capacity}"
+    return None
+
+
+def _airflow_command(args: argparse.Namespace) -> None:
+    status = monitor(args)
+    if status:
+        raise SystemExit(status)
+
+
+def get_cli_commands() -> list:
+    """``airflow llm monitor``: the provider's ``cli`` entry in get_provider_info."""
+    from airflow.cli.cli_config import ActionCommand, Arg, GroupCommand
+
+    return [
+        GroupCommand(
+            name="llm",
+            help="LLM calls of airflow-llm-async",
+            subcommands=[
+                ActionCommand(
+                    name="monitor",
+                    help=_HELP,
+                    func=_airflow_command,
+                    args=[Arg(flags, **kwargs) for flags, kwargs in _ARGUMENTS],
+                    description=__doc__,
+                )
+            ],
+        )
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

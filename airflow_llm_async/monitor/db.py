@@ -1,0 +1,131 @@
+"""Read the monitor's rows from Airflow's metadata DB (any backend Airflow supports) and build a snapshot.
+
+Through Airflow's own ORM models and session, so the connection, the JSON column types and the XCom
+encoding are exactly the deployment's. Every query is one indexed SELECT; nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from airflow_llm_async.monitor import figures
+from airflow_llm_async.monitor.figures import Call, TriggererJob
+
+META_KEY = "llm_meta"
+
+
+def read_calls(session: Session, since: float, dag_ids: Collection[str] | None = None) -> list[Call]:
+    """Every call recorded by an ``llm_meta`` XCom written since ``since`` (epoch seconds).
+
+    ``dag_ids``: only these DAGs (the dashboard passes the ones its user may read); None: all.
+    """
+    from airflow.models.xcom import XComModel
+
+    query = select(
+        XComModel.dag_id,
+        XComModel.run_id,
+        XComModel.task_id,
+        XComModel.map_index,
+        XComModel.value,
+        XComModel.timestamp,
+    ).where(XComModel.key == META_KEY, XComModel.timestamp >= datetime.fromtimestamp(since, UTC))
+    if dag_ids is not None:
+        query = query.where(XComModel.dag_id.in_(list(dag_ids)))
+    calls: list[Call] = []
+    for row in session.execute(query):
+        value = _decode(XComModel.deserialize_value(row))
+        calls += figures.calls_from_xcom(
+            row.dag_id, row.run_id, row.task_id, row.map_index, value, row.timestamp.timestamp()
+        )
+    return calls
+
+
+def _decode(value: Any) -> Any:
+    """A value stored JSON-encoded once more (3.3.2's TaskSuccessEvent xcoms) is decoded again."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
+def read_triggerers(session: Session) -> list[TriggererJob]:
+    """Triggerer jobs in state running (one killed with -9 stays "running", with an old heartbeat)."""
+    from airflow.jobs.job import Job
+
+    rows = session.execute(
+        select(Job.id, Job.hostname, Job.state, Job.latest_heartbeat).where(
+            Job.job_type == "TriggererJob", Job.state == "running"
+        )
+    )
+    return [
+        TriggererJob(r.id, r.hostname, r.state, r.latest_heartbeat and r.latest_heartbeat.timestamp())
+        for r in rows
+    ]
+
+
+def read_trigger_counts(session: Session) -> tuple[dict[int | None, int], dict[int | None, int]]:
+    """Triggers per triggerer id (None: not picked up yet): all of them, and our LLM calls."""
+    from airflow.models.trigger import Trigger
+
+    running: dict[int | None, int] = {}
+    llm_running: dict[int | None, int] = {}
+    rows = session.execute(
+        select(Trigger.triggerer_id, Trigger.classpath, func.count()).group_by(
+            Trigger.triggerer_id, Trigger.classpath
+        )
+    )
+    for triggerer_id, classpath, count in rows:
+        running[triggerer_id] = running.get(triggerer_id, 0) + count
+        if classpath == figures.LLM_TRIGGER_CLASSPATH:
+            llm_running[triggerer_id] = llm_running.get(triggerer_id, 0) + count
+    return running, llm_running
+
+
+def load_snapshot(
+    session: Session,
+    *,
+    window_s: float,
+    capacity: int | None = None,
+    dag_ids: Collection[str] | None = None,
+    with_triggerers: bool = True,
+    with_timeline: bool = False,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Every figure of the last ``window_s`` seconds (see :func:`figures.snapshot`).
+
+    ``capacity``: of each triggerer; None reads ``[triggerer] capacity`` (a triggerer started with
+    ``--capacity`` overrides it, and the DB does not record that). ``with_triggerers=False`` leaves the
+    job and trigger tables out (for a user who may not see jobs).
+    """
+    from airflow.configuration import conf
+
+    now = time.time() if now is None else now
+    if capacity is None:
+        capacity = conf.getint("triggerer", "capacity")
+    calls = read_calls(session, now - window_s, dag_ids)
+    jobs: list[TriggererJob] = []
+    running: dict[int | None, int] = {}
+    llm_running: dict[int | None, int] = {}
+    if with_triggerers:
+        jobs = read_triggerers(session)
+        running, llm_running = read_trigger_counts(session)
+    return figures.snapshot(
+        calls,
+        jobs,
+        running,
+        llm_running,
+        capacity=capacity,
+        now=now,
+        window_s=window_s,
+        alive_within_s=conf.getfloat("triggerer", "triggerer_health_check_threshold"),
+        with_timeline=with_timeline,
+    )

@@ -1,0 +1,348 @@
+"""The monitor's figures, as pure functions over rows read from the metadata DB (I/O-free).
+
+The source of every per-call figure is the ``llm_meta`` XCom each LLM task pushes (README, "XCom"):
+``model``, ``conn_id``, ``usage``, ``latency_s``, ``attempts``, ``error`` on failure and, in newer
+versions, ``cost_usd``, ``started_at``/``finished_at`` (epoch seconds), ``host`` and ``pid``. Older or
+unknown shapes are read as far as they go and skipped otherwise: a monitor never crashes on a value
+it cannot read. The live per-triggerer figures come from the ``job`` and ``trigger`` tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+LLM_TRIGGER_CLASSPATH = "airflow_llm_async.triggers.chat.ChatCompletionTrigger"
+COMPLETION_RATE_SPAN_S = 60.0  # "completions per minute" counts the calls that ended in the last minute
+TIMELINE_MAX_BUCKETS = 60
+_BUCKET_WIDTHS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+_MAX_NESTING = 3  # how deep a fan-out's list of call metas is looked for
+
+
+@dataclass(frozen=True)
+class Call:
+    """One LLM call (its whole fallback chain), read from an ``llm_meta`` XCom."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    model: str
+    conn_id: str | None
+    ok: bool
+    latency_s: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: float | None
+    started_at: float | None  # epoch seconds
+    finished_at: float  # epoch seconds (the XCom's timestamp when the meta has no finished_at)
+    host: str | None
+    pid: int | None
+
+    @property
+    def process(self) -> str:
+        """The process that ran the call, as shown: ``host pid N``."""
+        if self.host is None and self.pid is None:
+            return "unknown"
+        return f"{self.host or '?'} pid {self.pid if self.pid is not None else '?'}"
+
+    @property
+    def start(self) -> float:
+        if self.started_at is not None:
+            return self.started_at
+        return self.finished_at - (self.latency_s or 0.0)
+
+
+@dataclass(frozen=True)
+class TriggererJob:
+    """A ``TriggererJob`` row of the ``job`` table."""
+
+    id: int
+    hostname: str | None
+    state: str | None
+    latest_heartbeat: float | None  # epoch seconds
+
+
+# ---- reading llm_meta ---------------------------------------------------------------------------------
+
+
+def call_metas(value: Any, _depth: int = 0) -> list[Mapping[str, Any]]:
+    """The per-call metas inside an ``llm_meta`` value: itself, or a fan-out's list of items.
+
+    A call's meta has ``attempts`` or ``usage``. A fan-out pushes a dict holding a list of such metas
+    (and totals, which are not counted again); a list of metas is read item by item.
+    """
+    if _depth > _MAX_NESTING:
+        return []
+    if isinstance(value, list):
+        return [meta for item in value for meta in call_metas(item, _depth + 1)]
+    if not isinstance(value, Mapping):
+        return []
+    for key, item in value.items():
+        if key != "attempts" and isinstance(item, list):
+            nested = [meta for element in item for meta in call_metas(element, _depth + 1)]
+            if nested:
+                return nested
+    if "attempts" in value or "usage" in value:
+        return [value]
+    return []
+
+
+def calls_from_xcom(
+    dag_id: str, run_id: str, task_id: str, map_index: int, value: Any, timestamp: float
+) -> list[Call]:
+    """Every call recorded by one ``llm_meta`` XCom (``timestamp``: when it was written, epoch seconds)."""
+    calls = []
+    for meta in call_metas(value):
+        call = _call(dag_id, run_id, task_id, map_index, meta, timestamp)
+        if call is not None:
+            calls.append(call)
+    return calls
+
+
+def _call(
+    dag_id: str, run_id: str, task_id: str, map_index: int, meta: Mapping[str, Any], timestamp: float
+) -> Call | None:
+    # A call's meta lists its attempts; a fan-out item counts them and keeps a failure's in attempt_log.
+    attempts = next((v for v in (meta.get("attempts"), meta.get("attempt_log")) if isinstance(v, list)), [])
+    attempts = [a for a in attempts if isinstance(a, Mapping)]
+    model = _text(meta.get("model")) or _text(meta.get("requested_model"))
+    if model is None and attempts:
+        model = _text(attempts[-1].get("model"))
+    conn_id = _text(meta.get("conn_id"))
+    if conn_id is None and attempts:
+        conn_id = _text(attempts[-1].get("conn_id"))
+    usage = meta.get("usage") if isinstance(meta.get("usage"), Mapping) else {}
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens")) or prompt + completion
+    finished_at = _number(meta.get("finished_at"))
+    return Call(
+        dag_id=dag_id,
+        run_id=run_id,
+        task_id=task_id,
+        map_index=map_index,
+        model=model or "unknown",
+        conn_id=conn_id,
+        ok="error" not in meta and meta.get("status") != "error",
+        latency_s=_number(meta.get("latency_s")),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cost_usd=_number(meta.get("cost_usd")),
+        started_at=_number(meta.get("started_at")),
+        finished_at=finished_at if finished_at is not None else timestamp,
+        host=_text(meta.get("host")),
+        pid=int(pid) if (pid := _number(meta.get("pid"))) is not None else None,
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _count(value: Any) -> int:
+    number = _number(value)
+    return int(number) if number is not None and number >= 0 else 0
+
+
+# ---- aggregates -----------------------------------------------------------------------------------------
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """Nearest-rank percentile (the smallest value with at least q % of the values at or below it)."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def cost_sum(calls: Iterable[Call]) -> float | None:
+    """Dollars of the calls whose cost is known; None when no call has one."""
+    costs = [c.cost_usd for c in calls if c.cost_usd is not None]
+    return round(sum(costs), 9) if costs else None
+
+
+def _sums(calls: Sequence[Call]) -> dict[str, Any]:
+    latencies = [c.latency_s for c in calls if c.latency_s is not None]
+    return {
+        "calls": len(calls),
+        "failures": sum(not c.ok for c in calls),
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "prompt_tokens": sum(c.prompt_tokens for c in calls),
+        "completion_tokens": sum(c.completion_tokens for c in calls),
+        "total_tokens": sum(c.total_tokens for c in calls),
+        "cost_usd": cost_sum(calls),
+    }
+
+
+def model_figures(calls: Iterable[Call]) -> list[dict[str, Any]]:
+    """Per DAG and model: calls, failures, p50/p95 latency, tokens, cost."""
+    groups: dict[tuple[str, str], list[Call]] = defaultdict(list)
+    for call in calls:
+        groups[(call.dag_id, call.model)].append(call)
+    return [{"dag_id": d, "model": m, **_sums(group)} for (d, m), group in sorted(groups.items())]
+
+
+def run_figures(calls: Iterable[Call]) -> list[dict[str, Any]]:
+    """Per DAG run, in the order the runs made their first call: calls, failures, tokens, cost."""
+    groups: dict[tuple[str, str], list[Call]] = defaultdict(list)
+    for call in calls:
+        groups[(call.dag_id, call.run_id)].append(call)
+    rows = []
+    for (dag_id, run_id), group in groups.items():
+        sums = _sums(group)
+        rows.append(
+            {
+                "dag_id": dag_id,
+                "run_id": run_id,
+                "first_call_at": min(c.start for c in group),
+                "calls": sums["calls"],
+                "failures": sums["failures"],
+                "total_tokens": sums["total_tokens"],
+                "cost_usd": sums["cost_usd"],
+            }
+        )
+    return sorted(rows, key=lambda r: (r["first_call_at"], r["dag_id"], r["run_id"]))
+
+
+def completions_per_min(calls: Iterable[Call], now: float) -> int:
+    """Calls that ended within the last minute."""
+    return sum(now - COMPLETION_RATE_SPAN_S < c.finished_at <= now for c in calls)
+
+
+def triggerer_figures(
+    jobs: Iterable[TriggererJob],
+    running: Mapping[int, int],
+    llm_running: Mapping[int, int],
+    capacity: int,
+    calls: Sequence[Call],
+    now: float,
+    alive_within_s: float,
+) -> list[dict[str, Any]]:
+    """Per running triggerer job: triggers it runs (all, and ours), capacity left, completions per minute.
+
+    Completions come from the calls' ``host``: the DB does not say which of several triggerers on one host
+    ran a call, so there ``completions_per_min`` is the host's (and ``host_shared`` is true); the
+    ``processes`` figures have them per process.
+    """
+    jobs = sorted(jobs, key=lambda j: j.id)
+    hosts = defaultdict(int)
+    for job in jobs:
+        hosts[job.hostname] += 1
+    rows = []
+    for job in jobs:
+        heartbeat_age = None if job.latest_heartbeat is None else round(now - job.latest_heartbeat, 1)
+        host_calls = [c for c in calls if c.host is not None and c.host == job.hostname]
+        rows.append(
+            {
+                "id": job.id,
+                "hostname": job.hostname,
+                "state": job.state,
+                "heartbeat_age_s": heartbeat_age,
+                "alive": heartbeat_age is not None and heartbeat_age <= alive_within_s,
+                "triggers_running": running.get(job.id, 0),
+                "llm_triggers_running": llm_running.get(job.id, 0),
+                "capacity": capacity,
+                "capacity_left": capacity - running.get(job.id, 0),
+                "completions_per_min": completions_per_min(host_calls, now),
+                "host_shared": hosts[job.hostname] > 1,
+            }
+        )
+    return rows
+
+
+def process_figures(calls: Iterable[Call], now: float) -> list[dict[str, Any]]:
+    """Per process that ran calls (a triggerer's trigger runner, or a worker in sync mode)."""
+    groups: dict[str, list[Call]] = defaultdict(list)
+    for call in calls:
+        groups[call.process].append(call)
+    return [
+        {
+            "process": name,
+            "host": group[0].host,
+            "pid": group[0].pid,
+            "calls": len(group),
+            "completions_per_min": completions_per_min(group, now),
+            "last_finished_at": max(c.finished_at for c in group),
+        }
+        for name, group in sorted(groups.items())
+    ]
+
+
+def timeline(calls: Sequence[Call], now: float, max_buckets: int = TIMELINE_MAX_BUCKETS) -> dict[str, Any]:
+    """The figures over time, in equal buckets from the first call to ``now``.
+
+    ``in_flight[process]``: average calls in flight in each bucket (time-weighted, so a call in flight for
+    half a bucket counts 0.5); ``completions_per_min``: calls that ended in the bucket, as a rate;
+    ``latency_p50_s``/``latency_p95_s``: of the calls that ended in the bucket (None when none did).
+    """
+    if not calls:
+        empty: dict[str, Any] = {"in_flight": {}, "completions_per_min": [], "latency_p50_s": []}
+        return {"start": now, "bucket_s": 1, "buckets": 0, **empty, "latency_p95_s": []}
+    first = min(c.start for c in calls)
+    end = max(now, max(c.finished_at for c in calls))
+    width = next((w for w in _BUCKET_WIDTHS_S if (end - first) / w <= max_buckets), _BUCKET_WIDTHS_S[-1])
+    start = math.floor(first / width) * width
+    count = max(1, math.ceil((end - start) / width))
+    in_flight: dict[str, list[float]] = defaultdict(lambda: [0.0] * count)
+    ended: list[list[Call]] = [[] for _ in range(count)]
+    for call in calls:
+        series = in_flight[call.process]
+        begin, finish = call.start, max(call.start, call.finished_at)
+        for i in range(max(0, int((begin - start) // width)), min(count, int((finish - start) // width) + 1)):
+            low, high = start + i * width, start + (i + 1) * width
+            series[i] += max(0.0, min(finish, high) - max(begin, low)) / width
+        ended[min(count - 1, max(0, int((call.finished_at - start) // width)))].append(call)
+    return {
+        "start": start,
+        "bucket_s": width,
+        "buckets": count,
+        "in_flight": {name: [round(v, 3) for v in series] for name, series in sorted(in_flight.items())},
+        "completions_per_min": [round(len(group) * 60 / width, 3) for group in ended],
+        "latency_p50_s": [percentile([c.latency_s for c in g if c.latency_s is not None], 50) for g in ended],
+        "latency_p95_s": [percentile([c.latency_s for c in g if c.latency_s is not None], 95) for g in ended],
+    }
+
+
+def snapshot(
+    calls: Sequence[Call],
+    jobs: Iterable[TriggererJob],
+    running: Mapping[int, int],
+    llm_running: Mapping[int, int],
+    *,
+    capacity: int,
+    now: float,
+    window_s: float,
+    alive_within_s: float,
+    with_timeline: bool = False,
+) -> dict[str, Any]:
+    """Every figure, as the JSON that ``airflow-llm monitor --json`` prints and the dashboard draws.
+
+    ``running``/``llm_running``: triggers per triggerer id (all, and ours); the key None counts the
+    triggers no triggerer has picked up yet.
+    """
+    figures = {
+        "generated_at": now,
+        "window_s": window_s,
+        "triggerers": triggerer_figures(jobs, running, llm_running, capacity, calls, now, alive_within_s),
+        "unassigned_triggers": running.get(None, 0),
+        "processes": process_figures(calls, now),
+        "models": model_figures(calls),
+        "runs": run_figures(calls),
+        "totals": _sums(calls),
+    }
+    if with_timeline:
+        figures["timeline"] = timeline(calls, now)
+    return figures

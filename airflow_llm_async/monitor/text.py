@@ -1,0 +1,95 @@
+"""The monitor's snapshot as plain-text tables for a terminal (I/O-free)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
+    """Left-aligned columns, two spaces apart."""
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return [indent + line.rstrip() for line in lines]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def money(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
+def render(snapshot: dict[str, Any]) -> str:
+    """The whole snapshot: triggerers, processes, per DAG and model, totals."""
+    when = datetime.fromtimestamp(snapshot["generated_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lines = [f"LLM calls in the last {snapshot['window_s'] / 60:g} min, at {when}", ""]
+
+    triggerers = snapshot["triggerers"]
+    lines.append("Triggerers")
+    if triggerers:
+        lines += table(
+            ["id", "host", "alive", "heartbeat s", "triggers", "llm", "capacity left", "done/min"],
+            [
+                [
+                    t["id"],
+                    t["hostname"],
+                    t["alive"],
+                    t["heartbeat_age_s"],
+                    t["triggers_running"],
+                    t["llm_triggers_running"],
+                    f"{t['capacity_left']} of {t['capacity']}",
+                    f"{t['completions_per_min']}{' (host)' if t['host_shared'] else ''}",
+                ]
+                for t in triggerers
+            ],
+        )
+    else:
+        lines.append("  (no triggerer running)")
+    lines.append(f"  triggers waiting for a triggerer: {snapshot['unassigned_triggers']}")
+    lines.append("")
+
+    if snapshot["processes"]:
+        lines.append("Processes that ran calls")
+        lines += table(
+            ["process", "calls", "done/min"],
+            [[p["process"], p["calls"], p["completions_per_min"]] for p in snapshot["processes"]],
+        )
+        lines.append("")
+
+    lines.append("Per DAG and model")
+    if snapshot["models"]:
+        lines += table(
+            ["dag", "model", "calls", "failed", "p50 s", "p95 s", "tokens", "cost $"],
+            [
+                [
+                    m["dag_id"],
+                    m["model"],
+                    m["calls"],
+                    m["failures"],
+                    m["latency_p50_s"],
+                    m["latency_p95_s"],
+                    m["total_tokens"],
+                    money(m["cost_usd"]),
+                ]
+                for m in snapshot["models"]
+            ],
+        )
+    else:
+        lines.append("  (no LLM calls in this window)")
+    totals = snapshot["totals"]
+    lines += [
+        "",
+        f"Total: {totals['calls']} calls, {totals['failures']} failed, {totals['total_tokens']} tokens, "
+        f"${money(totals['cost_usd'])}",
+    ]
+    return "\n".join(lines)

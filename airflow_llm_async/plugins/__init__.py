@@ -1,0 +1,1 @@
+"""Airflow plugins of airflow-llm-async: the LLM dashboard (dashboard.py)."""

@@ -1,0 +1,331 @@
+"""The monitor's figures (airflow_llm_async.monitor.figures / text): pure functions over DB rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_llm_async.monitor import cli, figures, text
+from airflow_llm_async.monitor.figures import Call, TriggererJob
+
+NOW = 1_800_000_000.0
+
+
+def meta(model="gpt-4", prompt=10, completion=20, latency=1.5, **extra) -> dict:
+    """An llm_meta as completion.py writes it, with the newer fields given in ``extra``."""
+    return {
+        "model": model,
+        "requested_model": model,
+        "conn_id": "llm_default",
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+        "finish_reason": "stop",
+        "latency_s": latency,
+        "attempts": [{"conn_id": "llm_default", "model": model, "status": 200, "latency_s": latency}],
+        "quality": {"passed": True, "failures": []},
+        "fallback_used": False,
+        **extra,
+    }
+
+
+def call(dag="d", run="r1", model="gpt-4", ok=True, latency=1.0, tokens=30, cost=None, start=None, end=NOW,
+         host="h1", pid=7) -> Call:  # fmt: skip
+    return Call(
+        dag_id=dag,
+        run_id=run,
+        task_id="t",
+        map_index=-1,
+        model=model,
+        conn_id="llm_default",
+        ok=ok,
+        latency_s=latency,
+        prompt_tokens=tokens // 3,
+        completion_tokens=tokens - tokens // 3,
+        total_tokens=tokens,
+        cost_usd=cost,
+        started_at=start,
+        finished_at=end,
+        host=host,
+        pid=pid,
+    )
+
+
+# ---- reading llm_meta -----------------------------------------------------------------------------------
+
+
+def test_a_call_meta_with_every_field_becomes_one_call():
+    value = meta(cost_usd=0.0015, started_at=NOW - 2, finished_at=NOW - 0.5, host="worker-1", pid=42)
+    [c] = figures.calls_from_xcom("dag", "run", "task", 3, value, timestamp=NOW)
+    assert c == Call("dag", "run", "task", 3, "gpt-4", "llm_default", True, 1.5, 10, 20, 30, 0.0015,
+                     NOW - 2, NOW - 0.5, "worker-1", 42)  # fmt: skip
+    assert c.process == "worker-1 pid 42"
+    assert c.start == NOW - 2
+
+
+def test_an_older_meta_without_cost_times_or_host_uses_the_xcom_timestamp():
+    [c] = figures.calls_from_xcom("dag", "run", "task", -1, meta(latency=2.0), timestamp=NOW)
+    assert (c.cost_usd, c.started_at, c.finished_at, c.host, c.pid) == (None, None, NOW, None, None)
+    assert c.start == NOW - 2.0
+    assert c.process == "unknown"
+
+
+def test_a_failed_call_is_a_failure_of_the_model_it_last_tried():
+    value = {
+        "latency_s": 0.2,
+        "attempts": [
+            {"conn_id": "a", "model": "gpt-4", "status": 503},
+            {"conn_id": "b", "model": "gpt-3.5-turbo", "status": 404},
+        ],
+        "error": {"kind": "client", "status": 404, "code": "model_not_found", "message": "no"},
+    }
+    [c] = figures.calls_from_xcom("dag", "run", "task", -1, value, timestamp=NOW)
+    assert (c.model, c.conn_id, c.ok, c.total_tokens, c.latency_s) == ("gpt-3.5-turbo", "b", False, 0, 0.2)
+
+
+def test_a_fan_out_meta_counts_each_item_and_not_its_totals():
+    value = {
+        "items": [
+            {"status": "success", "attempts": 1, "model": "gpt-4", "usage": {"total_tokens": 7},
+             "latency_s": 1},
+            {"status": "error", "attempts": 2, "error": {"kind": "server"}, "latency_s": 3,
+             "attempt_log": [{"model": "gpt-3.5-turbo", "conn_id": "c", "status": 500}]},
+            {"status": "error", "attempts": 0, "error": {"kind": "config"}},
+        ],
+        "totals": {"items": 3, "total_tokens": 7, "cost_usd": None},
+        "failed_items": [1, 2],
+    }  # fmt: skip
+    calls = figures.calls_from_xcom("dag", "run", "fan", -1, value, timestamp=NOW)
+    assert [(c.model, c.ok, c.total_tokens) for c in calls] == [
+        ("gpt-4", True, 7),
+        ("gpt-3.5-turbo", False, 0),
+        ("unknown", False, 0),
+    ]
+
+
+def test_a_list_of_metas_is_read_item_by_item():
+    calls = figures.calls_from_xcom("d", "r", "t", -1, [meta(), "junk", meta(model="o3")], timestamp=NOW)
+    assert [c.model for c in calls] == ["gpt-4", "o3"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, "text", 3, 2.5, True, [], {}, {"model": "gpt-4"}, {"totals": {"calls": 3}}, [[[[[meta()]]]]],
+     {"items": "not a list"}, {"items": [1, 2, "x"]}],
+)  # fmt: skip
+def test_values_that_are_not_call_metas_are_skipped(value):
+    assert figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW) == []
+
+
+def test_fields_of_the_wrong_type_read_as_unknown_instead_of_crashing():
+    value = {
+        "model": 4,
+        "usage": {"prompt_tokens": "many", "completion_tokens": -3, "total_tokens": float("nan")},
+        "latency_s": "slow",
+        "attempts": "three",
+        "cost_usd": "$1",
+        "started_at": True,
+        "finished_at": None,
+        "host": ["h"],
+        "pid": "12",
+    }
+    [c] = figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW)
+    assert (c.model, c.total_tokens, c.latency_s, c.cost_usd, c.started_at, c.finished_at) == (
+        "unknown", 0, None, None, None, NOW
+    )  # fmt: skip
+    assert (c.host, c.pid) == (None, None)
+
+
+def test_total_tokens_missing_from_usage_is_prompt_plus_completion():
+    value = meta()
+    del value["usage"]["total_tokens"]
+    [c] = figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW)
+    assert c.total_tokens == 30
+
+
+# ---- aggregates -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        (range(1, 11), 50, 5),
+        (range(1, 11), 95, 10),
+        (range(1, 101), 95, 95),
+        ([3.0, 1.0, 2.0], 50, 2.0),
+        ([4.2], 95, 4.2),
+        ([], 50, None),
+    ],
+)
+def test_percentile_is_the_nearest_rank(values, q, expected):
+    assert figures.percentile(values, q) == expected
+
+
+def test_model_figures_group_by_dag_and_model():
+    calls = [
+        call(model="gpt-4", latency=1.0, tokens=30, cost=0.001),
+        call(model="gpt-4", latency=3.0, tokens=60, cost=None),
+        call(model="gpt-4", latency=2.0, tokens=0, ok=False),
+        call(model="o3", latency=0.5, tokens=9),
+        call(dag="other", model="gpt-4", tokens=1, cost=0.5),
+    ]
+    rows = figures.model_figures(calls)
+    assert [(r["dag_id"], r["model"]) for r in rows] == [("d", "gpt-4"), ("d", "o3"), ("other", "gpt-4")]
+    assert rows[0] == {
+        "dag_id": "d",
+        "model": "gpt-4",
+        "calls": 3,
+        "failures": 1,
+        "latency_p50_s": 2.0,
+        "latency_p95_s": 3.0,
+        "prompt_tokens": 10 + 20 + 0,
+        "completion_tokens": 20 + 40 + 0,
+        "total_tokens": 90,
+        "cost_usd": 0.001,  # the sum of the costs that are known
+    }
+    assert rows[1]["cost_usd"] is None  # no call of o3 has a known cost
+    assert rows[2]["cost_usd"] == 0.5
+
+
+def test_run_figures_in_the_order_of_their_first_call():
+    calls = [
+        call(run="late", end=NOW, latency=1.0, tokens=5, cost=0.25),
+        call(run="early", end=NOW - 100, tokens=7),
+        call(run="late", end=NOW - 10, latency=1.0, tokens=6, cost=0.5, ok=False),
+    ]
+    rows = figures.run_figures(calls)
+    assert [(r["run_id"], r["calls"], r["failures"], r["total_tokens"], r["cost_usd"]) for r in rows] == [
+        ("early", 1, 0, 7, None),
+        ("late", 2, 1, 11, 0.75),
+    ]
+    assert rows[1]["first_call_at"] == NOW - 11
+
+
+def test_triggerer_figures_count_triggers_capacity_and_recent_completions():
+    jobs = [
+        TriggererJob(2, "h2", "running", NOW - 100),  # killed: its heartbeat stopped
+        TriggererJob(1, "h1", "running", NOW - 3),
+        TriggererJob(3, "h1", "running", NOW - 1),
+    ]
+    calls = [call(host="h1", end=NOW - 5), call(host="h1", end=NOW - 61), call(host="h2", end=NOW - 30)]
+    rows = figures.triggerer_figures(jobs, {1: 4, 2: 10}, {1: 3}, 1000, calls, NOW, alive_within_s=30)
+    assert [r["id"] for r in rows] == [1, 2, 3]
+    assert rows[0] == {
+        "id": 1,
+        "hostname": "h1",
+        "state": "running",
+        "heartbeat_age_s": 3.0,
+        "alive": True,
+        "triggers_running": 4,
+        "llm_triggers_running": 3,
+        "capacity": 1000,
+        "capacity_left": 996,
+        "completions_per_min": 1,  # the call that ended 61 s ago is out of the last minute
+        "host_shared": True,  # triggerers 1 and 3 share h1: the DB cannot tell their calls apart
+    }
+    assert (rows[1]["alive"], rows[1]["capacity_left"], rows[1]["completions_per_min"]) == (False, 990, 1)
+    assert rows[1]["host_shared"] is False
+    assert (rows[2]["triggers_running"], rows[2]["llm_triggers_running"]) == (0, 0)
+
+
+def test_process_figures_per_host_and_pid():
+    calls = [call(pid=1, end=NOW - 1), call(pid=1, end=NOW - 90), call(pid=2, end=NOW - 2)]
+    calls.append(call(host=None, pid=None))
+    rows = figures.process_figures(calls, NOW)
+    assert [(r["process"], r["calls"], r["completions_per_min"]) for r in rows] == [
+        ("h1 pid 1", 2, 1),
+        ("h1 pid 2", 1, 1),
+        ("unknown", 1, 1),
+    ]
+
+
+def test_timeline_averages_calls_in_flight_and_rates_per_bucket():
+    # Bucket width 1 s from the first start (NOW - 30): 30 buckets up to NOW.
+    calls = [
+        call(start=NOW - 30, end=NOW - 28, latency=2.0, pid=1),  # in flight in buckets 0 and 1
+        call(start=NOW - 29.5, end=NOW - 28.5, latency=1.0, pid=2),  # half of bucket 0, half of bucket 1
+        call(start=NOW - 10, end=NOW - 9.25, latency=0.75, pid=1),
+    ]
+    tl = figures.timeline(calls, NOW)
+    assert (tl["start"], tl["bucket_s"], tl["buckets"]) == (NOW - 30, 1, 30)
+    assert tl["in_flight"]["h1 pid 1"][:3] == [1.0, 1.0, 0.0]
+    assert tl["in_flight"]["h1 pid 1"][20] == 0.75
+    assert tl["in_flight"]["h1 pid 2"][:3] == [0.5, 0.5, 0.0]
+    completions = tl["completions_per_min"]
+    assert completions[1] == 60.0 and completions[2] == 60.0 and completions[20] == 60.0
+    assert sum(completions) == 180.0
+    assert tl["latency_p50_s"][1] == 1.0 and tl["latency_p95_s"][2] == 2.0 and tl["latency_p50_s"][0] is None
+
+
+@pytest.mark.parametrize(("span", "width"), [(30, 1), (61, 2), (3600, 60), (3601, 120), (7 * 86400, 14400)])
+def test_timeline_buckets_are_round_widths_at_most_sixty(span, width):
+    tl = figures.timeline([call(start=NOW - span, end=NOW - span + 0.5)], NOW)
+    assert tl["bucket_s"] == width and tl["buckets"] <= figures.TIMELINE_MAX_BUCKETS + 1
+
+
+def test_timeline_of_no_calls_is_empty():
+    tl = figures.timeline([], NOW)
+    assert (tl["buckets"], tl["in_flight"], tl["completions_per_min"]) == (0, {}, [])
+
+
+def test_snapshot_is_json_and_counts_unassigned_triggers():
+    snap = figures.snapshot(
+        [call(cost=0.25), call(ok=False)],
+        [TriggererJob(1, "h1", "running", NOW)],
+        {1: 2, None: 5},
+        {1: 2, None: 1},
+        capacity=10,
+        now=NOW,
+        window_s=600,
+        alive_within_s=30,
+        with_timeline=True,
+    )
+    assert json.loads(json.dumps(snap)) == snap
+    assert snap["unassigned_triggers"] == 5
+    assert (snap["totals"]["calls"], snap["totals"]["failures"], snap["totals"]["cost_usd"]) == (2, 1, 0.25)
+    assert snap["triggerers"][0]["capacity_left"] == 8
+    assert "timeline" in snap
+
+
+# ---- text and command line ----------------------------------------------------------------------------
+
+
+def test_text_shows_every_table():
+    snap = figures.snapshot(
+        [call(dag="pipeline", model="gpt-4", tokens=123, cost=0.0125)],
+        [TriggererJob(7, "h1", "running", NOW - 2)],
+        {7: 3},
+        {7: 2},
+        capacity=1000,
+        now=NOW,
+        window_s=3600,
+        alive_within_s=30,
+    )
+    out = text.render(snap)
+    assert "LLM calls in the last 60 min" in out
+    assert "7   h1    yes    2.00         3         2    997 of 1000    1" in out
+    assert "pipeline  gpt-4  1      0       1.00   1.00   123     0.012500" in out
+    assert "Total: 1 calls, 0 failed, 123 tokens, $0.012500" in out
+
+
+def test_text_of_an_empty_deployment():
+    snap = figures.snapshot([], [], {}, {}, capacity=1000, now=NOW, window_s=900, alive_within_s=30)
+    out = text.render(snap)
+    assert "(no triggerer running)" in out and "(no LLM calls in this window)" in out
+    assert "Total: 0 calls, 0 failed, 0 tokens, $-" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--interval", "0"], "--interval must be more than 0 seconds, got 0"),
+        (["--window", "-5"], "--window must be more than 0 minutes, got -5"),
+        (["--capacity", "0"], "--capacity must be a positive number of triggers, got 0"),
+    ],
+)
+def test_bad_options_say_what_to_fix(args, message, capsys):
+    assert cli.main(["monitor", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"airflow-llm monitor: {message}"
