@@ -1,0 +1,121 @@
+"""The price table: defaults, a prices file, a connection's `prices` extra, snapshot names, validation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from airflow_llm_async import pricing
+from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
+from airflow_llm_async.pricing import DEFAULT_PRICES, Price, PriceTableError
+from airflow_llm_async.ratelimit import completion_budget, estimate_prompt_tokens, estimate_tokens
+
+
+def test_cost_is_tokens_times_usd_per_million():
+    assert Price(2.5, 10.0).cost(1_000_000, 0) == 2.5
+    assert Price(2.5, 10.0).cost(2_000, 500) == pytest.approx(0.005 + 0.005)
+    assert Price(0, 0).cost(10**9, 10**9) == 0
+
+
+def test_the_defaults_price_the_models_the_demo_and_tests_use():
+    for model in ("gpt-4", "gpt-3.5-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o3-mini"):
+        price = DEFAULT_PRICES[model]
+        assert 0 < price.input <= price.output, model  # output tokens never cost less than input
+    assert DEFAULT_PRICES["gpt-4"] == Price(30.0, 60.0)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-4o", "gpt-4o"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),  # a dated snapshot costs what its model costs
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),  # ...never what a shorter name costs
+        ("gpt-4-0613", "gpt-4"),
+        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+    ],
+)
+def test_a_model_and_its_dated_snapshots_share_a_price(model, expected):
+    assert pricing.price_of(DEFAULT_PRICES, model) == DEFAULT_PRICES[expected]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-audio-preview", "llama3", "gpt-4-32k", "", None])
+def test_an_unknown_model_has_no_price_rather_than_a_neighbours(model):
+    assert pricing.price_of(DEFAULT_PRICES, model) is None
+
+
+def test_the_connection_overrides_the_file_which_overrides_the_defaults(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"gpt-4": {"input": 1, "output": 2}, "llama3": {"input": 0, "output": 0}}))
+    table = pricing.price_table({"llama3": Price(0.1, 0.2)}, str(path))
+    assert table["gpt-4"] == Price(1.0, 2.0)
+    assert table["llama3"] == Price(0.1, 0.2)
+    assert table["gpt-4o"] == DEFAULT_PRICES["gpt-4o"]
+    assert pricing.price_table() == DEFAULT_PRICES
+
+
+def test_a_changed_prices_file_is_read_again(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"m": {"input": 1, "output": 1}}))
+    assert pricing.file_prices(str(path))["m"] == Price(1.0, 1.0)
+    path.write_text(json.dumps({"m": {"input": 3, "output": 4}}))
+    os.utime(path, (1, 1))  # a new mtime even within the file system's timestamp resolution
+    assert pricing.file_prices(str(path))["m"] == Price(3.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ([], "must be an object"),
+        ({"m": 3}, "entry 'm' must have exactly input and output"),
+        ({"m": {"input": 1}}, "entry 'm' must have exactly input and output"),
+        ({"m": {"input": 1, "output": 2, "cached": 0.5}}, "exactly input and output"),
+        ({"m": {"input": -1, "output": 2}}, "numbers >= 0"),
+        ({"m": {"input": "2.5", "output": 2}}, "numbers >= 0"),
+        ({"m": {"input": True, "output": 2}}, "numbers >= 0"),
+    ],
+)
+def test_a_bad_price_table_says_what_shape_is_expected(table, message):
+    with pytest.raises(PriceTableError, match=message) as info:
+        pricing.parse_prices(table, "where")
+    assert str(info.value).startswith("where")
+
+
+def test_a_missing_or_broken_prices_file_is_named(tmp_path):
+    with pytest.raises(PriceTableError, match=r"prices_file '.*nope.json' cannot be read"):
+        pricing.file_prices(str(tmp_path / "nope.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(PriceTableError, match="is not a JSON price table"):
+        pricing.file_prices(str(broken))
+
+
+def set_conn(monkeypatch, conn_id: str, **extra) -> None:
+    conn = {"conn_type": "llm", "host": "http://127.0.0.1:9/v1", "password": "sk-1", "extra": extra}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+
+
+def test_the_connection_extra_prices_reach_the_endpoint(monkeypatch, tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"house-model": {"input": 0.5, "output": 1}}))
+    monkeypatch.setenv("AIRFLOW__LLM_ASYNC__PRICES_FILE", str(path))
+    set_conn(monkeypatch, "llm_priced", prices={"gpt-4": {"input": 3, "output": 6}})
+    prices = LLMHook("llm_priced").get_endpoint().prices
+    assert prices["gpt-4"] == Price(3.0, 6.0)
+    assert prices["house-model"] == Price(0.5, 1.0)
+    assert prices["gpt-4o-mini"] == DEFAULT_PRICES["gpt-4o-mini"]
+
+
+def test_bad_prices_in_a_connection_name_the_connection_and_the_shape(monkeypatch):
+    set_conn(monkeypatch, "llm_badprice", prices={"gpt-4": {"input": "cheap", "output": 1}})
+    with pytest.raises(LLMConfigError, match=r"'llm_badprice' extra 'prices' entry 'gpt-4'.*>= 0"):
+        LLMHook("llm_badprice").get_endpoint()
+
+
+def test_the_prompt_estimate_and_the_completion_budget_add_up_to_the_token_estimate():
+    request = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 300, "n": 2}
+    assert estimate_prompt_tokens(request) == 4 + 100
+    assert completion_budget(request) == 600
+    assert estimate_tokens(request) == 704
+    assert completion_budget({"messages": []}) == 1000  # no max_tokens: the default budget
