@@ -70,7 +70,6 @@ async def complete(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> dict[st
     except LLMCallError as exc:
         return _failure(exc, attempts, call, metrics.tags(spec.chain[0][0], None))
 
-    tags = metrics.tags(targets[0][0].conn_id, targets[0][1])
     for position, (endpoint, model) in enumerate(targets):
         policy = _retry_policy(spec, endpoint)
         price = pricing.price_of(endpoint.prices, model)
