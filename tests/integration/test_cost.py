@@ -14,6 +14,7 @@ from airflow_llm_async.pricing import DEFAULT_PRICES, Price
 from airflow_llm_async.protocol import LLMCallError
 from airflow_llm_async.ratelimit import completion_budget, estimate_prompt_tokens
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger, error_outcome
+from tests.doubles import RecordingTI
 from tests.integration.conftest import point_connection
 
 REQUEST = {
@@ -132,7 +133,7 @@ async def test_a_call_refused_by_its_budget_fails_the_task_without_task_retries(
     )
     outcome = await run(request=op.build_request(), **op._trigger_options())
     with pytest.raises(AirflowFailException, match=r"LLM call failed \(budget\): max_cost_usd=0.001"):
-        op.execute_complete({}, outcome)
+        op.execute_complete({"ti": RecordingTI()}, outcome)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "1", True, float("inf"), float("nan")])
