@@ -275,6 +275,8 @@ class LLMOperator(BaseOperator):
         """Resume after the trigger fired: push the answer, or fail with the API's own message."""
         meta = event.get("meta") or {}
         if event.get("status") != "success":
+            # As worker-free mode does: the failure's meta stays in XCom (monitors count failures from it).
+            context["ti"].xcom_push(key=META_KEY, value={**meta, "error": event.get("error")})
             message = describe_failure(event)
             if (event.get("error") or {}).get("kind") in _NOT_RETRYABLE_KINDS:
                 raise AirflowFailException(message)

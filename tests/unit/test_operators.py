@@ -248,8 +248,10 @@ def test_a_failed_call_raises_with_the_api_message(dag, kind, exception):
         },
         "meta": {"attempts": [{"conn_id": "llm_default", "model": "gpt-5x", "result": "error"}]},
     }
+    ti = RecordingTI()
     with pytest.raises(exception) as info:
-        LLMOperator(task_id="ask", prompt="x").execute_complete({"ti": RecordingTI()}, event)
+        LLMOperator(task_id="ask", prompt="x").execute_complete({"ti": ti}, event)
+    assert ti.pushed == {"llm_meta": {**event["meta"], "error": event["error"]}}
     assert f"LLM call failed ({kind}): HTTP 404: no such model" in str(info.value)
     assert "gpt-5x@llm_default: error" in str(info.value)
     if exception is AirflowException:
