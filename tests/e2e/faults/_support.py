@@ -34,6 +34,9 @@ KILL_MODEL = "gpt-4"
 RECOVER_MODEL = "gpt-4o"
 STALL_MODEL = "gpt-4o-mini"
 RACE_MODEL = "fake-model"
+STORM_MODEL = "gpt-3.5-turbo"
+# The storm's connection allows 1,200 requests/min per triggerer process: the rate its limiter cuts.
+STORM_REQUESTS_PER_MINUTE = 1200
 
 
 def llm_connection(base_url: str, *, latency: float | None = None, **extra: Any) -> str:
@@ -55,6 +58,13 @@ def connections_env(base_url: str, race_latency: float = 1.0) -> dict[str, str]:
         "AIRFLOW_CONN_LLM_STALL": llm_connection(base_url, default_model=STALL_MODEL, timeout=3),
         "AIRFLOW_CONN_LLM_QUICK": llm_connection(
             base_url, latency=race_latency, default_model=RACE_MODEL, timeout=30
+        ),
+        "AIRFLOW_CONN_LLM_STORM": llm_connection(
+            base_url,
+            latency=0.5,
+            default_model=STORM_MODEL,
+            timeout=30,
+            requests_per_minute=STORM_REQUESTS_PER_MINUTE,
         ),
         # 0.2 s answers: the fastest calls, the ones most exposed to the deferral race.
         "AIRFLOW_CONN_LLM_FAST": llm_connection(base_url, latency=0.2, default_model=RACE_MODEL, timeout=30),
