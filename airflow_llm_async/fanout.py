@@ -25,8 +25,11 @@ from airflow_llm_async.protocol import Endpoint, LLMCallError, build_messages
 
 # One task cannot hold more: the records, the XComs and the trigger kwargs grow with the items.
 MAX_ITEMS = 10_000
-# Calls started per turn of the event loop: starting 1,000 at once would hold the loop for ~0.1 s.
-START_BATCH = 25
+# Calls start in batches, a short pause apart (1,000 a second). Started together, 1,000 calls would
+# also answer together, and handling 1,000 answers in one turn of the event loop stalls it for every
+# other trigger; spread over a second, each turn handles a few.
+START_BATCH = 20
+START_PAUSE_S = 0.02
 # Failures named in the task's error message; every failure is in ``llm_meta``.
 FAILURES_SHOWN = 5
 
@@ -113,7 +116,7 @@ async def run_items(
                 continue
             tasks.append(asyncio.create_task(call(index, spec)))
             if len(tasks) % START_BATCH == 0:
-                await asyncio.sleep(0)
+                await asyncio.sleep(START_PAUSE_S)
         await asyncio.gather(*tasks)
     finally:
         for task in tasks:  # cancelled (trigger cleanup) or a bug in one call: stop the others
