@@ -14,3 +14,19 @@ if [ ! -x .venv/bin/uv ]; then
 fi
 echo "setup: installing airflow-llm-async and its test tools into .venv"
 .venv/bin/uv pip install --quiet --python .venv/bin/python -c constraints.txt -e '.[test]'
+
+# The dashboard test drives a real headless Chromium: Debian's package, installed once (as root).
+install_chromium() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+if [ ! -x /usr/bin/chromium ]; then
+    if ! command -v apt-get >/dev/null || [ "$(id -u)" -ne 0 ]; then
+        echo "setup: Chromium (/usr/bin/chromium) is missing; as root: apt-get install chromium" >&2
+        exit 1
+    fi
+    log=${TMPDIR:-/tmp}/airflow-llm-setup-chromium.log
+    echo "setup: installing Chromium with apt-get (log: $log)"
+    # A fresh machine may have no package lists yet: update them only when the first try fails.
+    if ! install_chromium >"$log" 2>&1 && ! { apt-get update -qq && install_chromium; } >>"$log" 2>&1; then
+        echo "setup: apt-get could not install chromium; see $log" >&2
+        exit 1
+    fi
+fi

@@ -1,0 +1,212 @@
+"""After real DAG runs, `airflow-llm monitor` and the dashboard page show what the XComs record.
+
+One stack for both: the demo pipeline (6 calls) and the worker-free DAG (one call that fails, with its
+``llm_meta``) run, then the figures of ``airflow-llm monitor --once --json``, of ``airflow llm monitor``
+and of the dashboard page, loaded from the api-server in a real headless Chromium, are compared with
+figures computed here from the ``llm_meta`` XComs read through the REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.chromium import HeadlessChromium
+from tests.e2e.polling import wait_for
+
+pytestmark = pytest.mark.e2e
+
+PIPELINE = "llm_content_pipeline"
+WORKER_FREE = "e2e_worker_free"
+LLM_TASKS = {PIPELINE: ["summarize_articles", "analyze_trends"], WORKER_FREE: ["ask", "translate", "fails"]}
+AIRFLOW_LLM = str(Path(sys.executable).parent / "airflow-llm")
+DASHBOARD = "/llm-dashboard/"
+# LLM_DASHBOARD_SCREENSHOT=docs/dashboard.png refreshes the screenshot in the docs.
+SCREENSHOT = os.environ.get("LLM_DASHBOARD_SCREENSHOT")
+
+
+def monitor_json(airflow) -> dict:
+    result = subprocess.run(
+        [AIRFLOW_LLM, "monitor", "--once", "--json"],
+        env=airflow.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def runs(airflow, fake_llm):
+    """Both DAGs run at once: {dag_id: run_id}, and the monitor's snapshot while their calls were held."""
+    fake_llm.reset()
+    fake_llm.hold()  # every LLM call waits at the server until released
+    run_ids = {}
+    try:
+        for dag_id in (PIPELINE, WORKER_FREE):
+            airflow.wait_for_dag(dag_id)
+            airflow.unpause(dag_id)
+            run_ids[dag_id] = airflow.trigger(dag_id)
+        # The five summaries and `ask` (`fails` is refused at once: unknown model).
+        wait_for(
+            lambda: fake_llm.stats()["held"] == 6,
+            300,
+            "six calls in flight",
+            lambda: f"{fake_llm.stats()}\n" + "\n".join(airflow.describe_run(*r) for r in run_ids.items()),
+        )
+        held = monitor_json(airflow)
+    finally:
+        fake_llm.release()
+    expected_states = {PIPELINE: "success", WORKER_FREE: "failed"}  # its `fails` task fails, on purpose
+    for dag_id, run_id in run_ids.items():
+        state = airflow.wait_for_run(dag_id, run_id, timeout=300)
+        assert state == expected_states[dag_id], airflow.describe_run(dag_id, run_id)
+    return run_ids, held
+
+
+@pytest.fixture(scope="module")
+def expected(airflow, runs):
+    """Per (dag, model) and per run, from the llm_meta XComs: computed here, independently of the monitor."""
+    metas = []
+    for dag_id, run_id in runs[0].items():
+        for ti in airflow.task_instances(dag_id, run_id):
+            if ti["task_id"] in LLM_TASKS[dag_id]:
+                meta = airflow.xcom(dag_id, run_id, ti["task_id"], key="llm_meta", map_index=ti["map_index"])
+                metas.append((dag_id, run_id, meta))
+    assert len(metas) == 9  # 5 summaries + the analysis; ask, translate and the failed call
+    models: dict[tuple[str, str], dict] = {}
+    per_run: dict[str, dict] = {}
+    for dag_id, run_id, meta in metas:
+        model = meta.get("model") or meta["attempts"][-1]["model"]
+        row = models.setdefault(
+            (dag_id, model), {"calls": 0, "failures": 0, "tokens": 0, "costs": [], "latencies": []}
+        )
+        run = per_run.setdefault(run_id, {"calls": 0, "tokens": 0, "costs": []})
+        tokens = (meta.get("usage") or {}).get("total_tokens", 0)
+        for figures in (row, run):
+            figures["calls"] += 1
+            figures["tokens"] += tokens
+            if meta.get("cost_usd") is not None:
+                figures["costs"].append(meta["cost_usd"])
+        row["failures"] += "error" in meta
+        row["latencies"].append(meta["latency_s"])
+    assert models[(WORKER_FREE, "gpt-5x")]["failures"] == 1  # the unknown model, refused by the server
+    assert sum(row["tokens"] for row in models.values()) > 0
+    return {"models": models, "runs": per_run}
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    return sorted(values)[max(1, math.ceil(q / 100 * len(values))) - 1]
+
+
+def cost(costs: list[float]) -> float | None:
+    return sum(costs) if costs else None
+
+
+def test_monitor_shows_the_calls_in_flight_on_the_triggerer(runs):
+    _, held = runs
+    [triggerer] = held["triggerers"]
+    assert triggerer["alive"] and triggerer["hostname"] == "127.0.0.1"
+    assert (triggerer["llm_triggers_running"], triggerer["triggers_running"]) == (6, 6)
+    assert (triggerer["capacity"], triggerer["capacity_left"]) == (1000, 994)
+    assert held["unassigned_triggers"] == 0
+
+
+def test_monitor_once_json_shows_the_calls_tokens_and_cost_the_xcoms_record(airflow, runs, expected):
+    run_ids, _ = runs
+    snapshot = monitor_json(airflow)
+
+    shown = {(m["dag_id"], m["model"]): m for m in snapshot["models"]}
+    assert set(shown) == set(expected["models"])
+    for key, want in expected["models"].items():
+        got = shown[key]
+        assert (got["calls"], got["failures"], got["total_tokens"]) == (
+            want["calls"],
+            want["failures"],
+            want["tokens"],
+        ), key
+        assert got["cost_usd"] == pytest.approx(cost(want["costs"])), key
+        assert got["latency_p50_s"] == nearest_rank(want["latencies"], 50), key
+        assert got["latency_p95_s"] == nearest_rank(want["latencies"], 95), key
+    for run in snapshot["runs"]:
+        want = expected["runs"][run["run_id"]]
+        assert (run["calls"], run["total_tokens"]) == (want["calls"], want["tokens"])
+        assert run["cost_usd"] == pytest.approx(cost(want["costs"]))
+    assert {run["run_id"] for run in snapshot["runs"]} == set(run_ids.values())
+    # Every call says which process ran it.
+    assert sum(p["calls"] for p in snapshot["processes"]) == 9
+    assert "unknown" not in {p["process"] for p in snapshot["processes"]}
+
+    # The same command through the Airflow CLI (the provider's `cli` hook).
+    via_airflow = json.loads(airflow.airflow("llm", "monitor", "--once", "--json").stdout.splitlines()[-1])
+    assert via_airflow["models"] == snapshot["models"]
+
+
+def test_the_dashboard_in_chromium_shows_the_figures_of_the_xcoms(airflow, runs, expected, tmp_path):
+    # The page and its data are behind the UI's authentication.
+    with httpx.Client(base_url=airflow.base_url, trust_env=False, timeout=30) as anonymous:
+        assert anonymous.get(f"{DASHBOARD}api/figures").status_code == 401
+        login = anonymous.get(DASHBOARD, follow_redirects=False)
+        assert login.status_code == 307 and "/auth/login" in login.headers["location"]
+        credentials = {"username": airflow.username, "password": airflow.password}
+        token = anonymous.post("/auth/token", json=credentials).json()["access_token"]
+    with HeadlessChromium(tmp_path) as browser:
+        # What the Airflow login leaves in the browser: the JWT in the `_token` cookie.
+        browser.set_cookie("_token", token, airflow.base_url)
+        browser.navigate(airflow.base_url + DASHBOARD)
+        browser.wait_for("Number(document.body.dataset.generation) >= 1 || document.body.dataset.error", 60)
+        assert browser.evaluate("document.body.dataset.error || ''") == ""
+        tables = browser.evaluate(
+            """Object.fromEntries(["models", "runs", "triggerers"].map(id => [id,
+                 [...document.querySelectorAll(`#${id} tbody tr`)]
+                   .map(tr => [...tr.cells].map(td => td.textContent))]))"""
+        )
+        totals = browser.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('[data-figure]')]"
+            ".map(b => [b.dataset.figure, b.textContent]))"
+        )
+        bar_labels = browser.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('#chart-runs text.bar-label')]"
+            ".map(t => [t.dataset.run, t.textContent]))"
+        )
+        charts = browser.evaluate("document.querySelectorAll('.charts svg').length")
+        browser.screenshot(Path(SCREENSHOT) if SCREENSHOT else tmp_path / "dashboard.png")
+
+    def money(costs: list[float]) -> str:
+        return "–" if not costs else f"${sum(costs):.6f}"
+
+    models = {(row[0], row[1]): row[2:] for row in tables["models"]}
+    assert set(models) == set(expected["models"])
+    for key, want in expected["models"].items():
+        calls, failed, p50, p95, _prompt, _completion, tokens, shown_cost = models[key]
+        assert (calls, failed, tokens, shown_cost) == (
+            str(want["calls"]),
+            str(want["failures"]),
+            str(want["tokens"]),
+            money(want["costs"]),
+        ), key
+        assert float(p50) == pytest.approx(nearest_rank(want["latencies"], 50), abs=0.005)
+        assert float(p95) == pytest.approx(nearest_rank(want["latencies"], 95), abs=0.005)
+
+    runs_shown = {row[1]: row for row in tables["runs"]}
+    assert set(runs_shown) == set(runs[0].values())
+    all_costs = []
+    for run_id, want in expected["runs"].items():
+        _dag, _run, _first, calls, _failed, tokens, shown_cost = runs_shown[run_id]
+        assert (calls, tokens, shown_cost) == (str(want["calls"]), str(want["tokens"]), money(want["costs"]))
+        assert bar_labels[run_id] == f"{want['tokens']} tokens · {money(want['costs'])}"
+        all_costs += want["costs"]
+
+    assert totals["calls"] == "9" and totals["failures"] == "1"
+    assert totals["tokens"] == str(sum(run["tokens"] for run in expected["runs"].values()))
+    assert totals["cost"] == money(all_costs)
+    assert [row[1:3] for row in tables["triggerers"]] == [["127.0.0.1", "yes"]]
+    assert charts == 4  # in flight, completions per minute, latency, tokens and cost per run
