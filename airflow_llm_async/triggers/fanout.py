@@ -159,8 +159,12 @@ class FanOutTrigger(BaseTrigger):
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
-        await self._flush(pending)  # the last records: a restart from here on replays no call
-        return fanout.summarize(records, self.max_failures, resumed=len(done))
+        outcome = fanout.summarize(records, self.max_failures, resumed=len(done))
+        if outcome["status"] != "success":
+            # Kept for the next try, which calls only the failures. A success pushes its list at once
+            # and deletes the parts, so storing the last records first would only add a round trip.
+            await self._flush(pending)
+        return outcome
 
     async def _flush_loop(self, pending: dict, wake: asyncio.Event, items: int) -> None:
         finished = 0
