@@ -13,7 +13,19 @@ from collections import defaultdict
 import pytest
 
 from airflow_llm_async import get_provider_info, pricing
-from tests.doc_blocks import ROOT, Block, DocBlockError, all_blocks, classify, kind_or_none, parse_blocks
+from tests.doc_blocks import (
+    ROOT,
+    Block,
+    DocBlockError,
+    all_blocks,
+    classify,
+    console_parts,
+    dags_run_by_shell,
+    kind_or_none,
+    parse_blocks,
+    serve_locally,
+    with_help,
+)
 
 BLOCKS = all_blocks()
 
@@ -173,3 +185,30 @@ def test_the_docs_index_links_every_doc():
     missing = [name for name in docs if f"({name})" not in index]
     assert missing == []
     assert "(docs/README.md)" in (ROOT / "README.md").read_text()
+
+
+def test_local_server_addresses_point_at_the_fake_server_and_commands_get_help():
+    text = "curl http://localhost:11434/v1 http://127.0.0.1:8089/v1 http://localhost:9999/v1 https://api.openai.com/v1"
+    assert serve_locally(text, "http://127.0.0.1:40123/v1") == (
+        "curl http://127.0.0.1:40123/v1 http://127.0.0.1:40123/v1 http://localhost:9999/v1 https://api.openai.com/v1"
+    )
+    block = (
+        "# setup\n.venv/bin/python bench/x.py --sizes 1 2   # ~4 min\n\npip install \\\n    -e '.[bench]'\n"
+    )
+    assert (
+        with_help(block)
+        == ".venv/bin/python bench/x.py --sizes 1 2 --help\npip install -e '.[bench]' --help\n"
+    )
+    script, expected = console_parts("$ export A=1\n$ echo $A\n1\n\n  two  \n")
+    assert (script, expected) == ("export A=1\necho $A\n", ["1", "two"])
+
+
+def test_dags_a_doc_runs_itself_are_not_run_twice(tmp_path):
+    doc = tmp_path / "docs" / "x.md"
+    doc.parent.mkdir()
+    doc.write_text(
+        "```console\n$ airflow dags test hello_llm 2>&1 | grep x\nx\n```\n\n"
+        "<!-- doc-test: help: a long run of another DAG, only its options are checked -->\n"
+        "```bash\nairflow dags test other\n```\n"
+    )
+    assert dags_run_by_shell(parse_blocks(doc, tmp_path)) == {"hello_llm"}
