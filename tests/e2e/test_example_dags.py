@@ -73,6 +73,9 @@ def test_content_pipeline_waits_in_the_triggerer_and_ends_with_an_analysis(airfl
     assert (meta["model"], meta["conn_id"], meta["fallback_used"]) == ("gpt-4", "llm_default", False)
     assert meta["usage"]["total_tokens"] > 0
     assert [a["status"] for a in meta["attempts"]] == [200]
+    prompt, completion = meta["usage"]["prompt_tokens"], meta["usage"]["completion_tokens"]
+    assert meta["cost_usd"] == pytest.approx((prompt * 30 + completion * 60) / 1e6)  # gpt-4's default price
+    assert meta["started_at"] <= meta["finished_at"] and meta["host"] == "127.0.0.1" and meta["pid"] > 0
     assert fake_llm.stats()["requests"] == 6
 
 
