@@ -152,13 +152,17 @@ class FanOutTrigger(BaseTrigger):
             if len(pending) >= progress.FLUSH_ITEMS:
                 wake.set()
 
-        flusher = asyncio.create_task(self._flush_loop(pending, wake, len(specs)))
+        # Without a task instance (dag.test()) there is nowhere to store progress.
+        flusher = None
+        if self._progress is not None:
+            flusher = asyncio.create_task(self._flush_loop(pending, wake, len(specs)))
         try:
-            records = await fanout.run_items(specs, endpoints, done, on_record)
+            records = await fanout.run_items(specs, endpoints, done, on_record if flusher else None)
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
         outcome = fanout.summarize(records, self.max_failures, resumed=len(done))
         if outcome["status"] != "success":
             # Kept for the next try, which calls only the failures. A success pushes its list at once
@@ -167,10 +171,11 @@ class FanOutTrigger(BaseTrigger):
         return outcome
 
     async def _flush_loop(self, pending: dict, wake: asyncio.Event, items: int) -> None:
+        assert self._progress is not None
         finished = 0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), progress.FLUSH_INTERVAL_S)
+                await asyncio.wait_for(wake.wait(), self._progress.flush_interval())
             wake.clear()
             finished += len(pending)
             if pending:
