@@ -19,12 +19,19 @@ def get_provider_info() -> dict:
             {"integration-name": "LLM", "python-modules": ["airflow_llm_async.hooks.llm"]},
         ],
         "triggers": [
-            {"integration-name": "LLM", "python-modules": ["airflow_llm_async.triggers.chat"]},
+            {
+                "integration-name": "LLM",
+                "python-modules": ["airflow_llm_async.triggers.chat", "airflow_llm_async.triggers.fanout"],
+            },
         ],
         "operators": [
             {
                 "integration-name": "LLM",
-                "python-modules": ["airflow_llm_async.operators.llm", "airflow_llm_async.operators.branch"],
+                "python-modules": [
+                    "airflow_llm_async.operators.llm",
+                    "airflow_llm_async.operators.branch",
+                    "airflow_llm_async.operators.fanout",
+                ],
             },
         ],
         "config": {
