@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -80,7 +81,7 @@ class LLMFanOutOperator(LLMOperator):
             try:
                 fanout.parse_items(self.prompts)
                 for item in self.prompts:
-                    if "{{" not in str(item):  # a templated item is checked once rendered
+                    if not _has_jinja(item):  # a templated item is checked once rendered
                         fanout.item_messages(item, None)
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
@@ -104,8 +105,11 @@ class LLMFanOutOperator(LLMOperator):
 
     def worker_free_trigger_kwargs(self) -> dict[str, Any]:
         """Kwargs fixed at parse time: the templates travel unrendered; the triggerer renders them."""
+        # A list with no Jinja in it travels as ``items``, which the triggerer does not render.
+        literal = isinstance(self.prompts, list | tuple) and not _has_jinja(self.prompts)
         return {
-            "prompts": self.prompts,
+            "prompts": None if literal else self.prompts,
+            "items": list(self.prompts) if literal else None,
             "system_prompt": self.system_prompt,
             "time_limit": self._time_limit(),
             "end_from_trigger": True,
@@ -120,7 +124,7 @@ class LLMFanOutOperator(LLMOperator):
             raise AirflowFailException(f"{type(self).__name__} {self.task_id!r}: {exc}") from None
         limit = self._time_limit()
         return FanOutTrigger(
-            prompts=items,
+            items=items,
             system_prompt=self.system_prompt,
             deadline=None if limit is None else time.time() + limit,
             end_on_success=type(self).execute_complete is LLMFanOutOperator.execute_complete,
@@ -151,6 +155,11 @@ class LLMFanOutOperator(LLMOperator):
         if event.get("stored"):  # returned again so a subclass (or a mapped downstream) sees the list
             return ti.xcom_pull(task_ids=ti.task_id, map_indexes=ti.map_index)
         return event["results"]
+
+
+def _has_jinja(value: Any) -> bool:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return any(marker in text for marker in ("{{", "{%", "{#"))
 
 
 def run_fan_out_sync(trigger: FanOutTrigger) -> dict[str, Any]:

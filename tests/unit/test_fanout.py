@@ -208,6 +208,7 @@ def test_worker_free_is_the_default_and_the_templates_travel_unrendered(dag):
     assert args.timeout == timedelta(minutes=6)
     assert args.trigger_kwargs == {
         "prompts": "{{ ti.xcom_pull(task_ids='up', map_indexes=-1) }}",
+        "items": None,
         "system_prompt": "be brief",
         "time_limit": 300.0,
         "end_from_trigger": True,
@@ -229,13 +230,24 @@ def test_worker_free_is_the_default_and_the_templates_travel_unrendered(dag):
     assert LLMOperator.start_trigger_args is None  # set per instance, not on the shared class
 
 
+def test_a_list_without_jinja_travels_as_items_the_triggerer_does_not_render(dag):
+    """The triggerer compiles every string of a templated list as a template: ~2 s for 1,000 prompts."""
+    literal = LLMFanOutOperator(task_id="fan", prompts=["a", [{"role": "user", "content": "b"}]])
+    kwargs = literal.start_trigger_args.trigger_kwargs
+    assert (kwargs["prompts"], kwargs["items"]) == (None, ["a", [{"role": "user", "content": "b"}]])
+    templated = LLMFanOutOperator(task_id="fan2", prompts=["a", "{{ params.b }}"])
+    kwargs = templated.start_trigger_args.trigger_kwargs
+    assert (kwargs["prompts"], kwargs["items"]) == (["a", "{{ params.b }}"], None)
+
+
 def test_deferrable_mode_renders_on_the_worker_and_defers_with_the_list(dag):
     op = LLMFanOutOperator(task_id="fan", prompts=["a", "b"], start_from_trigger=False, timeout=60)
     with pytest.raises(TaskDeferred) as info:
         op.execute({})
     classpath, kwargs = info.value.trigger.serialize()
     assert classpath == "airflow_llm_async.triggers.fanout.FanOutTrigger"
-    assert (kwargs["prompts"], kwargs["end_on_success"], kwargs["mapped_output"]) == (["a", "b"], True, False)
+    assert (kwargs["items"], kwargs["prompts"]) == (["a", "b"], None)
+    assert (kwargs["end_on_success"], kwargs["mapped_output"]) == (True, False)
     assert kwargs["deadline"] is not None and kwargs["time_limit"] is None
 
 
