@@ -159,16 +159,19 @@ class FanOutTrigger(BaseTrigger):
                 wake.set()
 
         # Without a task instance (dag.test()) there is nowhere to store progress.
-        flusher = None
+        flusher, stop = None, asyncio.Event()
         if self._progress is not None:
-            flusher = asyncio.create_task(self._flush_loop(pending, wake, len(specs)))
+            flusher = asyncio.create_task(self._flush_loop(pending, wake, stop, len(specs)))
         try:
             records = await fanout.run_items(specs, endpoints, done, on_record if flusher else None)
-        finally:
+        except BaseException:  # cancelled (the triggerer stops the trigger) or a bug
             if flusher is not None:
                 flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher
+            raise
+        if flusher is not None:  # let a part being stored finish: its records left ``pending``
+            stop.set()
+            wake.set()
+            await flusher
         outcome = fanout.summarize(records, self.max_failures, resumed=len(done))
         if outcome["status"] != "success":
             # Kept for the next try, which calls only the failures. A success pushes its list at once
@@ -176,13 +179,15 @@ class FanOutTrigger(BaseTrigger):
             await self._flush(pending)
         return outcome
 
-    async def _flush_loop(self, pending: dict, wake: asyncio.Event, items: int) -> None:
+    async def _flush_loop(self, pending: dict, wake: asyncio.Event, stop: asyncio.Event, items: int) -> None:
         assert self._progress is not None
         finished = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self._progress.flush_interval())
             wake.clear()
+            if stop.is_set():
+                return
             finished += len(pending)
             if pending:
                 self.log.info(
