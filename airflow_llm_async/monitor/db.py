@@ -85,7 +85,7 @@ def read_trigger_counts(session: Session) -> tuple[dict[int | None, int], dict[i
     )
     for triggerer_id, classpath, count in rows:
         running[triggerer_id] = running.get(triggerer_id, 0) + count
-        if classpath == figures.LLM_TRIGGER_CLASSPATH:
+        if figures.is_llm_trigger(classpath):
             llm_running[triggerer_id] = llm_running.get(triggerer_id, 0) + count
     return running, llm_running
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-LLM_TRIGGER_CLASSPATH = "airflow_llm_async.triggers.chat.ChatCompletionTrigger"
+LLM_TRIGGERS_MODULE = "airflow_llm_async.triggers."  # ChatCompletionTrigger, FanOutTrigger, ...
 COMPLETION_RATE_SPAN_S = 60.0  # "completions per minute" counts the calls that ended in the last minute
 TIMELINE_MAX_BUCKETS = 60
 _BUCKET_WIDTHS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -65,6 +65,11 @@ class TriggererJob:
     hostname: str | None
     state: str | None
     latest_heartbeat: float | None  # epoch seconds
+
+
+def is_llm_trigger(classpath: str | None) -> bool:
+    """A trigger of ours (a ``trigger`` row's ``classpath``): an LLM call or a fan-out of calls."""
+    return bool(classpath) and classpath.startswith(LLM_TRIGGERS_MODULE)
 
 
 # ---- reading llm_meta ---------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """After real DAG runs, `airflow-llm monitor` and the dashboard page show what the XComs record.
 
-One stack for both: the demo pipeline (6 calls) and the worker-free DAG (one call that fails, with its
-``llm_meta``) run, then the figures of ``airflow-llm monitor --once --json``, of ``airflow llm monitor``
-and of the dashboard page, loaded from the api-server in a real headless Chromium, are compared with
-figures computed here from the ``llm_meta`` XComs read through the REST API.
+One stack for both: the demo pipeline (6 calls; its 5 summaries are held at the server for a while) and
+the worker-free DAG (one of its calls fails, with its ``llm_meta``) run. Then the figures of
+``airflow-llm monitor --once --json``, of ``airflow llm monitor`` and of the dashboard page, loaded from
+the api-server in a real headless Chromium, are compared with figures computed here from the
+``llm_meta`` XComs read through the REST API.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,25 +48,25 @@ def monitor_json(airflow) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(airflow, fake_llm):
-    """Both DAGs run at once: {dag_id: run_id}, and the monitor's snapshot while their calls were held."""
+    """The DAGs' runs, {dag_id: run_id}, and the monitor's snapshot while the five summaries were held."""
     fake_llm.reset()
-    fake_llm.hold()  # every LLM call waits at the server until released
+    for dag_id in (PIPELINE, WORKER_FREE):
+        airflow.wait_for_dag(dag_id)
+        airflow.unpause(dag_id)
     run_ids = {}
+    fake_llm.hold()  # every LLM call waits at the server until released
     try:
-        for dag_id in (PIPELINE, WORKER_FREE):
-            airflow.wait_for_dag(dag_id)
-            airflow.unpause(dag_id)
-            run_ids[dag_id] = airflow.trigger(dag_id)
-        # The five summaries and `ask` (`fails` is refused at once: unknown model).
+        run_ids[PIPELINE] = airflow.trigger(PIPELINE)
         wait_for(
-            lambda: fake_llm.stats()["held"] == 6,
-            300,
-            "six calls in flight",
-            lambda: f"{fake_llm.stats()}\n" + "\n".join(airflow.describe_run(*r) for r in run_ids.items()),
+            lambda: fake_llm.stats()["held"] == 5,
+            180,
+            "five summaries in flight",
+            lambda: f"{fake_llm.stats()}\n{airflow.describe_run(PIPELINE, run_ids[PIPELINE])}",
         )
         held = monitor_json(airflow)
     finally:
         fake_llm.release()
+    run_ids[WORKER_FREE] = airflow.trigger(WORKER_FREE)
     expected_states = {PIPELINE: "success", WORKER_FREE: "failed"}  # its `fails` task fails, on purpose
     for dag_id, run_id in run_ids.items():
         state = airflow.wait_for_run(dag_id, run_id, timeout=300)
@@ -115,8 +117,8 @@ def test_monitor_shows_the_calls_in_flight_on_the_triggerer(runs):
     _, held = runs
     [triggerer] = held["triggerers"]
     assert triggerer["alive"] and triggerer["hostname"] == "127.0.0.1"
-    assert (triggerer["llm_triggers_running"], triggerer["triggers_running"]) == (6, 6)
-    assert (triggerer["capacity"], triggerer["capacity_left"]) == (1000, 994)
+    assert (triggerer["llm_triggers_running"], triggerer["triggers_running"]) == (5, 5)
+    assert (triggerer["capacity"], triggerer["capacity_left"]) == (1000, 995)
     assert held["unassigned_triggers"] == 0
 
 
@@ -148,6 +150,32 @@ def test_monitor_once_json_shows_the_calls_tokens_and_cost_the_xcoms_record(airf
     # The same command through the Airflow CLI (the provider's `cli` hook).
     via_airflow = json.loads(airflow.airflow("llm", "monitor", "--once", "--json").stdout.splitlines()[-1])
     assert via_airflow["models"] == snapshot["models"]
+
+
+def test_live_monitor_redraws_until_ctrl_c_and_exits_cleanly(airflow, runs, tmp_path):
+    out = tmp_path / "monitor.out"
+    with open(out, "wb") as stdout:
+        proc = subprocess.Popen(
+            [AIRFLOW_LLM, "monitor", "--interval", "0.5"],
+            env=airflow.env,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            # As in a terminal: a background job ignores SIGINT, and children inherit that.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    redraw = b"\x1b[H\x1b[2J"  # cursor home, clear screen
+    try:
+        wait_for(lambda: out.read_bytes().count(redraw) >= 2, 120, "two redraws", lambda: out.read_text())
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert b"Traceback" not in stderr, stderr.decode()
+    last = out.read_text().split("\x1b[H\x1b[2J")[-1]
+    assert "llm_content_pipeline  gpt-4" in last and "Total: 9 calls, 1 failed" in last
 
 
 def test_the_dashboard_in_chromium_shows_the_figures_of_the_xcoms(airflow, runs, expected, tmp_path):

@@ -146,6 +146,20 @@ def test_total_tokens_missing_from_usage_is_prompt_plus_completion():
     assert c.total_tokens == 30
 
 
+@pytest.mark.parametrize(
+    ("classpath", "ours"),
+    [
+        ("airflow_llm_async.triggers.chat.ChatCompletionTrigger", True),
+        ("airflow_llm_async.triggers.fanout.FanOutTrigger", True),
+        ("airflow.providers.standard.triggers.temporal.DateTimeTrigger", False),
+        ("airflow_llm_async_fork.triggers.chat.ChatCompletionTrigger", False),
+        (None, False),
+    ],
+)
+def test_llm_triggers_are_the_triggers_of_this_package(classpath, ours):
+    assert figures.is_llm_trigger(classpath) is ours
+
+
 # ---- aggregates -------------------------------------------------------------------------------------------
 
 
