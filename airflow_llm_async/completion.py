@@ -215,7 +215,7 @@ def _refused(endpoint: Endpoint, model: str, error: LLMCallError) -> dict[str, A
 
 
 async def _attempt(
-    spec: CallSpec, endpoint: Endpoint, model: str, attempts: list, tags: dict[str, str]
+    spec: CallSpec, endpoint: Endpoint, model: str, attempts: list, tags: metrics.Tags
 ) -> Completion:
     """Wait for the connection's limits, then one round trip; tell the limiter how it went."""
     limiter = ratelimit.limiter_for(endpoint)
@@ -244,7 +244,7 @@ async def _attempt(
 
 
 async def _round_trip(
-    spec: CallSpec, endpoint: Endpoint, model: str, attempts: list, tags: dict[str, str]
+    spec: CallSpec, endpoint: Endpoint, model: str, attempts: list, tags: metrics.Tags
 ) -> Completion:
     """One HTTP round trip; records it in ``attempts`` and raises a classified error on failure."""
     timeout = endpoint.timeout
@@ -290,7 +290,7 @@ async def _round_trip(
     return completion
 
 
-def _finish(record: dict[str, Any], started: float, error: LLMCallError | None, tags: dict[str, str]) -> None:
+def _finish(record: dict[str, Any], started: float, error: LLMCallError | None, tags: metrics.Tags) -> None:
     latency = time.monotonic() - started
     record["latency_s"] = round(latency, 3)
     record["result"] = "ok" if error is None else "error"
@@ -312,7 +312,7 @@ def _success(
     endpoint: Endpoint,
     attempts: list,
     call: _Ledger,
-    tags: dict[str, str],
+    tags: metrics.Tags,
     *,
     fallback_used: bool,
     failures: list | None = None,
@@ -346,7 +346,7 @@ def describe_failure(outcome: dict[str, Any]) -> str:
     return message
 
 
-def _failure(error: LLMCallError, attempts: list, call: _Ledger, tags: dict[str, str]) -> dict[str, Any]:
+def _failure(error: LLMCallError, attempts: list, call: _Ledger, tags: metrics.Tags) -> dict[str, Any]:
     latency = time.monotonic() - call.started
     metrics.call(tags, latency, succeeded=False)
     meta = {"latency_s": round(latency, 3), "attempts": attempts, **call.meta()}

@@ -15,7 +15,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import StartTriggerArgs
 from asgiref.sync import async_to_sync
 
-from airflow_llm_async import ratelimit, transport
+from airflow_llm_async import metrics, ratelimit, transport
 from airflow_llm_async.completion import ON_QUALITY_FAILURE, CallSpec, complete, describe_failure
 from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
 from airflow_llm_async.protocol import LLMCallError, build_messages
@@ -311,7 +311,8 @@ async def _complete_and_close(spec: CallSpec, endpoints: dict) -> dict[str, Any]
     try:
         return await complete(spec, endpoints)
     finally:
-        # The loop ends with this call; its session and limiters must be closed first.
+        # The loop ends with this call; its session and limiters must be closed first, its metrics sent.
+        metrics.flush()
         await transport.close_shared_session()
         await ratelimit.close_loop_limiters()
 

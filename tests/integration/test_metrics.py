@@ -133,7 +133,14 @@ async def test_failures_count_by_kind_and_the_limiter_reports_waits_and_calls_in
 ):
     slow = {"x-fake-latency": "0.2"}
     point_connection(monkeypatch, "llm_one", fake_llm.base_url, timeout=2, max_concurrency=1, headers=slow)
-    results = await asyncio.gather(*(run(conn_id="llm_one", models=["gpt-4"]) for _ in range(3)))
+    fake_llm.hold()
+    calls = [asyncio.create_task(run(conn_id="llm_one", models=["gpt-4"])) for _ in range(3)]
+    await wait_until(lambda: fake_llm.stats()["held"] == 1)  # max_concurrency=1: one sent, two queued
+    metrics.flush()
+    await wait_until(lambda: statsd.named("llm.in_flight", conn_id="llm_one"))
+    assert [line["value"] for line in statsd.named("llm.in_flight", conn_id="llm_one")] == [1]
+    fake_llm.release()
+    results = await asyncio.gather(*calls)
     assert [r["status"] for r in results] == ["success"] * 3
     fake_llm.set_fault("gpt-4", "401")
     failed = await run(conn_id="llm_one", models=["gpt-4"])
@@ -144,14 +151,26 @@ async def test_failures_count_by_kind_and_the_limiter_reports_waits_and_calls_in
     assert statsd.total("llm.calls", **tags) == 4
     assert statsd.total("llm.calls.failed", **tags) == 1
     assert statsd.total("llm.errors.client", **tags) == 1
-    assert statsd.total("llm.rate_limit_waits", **tags) == 2  # max_concurrency=1: two of three waited
+    assert statsd.total("llm.rate_limit_waits", **tags) == 2  # two of three waited
     queued = sorted(line["value"] for line in statsd.named("llm.queued.duration", **tags))
     assert queued[-1] >= 300  # the third waited for two 0.2 s answers
     gauge = statsd.named("llm.in_flight", conn_id="llm_one")
-    assert gauge and all(line["type"] == "g" for line in gauge)
-    assert {line["value"] for line in gauge} == {0, 1}  # never above the cap
-    assert gauge[-1]["value"] == 0
+    assert all(line["type"] == "g" and line["value"] in (0, 1) for line in gauge)  # never above the cap
+    assert gauge[-1]["value"] == 0  # the last value sent: nothing in flight
     assert gauge[0]["tags"]["hostname"] == metrics.hostname()
+
+
+async def test_timers_send_a_bounded_sample_while_counters_count_everything(statsd, fake_llm):
+    results = await asyncio.gather(*(run(conn_id="llm_fake", models=["gpt-4"]) for _ in range(50)))
+    assert {r["status"] for r in results} == {"success"}
+    metrics.flush()
+    gpt4 = {"conn_id": "llm_fake", "model": "gpt-4"}
+    await wait_until(lambda: statsd.total("llm.calls", **gpt4) == 50)
+    assert len(statsd.named("llm.calls", **gpt4)) <= 2  # a total per flush (two if one fell mid-way)
+    samples = len(statsd.named("llm.call.duration", **gpt4))
+    assert metrics.TIMER_SAMPLES <= samples <= 2 * metrics.TIMER_SAMPLES < 50
+    prompt_tokens = sum(r["meta"]["usage"]["prompt_tokens"] for r in results)
+    assert statsd.total("llm.prompt_tokens", **gpt4) == prompt_tokens
 
 
 async def test_a_budget_refusal_is_counted_as_an_error_of_kind_budget(statsd, fake_llm):
