@@ -180,6 +180,10 @@ def test_live_monitor_redraws_until_ctrl_c_and_exits_cleanly(airflow, runs, tmp_
 
 def test_the_dashboard_in_chromium_shows_the_figures_of_the_xcoms(airflow, runs, expected, tmp_path):
     # The page and its data are behind the UI's authentication.
+    # The api-server loaded the plugin: its app, and the "LLM calls" entry of the UI's navigation.
+    plugins = {p["name"]: p for p in airflow.api("GET", "plugins")["plugins"]}
+    assert [a["url_prefix"] for a in plugins["llm_dashboard"]["fastapi_apps"]] == ["/llm-dashboard"]
+    assert [v["href"] for v in plugins["llm_dashboard"]["external_views"]] == [DASHBOARD]
     with httpx.Client(base_url=airflow.base_url, trust_env=False, timeout=30) as anonymous:
         assert anonymous.get(f"{DASHBOARD}api/figures").status_code == 401
         login = anonymous.get(DASHBOARD, follow_redirects=False)
