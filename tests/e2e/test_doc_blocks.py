@@ -110,6 +110,10 @@ def block_env(home: Path, base_url: str, bin_dir: Path = VENV_BIN) -> dict[str, 
         for key, value in os.environ.items()
         if not key.startswith(("AIRFLOW", "OPENAI_")) and key != "VIRTUAL_ENV"
     }
+    real_home = Path(os.environ.get("HOME", "/root"))
+    # The blocks get a fresh HOME, but pip and uv keep the caches they had: same results, no downloads.
+    env.setdefault("PIP_CACHE_DIR", str(real_home / ".cache" / "pip"))
+    env.setdefault("UV_CACHE_DIR", str(real_home / ".cache" / "uv"))
     env.update(
         HOME=str(home),
         PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",
