@@ -48,12 +48,24 @@ def monitor(args: argparse.Namespace) -> int:
         print(f"airflow-llm monitor: {error}", file=sys.stderr)
         return 2
     from airflow.utils.session import create_session
+    from sqlalchemy.exc import SQLAlchemyError
 
     from airflow_llm_async.monitor import db, text
 
-    def show() -> None:
-        with create_session() as session:
-            snapshot = db.load_snapshot(session, window_s=args.window * 60, capacity=args.capacity)
+    def show() -> bool:
+        try:
+            with create_session() as session:
+                snapshot = db.load_snapshot(session, window_s=args.window * 60, capacity=args.capacity)
+        except SQLAlchemyError as exc:
+            # The message names the table or the server, never the connection's password.
+            print(
+                f"airflow-llm monitor: cannot read the metadata DB ({type(exc).__name__}: "
+                f"{getattr(exc, 'orig', None) or exc}); point AIRFLOW_HOME or "
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN at the deployment's DB (migrated: airflow db migrate)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
         if args.json:
             print(json.dumps(snapshot), flush=True)
         elif args.once:
@@ -61,13 +73,13 @@ def monitor(args: argparse.Namespace) -> int:
         else:
             # Home the cursor and clear the screen, then draw: a plain redraw any terminal understands.
             print("\x1b[H\x1b[2J" + text.render(snapshot), flush=True)
+        return True
 
     if args.once:
-        show()
-        return 0
+        return 0 if show() else 1
     try:
         while True:
-            show()
+            show()  # live: a DB that is away for a while is tried again at the next refresh
             time.sleep(args.interval)
     except KeyboardInterrupt:
         print(file=sys.stderr)

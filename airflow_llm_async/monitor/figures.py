@@ -102,17 +102,12 @@ def calls_from_xcom(
     dag_id: str, run_id: str, task_id: str, map_index: int, value: Any, timestamp: float
 ) -> list[Call]:
     """Every call recorded by one ``llm_meta`` XCom (``timestamp``: when it was written, epoch seconds)."""
-    calls = []
-    for meta in call_metas(value):
-        call = _call(dag_id, run_id, task_id, map_index, meta, timestamp)
-        if call is not None:
-            calls.append(call)
-    return calls
+    return [_call(dag_id, run_id, task_id, map_index, meta, timestamp) for meta in call_metas(value)]
 
 
 def _call(
     dag_id: str, run_id: str, task_id: str, map_index: int, meta: Mapping[str, Any], timestamp: float
-) -> Call | None:
+) -> Call:
     # A call's meta lists its attempts; a fan-out item counts them and keeps a failure's in attempt_log.
     attempts = next((v for v in (meta.get("attempts"), meta.get("attempt_log")) if isinstance(v, list)), [])
     attempts = [a for a in attempts if isinstance(a, Mapping)]

@@ -242,3 +242,16 @@ def test_the_dashboard_in_chromium_shows_the_figures_of_the_xcoms(airflow, runs,
     assert totals["cost"] == money(all_costs)
     assert [row[1:3] for row in tables["triggerers"]] == [["127.0.0.1", "yes"]]
     assert charts == 4  # in flight, completions per minute, latency, tokens and cost per run
+
+
+def test_monitor_on_a_db_that_is_not_airflows_says_what_to_fix(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        AIRFLOW_HOME=str(tmp_path), AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{tmp_path}/empty.db"
+    )
+    result = subprocess.run(
+        [AIRFLOW_LLM, "monitor", "--once"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 1
+    assert "cannot read the metadata DB (OperationalError: no such table: xcom)" in result.stderr
+    assert "airflow db migrate" in result.stderr and "Traceback" not in result.stderr
