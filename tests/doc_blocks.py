@@ -40,7 +40,6 @@ reason; the tests then do the stated lesser check (keep this list short):
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,13 +202,13 @@ def serve_locally(text: str, base_url: str) -> str:
 
 
 def shell_commands(text: str) -> list[str]:
-    """The commands of a shell block: continuation lines joined, comments and blank lines dropped."""
-    joined = re.sub(r"\\\n", " ", text)
+    """A shell block's commands as written: continuation lines joined, comments and blank lines dropped."""
+    joined = re.sub(r"\\\n\s*", " ", text)
     commands = []
     for line in joined.splitlines():
-        words = shlex.split(line, comments=True)
-        if words:
-            commands.append(" ".join(shlex.quote(word) for word in words))
+        command = re.sub(r"(^|\s+)#.*$", "", line).strip()  # a trailing comment (a `#` after a space)
+        if command:
+            commands.append(command)
     return commands
 
 
