@@ -203,7 +203,7 @@ def serve_locally(text: str, base_url: str) -> str:
 
 def shell_commands(text: str) -> list[str]:
     """A shell block's commands as written: continuation lines joined, comments and blank lines dropped."""
-    joined = re.sub(r"\\\n\s*", " ", text)
+    joined = re.sub(r"\s*\\\n\s*", " ", text)
     commands = []
     for line in joined.splitlines():
         command = re.sub(r"(^|\s+)#.*$", "", line).strip()  # a trailing comment (a `#` after a space)
