@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -178,7 +179,7 @@ def measure(stack: AirflowStack, server, variant: str, n: int, cap: float) -> Ai
         # Stop it, and restart the triggerer: its queue of triggers still to create would otherwise
         # slow the next variant down for minutes (each takes ~1 s there, see docs/performance.md).
         stack.api("PATCH", f"dags/{name}/dagRuns/{run_id}", json={"state": "failed"})
-        stack.restart_process("triggerer-0", timeout=300)
+        stack.restart_process("triggerer-0", sig=signal.SIGKILL, timeout=300)
     run_s = capped_at if state == "capped" else seconds_between(run["start_date"], run["end_date"])
     return AirflowResult(
         variant=variant,
