@@ -119,8 +119,11 @@ async def run_items(
                 await asyncio.sleep(START_PAUSE_S)
         await asyncio.gather(*tasks)
     finally:
-        for task in tasks:  # cancelled (trigger cleanup) or a bug in one call: stop the others
+        # Cancelled (the triggerer stops the trigger) or a bug in one call: stop the others, and wait
+        # until they have stopped, so that no request goes out after the trigger has ended.
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return [record for record in records if record is not None]
 
 

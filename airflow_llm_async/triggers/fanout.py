@@ -216,10 +216,13 @@ class FanOutTrigger(BaseTrigger):
         where = {"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id, "map_index": ti.map_index}
         results = outcome["results"]
         mapped_length = len(results) if self._maps_downstream() else None
-        await progress.aset(XCom.XCOM_RETURN_KEY, results, mapped_length=mapped_length, **where)
+        pushes = [
+            progress.aset(XCom.XCOM_RETURN_KEY, results, mapped_length=mapped_length, **where),
+            progress.aset(META_KEY, outcome["meta"], **where),
+        ]
         if self.output_key != XCom.XCOM_RETURN_KEY:
-            await progress.aset(self.output_key, results, **where)
-        await progress.aset(META_KEY, outcome["meta"], **where)
+            pushes.append(progress.aset(self.output_key, results, **where))
+        await asyncio.gather(*pushes)  # sent together: no round trip's wait between them
 
     def _maps_downstream(self) -> bool:
         if self.mapped_output:
