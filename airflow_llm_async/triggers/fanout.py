@@ -145,7 +145,10 @@ class FanOutTrigger(BaseTrigger):
         ti = self.task_instance
         if ti is not None:
             self._progress = progress.XComProgress(ti, progress.fingerprint(specs, self.options))
-            done = await self._progress.load(len(specs))
+            try:
+                done = await self._progress.load(len(specs))
+            except Exception:  # progress is an optimisation: without it every item is called
+                self.log.warning("LLM fan-out: could not read stored progress; calling all", exc_info=True)
             if done:
                 self.log.info(
                     "LLM fan-out: %d of %d items already finished; calling the rest", len(done), len(specs)

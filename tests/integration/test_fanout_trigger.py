@@ -186,6 +186,18 @@ async def test_parts_of_another_input_or_failures_of_an_earlier_try_are_called_a
     assert fake_llm.stats()["requests"] == requests + 6
 
 
+async def test_progress_that_cannot_be_read_back_costs_calls_not_the_task(fake_llm, xcoms, monkeypatch):
+    async def unreadable(message):
+        if isinstance(message, GetXCom):
+            raise ConnectionResetError("supervisor gone")
+        return await XComStore.asend(xcoms, message)
+
+    monkeypatch.setattr(xcoms, "asend", unreadable)
+    events = await events_of(fan_out(PROMPTS[:3]))
+    assert isinstance(events[0], TaskSuccessEvent)
+    assert xcoms.values["return_value"] == [compose_answer("", p) for p in PROMPTS[:3]]
+
+
 async def test_a_fan_out_shares_the_connections_concurrency_limit(fake_llm, xcoms, monkeypatch):
     point_connection(
         monkeypatch,
