@@ -158,10 +158,11 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
         if extra.get(name) is not None:
             options[name] = _positive(conn_id, name, extra[name], int)
     if extra.get("max_retries") is not None:
-        value = extra["max_retries"]
+        value = _from_uri_text(extra["max_retries"])
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise LLMConfigError(
-                f"The LLM connection {conn_id!r} extra 'max_retries' must be an integer >= 0, got {value!r}."
+                f"The LLM connection {conn_id!r} extra 'max_retries' must be an integer >= 0, "
+                f"got {extra['max_retries']!r}."
             )
         options["max_retries"] = value
     if extra.get("rate_limit_backend"):
@@ -213,7 +214,15 @@ def _base_url(conn: Connection) -> str:
     return url
 
 
-def _positive(conn_id: str, name: str, value: Any, kind: type) -> Any:
+def _from_uri_text(value: Any) -> Any:
+    """An integer written as text, as every extra of a URI-form connection (``?max_retries=5``) is."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def _positive(conn_id: str, name: str, given: Any, kind: type) -> Any:
+    value = _from_uri_text(given)
     try:
         number = kind(value)
     except (TypeError, ValueError):
@@ -221,6 +230,6 @@ def _positive(conn_id: str, name: str, value: Any, kind: type) -> Any:
     if isinstance(value, bool) or number is None or number <= 0 or (kind is int and number != value):
         expected = "a positive integer" if kind is int else "a positive number"
         raise LLMConfigError(
-            f"The LLM connection {conn_id!r} extra {name!r} must be {expected}, got {value!r}."
+            f"The LLM connection {conn_id!r} extra {name!r} must be {expected}, got {given!r}."
         )
     return number

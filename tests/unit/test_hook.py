@@ -162,3 +162,20 @@ async def test_a_failed_lookup_is_not_kept(monkeypatch):
         await shared_endpoint("llm_later")
     set_conn(monkeypatch, "llm_later", password="sk-1")  # the user fixes the connection
     assert (await shared_endpoint("llm_later")).api_key == "sk-1"
+
+
+def test_uri_style_extras_arrive_as_text_and_integers_are_read_from_it(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LLM_URI_EXTRAS",
+        "llm://:sk-3@gateway.internal/v1?max_concurrency=50&requests_per_minute=600&max_retries=4&timeout=30",
+    )
+    endpoint = LLMHook("llm_uri_extras").get_endpoint()
+    assert (endpoint.max_concurrency, endpoint.requests_per_minute, endpoint.max_retries) == (50, 600, 4)
+    assert endpoint.timeout == 30.0
+
+
+@pytest.mark.parametrize("text", ["1.5", "-3", "many", ""])
+def test_uri_style_integer_extras_that_are_not_whole_numbers_are_refused(monkeypatch, text):
+    monkeypatch.setenv("AIRFLOW_CONN_LLM_URI_BAD", f"llm://:sk-3@gateway.internal/v1?max_concurrency={text}")
+    with pytest.raises(LLMConfigError, match="'max_concurrency' must be a positive integer"):
+        LLMHook("llm_uri_bad").get_endpoint()
