@@ -11,7 +11,8 @@ echo "test: ruff"
 
 echo "test: pytest"
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+# The slowest tests are listed at the end, so a CI log shows where the time goes.
+.venv/bin/python -m pytest --durations=15 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "test: pytest collected no tests; that is a failure" >&2
     exit 1
