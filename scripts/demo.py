@@ -90,6 +90,8 @@ def report(stack: AirflowStack, run_id: str, state: str) -> None:
     meta = stack.xcom(DAG_ID, run_id, "analyze_trends", key="llm_meta")
     say(f"\nfinal analysis ({meta['model']}, {meta['usage']['total_tokens']} tokens, {meta['latency_s']} s):")
     say(analysis)
+    say("\nthe LLM calls of this deployment, as `airflow llm monitor --once` shows them:")
+    say(stack.airflow("llm", "monitor", "--once").stdout)
 
 
 def say(line: str) -> None:
