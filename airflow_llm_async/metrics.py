@@ -23,6 +23,7 @@ import asyncio
 import logging
 import random
 import socket
+from collections.abc import Mapping
 
 from airflow.sdk.observability import stats
 
@@ -62,60 +63,60 @@ def reset() -> None:
     _gauges.clear()
 
 
-def tags(conn_id: str, model: str | None) -> Tags:
-    return (conn_id, model or "none")
+# --- what the engine reports (this module is its Observer: core/engine.py) and the driver -------
 
 
-# --- what completion.py reports ---------------------------------------------------------------
-
-
-def attempt(tags: Tags, latency_s: float, error_kind: str | None) -> None:
+def attempt(conn_id: str, model: str | None, latency_s: float, error_kind: str | None) -> None:
     """One HTTP round trip: counted, timed, and its error counted by kind."""
     if not (_on if _on is not None else enabled()):
         return
+    tags = (conn_id, model or "none")
     _count("attempts", tags)
     _time("attempt.duration", tags, latency_s)
     if error_kind is not None:
         _count("errors." + error_kind, tags)
 
 
-def error(tags: Tags, kind: str) -> None:
+def error(conn_id: str, model: str | None, kind: str) -> None:
     """A failed or refused attempt (``budget``, ``deadline``) that made no round trip."""
     if not (_on if _on is not None else enabled()):
         return
-    _count("errors." + kind, tags)
+    _count("errors." + kind, (conn_id, model or "none"))
 
 
-def queued(tags: Tags, seconds: float, waited: bool) -> None:
+def queued(conn_id: str, model: str | None, seconds: float, waited: bool) -> None:
     """Time from asking the connection's limiter for a slot to being let through."""
     if not (_on if _on is not None else enabled()):
         return
+    tags = (conn_id, model or "none")
     _time("queued.duration", tags, seconds)
     if waited:
         _count("rate_limit_waits", tags)
 
 
-def usage(tags: Tags, usage: dict[str, int], cost_usd: float | None) -> None:
+def usage(conn_id: str, model: str | None, usage: Mapping[str, int], cost_usd: float | None) -> None:
     """Tokens an answer used, and what they cost (in micro-dollars: StatsD counters are integers)."""
     if not (_on if _on is not None else enabled()):
         return
+    tags = (conn_id, model or "none")
     _count("prompt_tokens", tags, usage.get("prompt_tokens") or 0)
     _count("completion_tokens", tags, usage.get("completion_tokens") or 0)
     if cost_usd:
         _count("cost_micro_usd", tags, round(cost_usd * 1_000_000))
 
 
-def count(name: str, tags: Tags) -> None:
+def count(name: str, conn_id: str, model: str | None) -> None:
     """``retries``, ``fallbacks``, ``quality_failures``."""
     if not (_on if _on is not None else enabled()):
         return
-    _count(name, tags)
+    _count(name, (conn_id, model or "none"))
 
 
-def call(tags: Tags, duration_s: float, succeeded: bool) -> None:
-    """A whole call (retries and fallbacks included) ended; ``tags`` name the last model tried."""
+def call(conn_id: str, model: str | None, duration_s: float, succeeded: bool) -> None:
+    """A whole call (retries and fallbacks included) ended; tagged with the last model tried."""
     if not (_on if _on is not None else enabled()):
         return
+    tags = (conn_id, model or "none")
     _count("calls", tags)
     if not succeeded:
         _count("calls.failed", tags)

@@ -25,10 +25,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from airflow.sdk.bases.xcom import BaseXCom
-from airflow.sdk.execution_time.comms import DeleteXCom, GetXCom, SetXCom
+from airflow.sdk.execution_time.comms import DeleteXCom, GetXCom
 from airflow.sdk.execution_time.xcom import XCom
 
-from airflow_llm_async.completion import CallSpec
+from airflow_llm_async import compat
+from airflow_llm_async.core.outcome import CallSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ Record = dict[str, Any]
 
 
 def fingerprint(specs: Iterable[CallSpec | Record], options: Mapping[str, Any]) -> str:
-    """What the records answer: every item's request (or its input error) and the call options."""
+    """What the records answer: every item's request (or its input error) and the call options
+    (the fan-out's spec without its request and deadline)."""
     digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
     for spec in specs:
         item = spec.request if isinstance(spec, CallSpec) else spec
@@ -66,18 +68,6 @@ def reusable(parts: Iterable[Any], fingerprint: str, try_number: int, items: int
             if record["meta"]["status"] == "success" or same_try:
                 kept[index] = record
     return kept
-
-
-async def aset(key: str, value: Any, *, mapped_length: int | None = None, **where: Any) -> None:
-    """``XCom.aset`` with the backend's serialization in a thread, off the triggerer's event loop.
-
-    Serializing a fan-out's ``llm_meta`` (1,000 items) takes 0.1 s of pure Python on an idle machine
-    and several times that on a busy one; a custom backend may also write to object storage there.
-    """
-    from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS
-
-    stored = await asyncio.to_thread(XCom.serialize_value, value, key=key, **where)
-    await SUPERVISOR_COMMS.asend(SetXCom(key=key, value=stored, mapped_length=mapped_length, **where))
 
 
 class XComProgress:
@@ -107,7 +97,7 @@ class XComProgress:
     async def save(self, records: Mapping[int, Record]) -> None:
         key = PART_KEY.format(self.parts)
         self.parts += 1
-        await aset(key, make_part(self.fingerprint, self.try_number, records), **self._where)
+        await compat.set_xcom(key, make_part(self.fingerprint, self.try_number, records), **self._where)
 
     async def delete_all(self) -> None:
         """XCom.delete, made async: the triggerer must not block its event loop on a sync request."""

@@ -1,10 +1,13 @@
-"""One shared aiohttp session per process and event loop.
+"""HTTP for LLM calls: the only module that imports aiohttp. One shared session per process and loop.
 
 Thousands of triggers in one triggerer share a single ``ClientSession`` (one connection
 pool, one SSL context): creating a client per call costs tens of milliseconds of CPU and
 close to a megabyte for the SSL context alone, which is what caps the official clients
 when they run in a triggerer. Sessions are keyed by event loop because a session must
-only be used on the loop that created it (the sync path runs each call in a fresh loop).
+only be used on the loop that created it (sync mode runs each call in a fresh loop).
+
+:func:`post_json` maps aiohttp's own errors to the engine's kinds (``timeout``, ``connection``),
+so nothing else needs to know which HTTP library is underneath.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import weakref
 from collections.abc import Mapping
 
 import aiohttp
+
+from airflow_llm_async.core.engine import Answer, NoAnswer
 
 _sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
     weakref.WeakKeyDictionary()
@@ -47,7 +52,7 @@ def shared_session() -> aiohttp.ClientSession:
 
 
 async def close_shared_session() -> None:
-    """Close the running loop's session (the sync path calls this before its loop ends)."""
+    """Close the running loop's session (sync mode calls this before its loop ends)."""
     session = _sessions.pop(asyncio.get_running_loop(), None)
     if session is not None and not session.closed:
         await session.close()
@@ -61,9 +66,15 @@ def _timeout(seconds: float) -> aiohttp.ClientTimeout:
 
 async def post_json(
     url: str, headers: Mapping[str, str], body: bytes, time_limit: float
-) -> tuple[int, Mapping[str, str], bytes]:
-    """POST ``body``; return status, headers and the whole body, read within ``time_limit`` seconds."""
-    async with shared_session().post(
-        url, data=body, headers=headers, timeout=_timeout(time_limit)
-    ) as response:
-        return response.status, response.headers, await response.read()
+) -> Answer | NoAnswer:
+    """POST ``body``; the whole answer within ``time_limit`` seconds, or why there is none."""
+    try:
+        async with shared_session().post(
+            url, data=body, headers=headers, timeout=_timeout(time_limit)
+        ) as response:
+            return Answer(response.status, response.headers, await response.read())
+    except TimeoutError:
+        return NoAnswer("timeout")
+    except aiohttp.ClientError as exc:
+        # The exception text names the host and the OS error, never the request headers.
+        return NoAnswer("connection", f"{type(exc).__name__}: {exc}")

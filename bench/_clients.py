@@ -22,9 +22,9 @@ import openai
 from _harness import API_KEY, CONN_ID, MODEL, WARMUP_CONN_ID
 
 from airflow_llm_async import transport
+from airflow_llm_async.core.protocol import Endpoint, build_payload
 from airflow_llm_async.hooks.llm import LLMHook
 from airflow_llm_async.operators.llm import LLMOperator
-from airflow_llm_async.protocol import Endpoint, build_payload
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 
 # A typical summarisation prompt (~600 characters), the same for every client.

@@ -20,9 +20,9 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, task
 
+from airflow_llm_async.core.quality import ARTICLE_RULES
 from airflow_llm_async.operators.fanout import LLMFanOutOperator
 from airflow_llm_async.operators.llm import TEXT_PROMPTS, LLMOperator
-from airflow_llm_async.quality import ARTICLE_RULES
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Param
 
+from airflow_llm_async.core.quality import ARTICLE_RULES
 from airflow_llm_async.operators.branch import LLMQualityBranchOperator
 from airflow_llm_async.operators.llm import LLMOperator
-from airflow_llm_async.quality import ARTICLE_RULES
 
 with DAG(
     "llm_error_handling",

@@ -1,18 +1,22 @@
-"""LLMHook: turns an ``llm`` connection into an :class:`~airflow_llm_async.protocol.Endpoint`."""
+"""LLMHook: turns an ``llm`` connection into an :class:`~airflow_llm_async.core.protocol.Endpoint`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from airflow.sdk import BaseHook, Connection
 from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from airflow_llm_async import pricing, ratelimit
-from airflow_llm_async.protocol import DEFAULT_BASE_URL, Endpoint
+from airflow_llm_async import limits
+from airflow_llm_async.core import pricing
+from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price, PriceTableError
+from airflow_llm_async.core.protocol import DEFAULT_BASE_URL, Endpoint
 
 
 class LLMConfigError(ValueError):
@@ -167,7 +171,7 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
         options["max_retries"] = value
     if extra.get("rate_limit_backend"):
         try:
-            options["rate_limit_backend"] = ratelimit.check_backend(extra["rate_limit_backend"])
+            options["rate_limit_backend"] = limits.check_backend(extra["rate_limit_backend"])
         except ValueError as exc:
             raise LLMConfigError(
                 f"The LLM connection {conn_id!r} extra 'rate_limit_backend': {exc}"
@@ -189,14 +193,45 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
     )
 
 
-def _price_table(conn_id: str, extra_prices: Any) -> dict[str, pricing.Price]:
+def _price_table(conn_id: str, extra_prices: Any) -> dict[str, Price]:
     try:
         overrides = None
         if extra_prices is not None:
             overrides = pricing.parse_prices(extra_prices, f"The LLM connection {conn_id!r} extra 'prices'")
-        return pricing.price_table(overrides, conf.get("llm_async", "prices_file", fallback=None))
-    except pricing.PriceTableError as exc:
+        return price_table(overrides, conf.get("llm_async", "prices_file", fallback=None))
+    except PriceTableError as exc:
         raise LLMConfigError(str(exc)) from None
+
+
+_file_cache: dict[str, tuple[float, dict[str, Price]]] = {}  # path -> (mtime, prices)
+
+
+def file_prices(path: str | None) -> dict[str, Price]:
+    """The prices in a JSON file, re-read only when the file changes."""
+    if not path:
+        return {}
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError as exc:
+        raise PriceTableError(f"[llm_async] prices_file {path!r} cannot be read: {exc.strerror}.") from None
+    cached = _file_cache.get(path)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    try:
+        with open(path, encoding="utf-8") as file:
+            table = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise PriceTableError(f"[llm_async] prices_file {path!r} is not a JSON price table: {exc}") from None
+    prices = pricing.parse_prices(table, f"[llm_async] prices_file {path!r}")
+    _file_cache[path] = (mtime, prices)
+    return prices
+
+
+def price_table(
+    overrides: Mapping[str, Price] | None = None, prices_file: str | None = None
+) -> dict[str, Price]:
+    """Defaults, then the prices file, then a connection's own prices."""
+    return {**DEFAULT_PRICES, **file_prices(prices_file), **(overrides or {})}
 
 
 def _base_url(conn: Connection) -> str:

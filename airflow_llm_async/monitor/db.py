@@ -6,7 +6,6 @@ encoding are exactly the deployment's. Every query is one indexed SELECT; nothin
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -15,10 +14,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from airflow_llm_async import compat
+from airflow_llm_async.core.outcome import META_KEY
 from airflow_llm_async.monitor import figures
 from airflow_llm_async.monitor.figures import Call, TriggererJob
-
-META_KEY = "llm_meta"
 
 
 def read_calls(session: Session, since: float, dag_ids: Collection[str] | None = None) -> list[Call]:
@@ -40,21 +39,11 @@ def read_calls(session: Session, since: float, dag_ids: Collection[str] | None =
         query = query.where(XComModel.dag_id.in_(list(dag_ids)))
     calls: list[Call] = []
     for row in session.execute(query):
-        value = _decode(XComModel.deserialize_value(row))
+        value = compat.decode_double_encoded(XComModel.deserialize_value(row))
         calls += figures.calls_from_xcom(
             row.dag_id, row.run_id, row.task_id, row.map_index, value, row.timestamp.timestamp()
         )
     return calls
-
-
-def _decode(value: Any) -> Any:
-    """A value stored JSON-encoded once more (3.3.2's TaskSuccessEvent xcoms) is decoded again."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return None
-    return value
 
 
 def read_triggerers(session: Session) -> list[TriggererJob]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from airflow.sdk import BaseBranchOperator, Context
 
-from airflow_llm_async.quality import ARTICLE_MIN_CHARS, ARTICLE_REFUSAL_MARKERS, QualitySpec
+from airflow_llm_async.core.quality import ARTICLE_MIN_CHARS, ARTICLE_REFUSAL_MARKERS, QualitySpec
 
 
 class LLMQualityBranchOperator(BaseBranchOperator):

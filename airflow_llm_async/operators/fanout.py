@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from asgiref.sync import async_to_sync
+from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_llm_async import fanout, ratelimit, transport
+from airflow_llm_async import compat, driver
+from airflow_llm_async.core import fanout
+from airflow_llm_async.core.outcome import CallSpec, FanOutOutcome, task_xcoms
+from airflow_llm_async.core.protocol import LLMCallError
 from airflow_llm_async.hooks.llm import LLMConfigError
-from airflow_llm_async.operators.llm import _NOT_RETRYABLE_KINDS, META_KEY, LLMOperator
-from airflow_llm_async.protocol import LLMCallError
-from airflow_llm_async.triggers.chat import resolve_endpoints
-from airflow_llm_async.triggers.fanout import FanOutTrigger, task_error
+from airflow_llm_async.operators.llm import LLMOperator, fail_task, push_xcoms, read_event
+from airflow_llm_async.triggers.fanout import FanOutTrigger
 
 
 class LLMFanOutOperator(LLMOperator):
@@ -55,7 +54,7 @@ class LLMFanOutOperator(LLMOperator):
 
     template_fields: Sequence[str] = ("prompts", "system_prompt")
     template_fields_renderers = {"prompts": "json", "system_prompt": "md"}
-    trigger_classpath = "airflow_llm_async.triggers.fanout.FanOutTrigger"
+    trigger_class = FanOutTrigger
 
     def __init__(
         self,
@@ -95,26 +94,20 @@ class LLMFanOutOperator(LLMOperator):
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
 
-    def _fan_out_kwargs(self) -> dict[str, Any]:
-        return {
-            "request": self.build_request(with_messages=False),
-            "options": self._trigger_options(),
-            "max_failures": self.max_failures,
-            "output_key": self.output_key,
-        }
-
     def worker_free_trigger_kwargs(self) -> dict[str, Any]:
         """Kwargs fixed at parse time: the templates travel unrendered; the triggerer renders them."""
         # A list with no Jinja in it travels as ``items``, which the triggerer does not render.
         literal = isinstance(self.prompts, list | tuple) and not _has_jinja(self.prompts)
-        return {
-            "prompts": None if literal else self.prompts,
-            "items": list(self.prompts) if literal else None,
-            "system_prompt": self.system_prompt,
-            "time_limit": self._time_limit(),
-            "end_from_trigger": True,
-            **self._fan_out_kwargs(),
-        }
+        return FanOutTrigger(
+            spec=self.call_spec(with_messages=False).to_json(),
+            items=list(self.prompts) if literal else None,
+            prompts=None if literal else self.prompts,
+            system_prompt=self.system_prompt,
+            time_limit=self._time_limit(),
+            max_failures=self.max_failures,
+            output_key=self.output_key,
+            end="here",
+        ).kwargs()
 
     def build_trigger(self) -> FanOutTrigger:
         """The trigger ``execute`` defers to, from the rendered fields, with a wall-clock deadline."""
@@ -122,39 +115,42 @@ class LLMFanOutOperator(LLMOperator):
             items = fanout.parse_items(self.prompts)
         except ValueError as exc:
             raise AirflowFailException(f"{type(self).__name__} {self.task_id!r}: {exc}") from None
-        limit = self._time_limit()
         return FanOutTrigger(
+            spec=self.call_spec(with_messages=False, deadline=self._deadline()).to_json(),
             items=items,
             system_prompt=self.system_prompt,
-            deadline=None if limit is None else time.time() + limit,
-            end_on_success=type(self).execute_complete is LLMFanOutOperator.execute_complete,
+            max_failures=self.max_failures,
+            output_key=self.output_key,
+            end="on_success" if compat.ends_on_success(self, LLMFanOutOperator) else "resume",
             mapped_output=self.has_dag() and next(self.iter_mapped_dependants(), None) is not None,
-            **self._fan_out_kwargs(),
         )
 
     def execute(self, context: Context) -> list[str | None] | None:
         trigger = self.build_trigger()
         if self.deferrable:
             self.defer(trigger=trigger, method_name="execute_complete", timeout=self._deferral_timeout())
-        return self.execute_complete(context, {**run_fan_out_sync(trigger), "stored": False})
+        return self.end_task(context, run_fan_out_sync(trigger), stored=False)
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> list[str | None] | None:
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None
+    ) -> list[str | None] | None:
         """Push the list (unless the trigger already did), or fail with the summary of the failures."""
+        stored = isinstance(event, dict) and event.get("stored") is True
+        return self.end_task(context, read_event(self, FanOutOutcome, event), stored=stored)
+
+    def end_task(self, context: Context, outcome: FanOutOutcome, *, stored: bool) -> list[str | None] | None:
         ti = context["ti"]
-        if not event.get("stored"):
-            if self.output_key != "return_value":
-                ti.xcom_push(key=self.output_key, value=event["results"])
-            ti.xcom_push(key=META_KEY, value=event["meta"])
-        if event.get("status") != "success":
-            if not event.get("stored"):
-                ti.xcom_push(key="return_value", value=event["results"])
-            if (event.get("error") or {}).get("kind") in _NOT_RETRYABLE_KINDS:
-                raise AirflowFailException(event["message"])
-            raise AirflowException(event["message"])
-        self.log.info(event["message"])
-        if event.get("stored"):  # returned again so a subclass (or a mapped downstream) sees the list
+        if not stored:
+            xcoms = task_xcoms(outcome, self.output_key)
+            push_xcoms(context, xcoms)
+            if not outcome.ok:  # a failed task returns nothing: its partial list is pushed here
+                ti.xcom_push(key="return_value", value=xcoms["return_value"])
+        if not outcome.ok:
+            fail_task(outcome.message, outcome.error)
+        self.log.info(outcome.message)
+        if stored:  # returned again so a subclass (or a mapped downstream) sees the list
             return ti.xcom_pull(task_ids=ti.task_id, map_indexes=ti.map_index)
-        return event["results"]
+        return list(outcome.results)
 
 
 def _has_jinja(value: Any) -> bool:
@@ -162,22 +158,13 @@ def _has_jinja(value: Any) -> bool:
     return any(marker in text for marker in ("{{", "{%", "{#"))
 
 
-def run_fan_out_sync(trigger: FanOutTrigger) -> dict[str, Any]:
+def run_fan_out_sync(trigger: FanOutTrigger) -> FanOutOutcome:
     """Sync mode: the trigger's fan-out, run to completion in a private event loop on this worker."""
     try:
         specs = trigger.item_specs()
-        usable = [spec for spec in specs if not isinstance(spec, dict)]
-        endpoints = resolve_endpoints(usable[0]) if usable else {}
+        usable = [spec for spec in specs if isinstance(spec, CallSpec)]
+        endpoints = driver.resolve_sync(usable[0]) if usable else {}
     except (ValueError, LLMConfigError) as exc:
-        return task_error(LLMCallError("config", str(exc)))
-    return async_to_sync(_run_and_close)(trigger, specs, endpoints)
-
-
-async def _run_and_close(trigger: FanOutTrigger, specs: list, endpoints: dict) -> dict[str, Any]:
-    try:
-        records = await fanout.run_items(specs, endpoints)
-    finally:
-        # The loop ends with these calls; its session and limiters must be closed first.
-        await transport.close_shared_session()
-        await ratelimit.close_loop_limiters()
+        return FanOutOutcome.not_started(LLMCallError("config", str(exc)))
+    records = driver.run_sync(driver.fan_out, specs, endpoints)
     return fanout.summarize(records, trigger.max_failures)

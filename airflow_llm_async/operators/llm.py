@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
+import os
 import time
 from collections.abc import Sequence
+from configparser import ConfigParser
 from datetime import timedelta
 from typing import Any
 
@@ -13,20 +14,23 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import StartTriggerArgs
-from asgiref.sync import async_to_sync
 
-from airflow_llm_async import metrics, ratelimit, transport
-from airflow_llm_async.completion import ON_QUALITY_FAILURE, CallSpec, complete, describe_failure
-from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
-from airflow_llm_async.protocol import LLMCallError, build_messages
-from airflow_llm_async.quality import ARTICLE_RULES, QualitySpec
-from airflow_llm_async.triggers.chat import ChatCompletionTrigger, error_outcome, resolve_endpoints
+from airflow_llm_async import compat, driver
+from airflow_llm_async.core.outcome import (
+    ON_QUALITY_FAILURE,
+    RETURN_KEY,
+    CallSpec,
+    Outcome,
+    task_xcoms,
+)
+from airflow_llm_async.core.protocol import LLMCallError, build_messages
+from airflow_llm_async.core.quality import ARTICLE_RULES, QualitySpec
+from airflow_llm_async.hooks.llm import LLMHook
+from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 
-META_KEY = "llm_meta"
-TRIGGER_CLASSPATH = "airflow_llm_async.triggers.chat.ChatCompletionTrigger"
 # Failures that another task try cannot fix: the request or the configuration is wrong.
 # A budget refusal is not retried either: each task try would spend the budget again.
-_NOT_RETRYABLE_KINDS = frozenset({"client", "config", "budget"})
+NOT_RETRYABLE_KINDS = frozenset({"client", "config", "budget"})
 # Airflow's own deferral timeout fires this long after our deadline, so our clearer error wins.
 _DEFERRAL_GRACE = timedelta(seconds=60)
 
@@ -53,7 +57,7 @@ class LLMOperator(BaseOperator):
     :param response_format: passed through, e.g. ``{"type": "json_object"}``.
     :param extra_body: more request fields passed through as they are (e.g. ``seed``, ``top_p``).
     :param max_retries: retries per model on 408/409/429/5xx/timeouts (default: the connection's, else 2).
-    :param quality: rules checked in the trigger (:class:`~airflow_llm_async.quality.QualitySpec` fields).
+    :param quality: rules checked in the trigger (``core.quality.QualitySpec`` fields).
     :param quality_retries: how often to ask the same model again when an answer fails the rules.
     :param on_quality_failure: ``fail`` the task, or ``return`` the answer with the verdict in ``llm_meta``.
     :param max_cost_usd: the most this call may cost, in US dollars, retries and fallbacks included:
@@ -72,7 +76,7 @@ class LLMOperator(BaseOperator):
     template_fields_renderers = {"prompt": "md", "system_prompt": "md", "messages": "json"}
     ui_color = "#e8f4fd"
     # The trigger worker-free mode starts (a subclass with its own trigger sets its own).
-    trigger_classpath: str = TRIGGER_CLASSPATH
+    trigger_class: type = ChatCompletionTrigger
 
     def __init__(
         self,
@@ -95,7 +99,7 @@ class LLMOperator(BaseOperator):
         on_quality_failure: str = "fail",
         max_cost_usd: float | None = None,
         timeout: timedelta | float | None = None,
-        deferrable: bool = True,
+        deferrable: bool | None = None,
         start_from_trigger: bool | None = None,
         **kwargs: Any,
     ) -> None:
@@ -123,16 +127,16 @@ class LLMOperator(BaseOperator):
         self.on_quality_failure = on_quality_failure
         self.max_cost_usd = max_cost_usd
         self.timeout = timeout
-        self.deferrable = deferrable
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
         self._validate()
         if start_from_trigger is None:
             start_from_trigger = conf.getboolean("llm_async", "start_from_trigger", fallback=False)
-        if start_from_trigger and deferrable:
-            _check_worker_free_templates(self)
+        if start_from_trigger and self.deferrable:
+            compat.check_worker_free_templates(self)
             self.start_from_trigger = True
             # Per instance: the class attribute is shared by every LLMOperator.
             self.start_trigger_args = StartTriggerArgs(
-                trigger_cls=self.trigger_classpath,
+                trigger_cls=self.trigger_class.classpath(),
                 next_method="execute_complete",
                 trigger_kwargs=self.worker_free_trigger_kwargs(),
                 timeout=self._deferral_timeout(),
@@ -226,95 +230,119 @@ class LLMOperator(BaseOperator):
         limit = self._time_limit()
         return None if limit is None else timedelta(seconds=limit) + _DEFERRAL_GRACE
 
-    def _trigger_options(self) -> dict[str, Any]:
-        return {
-            "conn_id": self.llm_conn_id,
-            "models": [self.model, *self.fallback_models],
-            "fallback_conn_ids": self.fallback_conn_ids,
-            "max_retries": self.max_retries,
-            "quality": self.quality,
-            "quality_retries": self.quality_retries,
-            "on_quality_failure": self.on_quality_failure,
-            "max_cost_usd": self.max_cost_usd,
-        }
+    def call_spec(self, *, with_messages: bool = True, deadline: float | None = None) -> CallSpec:
+        """The call, from the rendered fields (at parse time, ``with_messages=False``: they are templates)."""
+        return CallSpec.of(
+            self.build_request(with_messages=with_messages),
+            [self.llm_conn_id, *self.fallback_conn_ids],
+            [self.model, *self.fallback_models],
+            deadline=deadline,
+            max_retries=self.max_retries,
+            quality=QualitySpec.from_dict(self.quality),
+            quality_retries=self.quality_retries,
+            on_quality_failure=self.on_quality_failure,
+            max_cost_usd=self.max_cost_usd,
+        )
+
+    def _deadline(self) -> float | None:
+        """A wall-clock deadline from now: it holds while the task is deferred."""
+        limit = self._time_limit()
+        return None if limit is None else time.time() + limit
+
+    def _end(self) -> str:
+        return "on_success" if compat.ends_on_success(self, LLMOperator) else "resume"
 
     def build_trigger(self) -> ChatCompletionTrigger:
         """The trigger ``execute`` defers to, from the rendered fields, with a wall-clock deadline."""
-        limit = self._time_limit()
         return ChatCompletionTrigger(
-            request=self.build_request(),
-            deadline=None if limit is None else time.time() + limit,
-            # A success ends the task in the triggerer (no resume, so no 3.3.2 deferral race), unless
-            # a subclass wants its own execute_complete to see the answer.
-            end_on_success=type(self).execute_complete is LLMOperator.execute_complete,
+            spec=self.call_spec(deadline=self._deadline()).to_json(),
+            end=self._end(),
             output_key=self.output_key,
-            **self._trigger_options(),
         )
 
     def worker_free_trigger_kwargs(self) -> dict[str, Any]:
         """Kwargs fixed at parse time: the templates travel unrendered; the triggerer renders them."""
-        request = self.build_request(with_messages=False)
-        return {
-            "request": request,
-            "prompt": self.prompt,
-            "system_prompt": self.system_prompt,
-            "messages": self.messages,
-            "time_limit": self._time_limit(),
-            "end_from_trigger": True,
-            "output_key": self.output_key,
-            **self._trigger_options(),
-        }
+        return ChatCompletionTrigger(
+            spec=self.call_spec(with_messages=False).to_json(),
+            end="here",
+            output_key=self.output_key,
+            time_limit=self._time_limit(),
+            prompt=self.prompt,
+            system_prompt=self.system_prompt,
+            messages=self.messages,
+        ).kwargs()
 
     def execute(self, context: Context) -> str:
-        trigger = self.build_trigger()
         if self.deferrable:
-            self.defer(trigger=trigger, method_name="execute_complete", timeout=self._deferral_timeout())
-        return self.execute_complete(context, run_sync(trigger.call_spec()))
+            self.defer(
+                trigger=self.build_trigger(), method_name="execute_complete", timeout=self._deferral_timeout()
+            )
+        return self.end_task(context, driver.complete_sync(self.call_spec(deadline=self._deadline())))
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> str:
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> str:
         """Resume after the trigger fired: push the answer, or fail with the API's own message."""
-        meta = event.get("meta") or {}
-        if event.get("status") != "success":
-            # As worker-free mode does: the failure's meta stays in XCom (monitors count failures from it).
-            context["ti"].xcom_push(key=META_KEY, value={**meta, "error": event.get("error")})
-            message = describe_failure(event)
-            if (event.get("error") or {}).get("kind") in _NOT_RETRYABLE_KINDS:
-                raise AirflowFailException(message)
-            raise AirflowException(message)
-        text = event["text"]
+        return self.end_task(context, read_event(self, Outcome, event))
+
+    def end_task(self, context: Context, outcome: Outcome) -> str:
+        """Push the task's XComs (the answer as the return value), or fail with what went wrong."""
+        push_xcoms(context, task_xcoms(outcome, self.output_key))
+        if not outcome.ok:
+            fail_task(outcome.describe(), outcome.error)
         self.log.info(
             "%s answered (%s tokens, %.2f s, %d attempt(s)%s): %.100s",
-            meta.get("model"),
-            (meta.get("usage") or {}).get("total_tokens"),
-            meta.get("latency_s", 0),
-            len(meta.get("attempts", [])),
-            ", fallback" if meta.get("fallback_used") else "",
-            text,
+            outcome.model,
+            outcome.usage.get("total_tokens"),
+            outcome.latency_s,
+            len(outcome.attempts),
+            ", fallback" if outcome.fallback_used else "",
+            outcome.text,
         )
-        ti = context["ti"]
-        if self.output_key != "return_value":
-            ti.xcom_push(key=self.output_key, value=text)
-        ti.xcom_push(key=META_KEY, value=meta)
-        return text
+        return outcome.text
 
 
-def run_sync(spec: CallSpec) -> dict[str, Any]:
-    """Sync mode: the trigger's code, run to completion in a private event loop on this worker."""
+def default_deferrable() -> bool:
+    """``[operators] default_deferrable`` when the deployment sets it, as upstream operators read it.
+
+    Unset, it is True, not Airflow's False: waiting in the triggerer is the point of this provider.
+    A deployment that sets it False (e.g. one without a triggerer) gets the calls run on its workers.
+    """
+    env = "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE"
+    explicit = any(env + suffix in os.environ for suffix in ("", "_CMD", "_SECRET"))
+    # The stdlib method sees only what airflow.cfg sets, not Airflow's built-in default.
+    if explicit or ConfigParser.has_option(conf, "operators", "default_deferrable"):
+        return conf.getboolean("operators", "default_deferrable")
+    return True
+
+
+def read_event(op: BaseOperator, kind: type, event: Any) -> Any:
+    """The outcome an event carries; a clear error for a missing or unreadable one."""
+    where = f"{type(op).__name__} {op.task_id!r}"
+    if event is None:
+        raise AirflowException(
+            f"{where} resumed without the trigger's event: clear the task to run it again."
+        )
     try:
-        endpoints = resolve_endpoints(spec)
-    except LLMConfigError as exc:
-        return error_outcome(LLMCallError("config", str(exc)))
-    return async_to_sync(_complete_and_close)(spec, endpoints)
+        return kind.from_json(event)
+    except ValueError as exc:
+        raise AirflowException(
+            f"{where} resumed with an event it cannot read ({exc}); was it deferred by another "
+            f"release of airflow-llm-async? Clear the task to run it again."
+        ) from None
 
 
-async def _complete_and_close(spec: CallSpec, endpoints: dict) -> dict[str, Any]:
-    try:
-        return await complete(spec, endpoints)
-    finally:
-        # The loop ends with this call; its session and limiters must be closed first, its metrics sent.
-        metrics.flush()
-        await transport.close_shared_session()
-        await ratelimit.close_loop_limiters()
+def push_xcoms(context: Context, xcoms: dict[str, Any]) -> None:
+    """Push every XCom but ``return_value``, which the task returns."""
+    ti = context["ti"]
+    for key, value in xcoms.items():
+        if key != RETURN_KEY:
+            ti.xcom_push(key=key, value=value)
+
+
+def fail_task(message: str, error: LLMCallError | None) -> None:
+    """Raise for a failed call: not retried by Airflow when another try cannot fix it."""
+    if error is not None and error.kind in NOT_RETRYABLE_KINDS:
+        raise AirflowFailException(message)
+    raise AirflowException(message)
 
 
 # The article's prompts, in its own (Chinese) wording, and in English.
@@ -397,23 +425,6 @@ class TextProcessingOperator(LLMOperator):
 
     def _prompt_template(self) -> str:
         return TEXT_PROMPTS[self.language][self.operation]
-
-
-# An xcom_pull without map_indexes asks for every map index (GetXComSequenceSlice), a request
-# Airflow 3.3.2's triggerer cannot answer: rendering in the triggerer would wait forever.
-_PULL_ALL_MAP_INDEXES = re.compile(r"xcom_pull\((?![^)]*map_indexes)[^)]*\)")
-
-
-def _check_worker_free_templates(op: LLMOperator) -> None:
-    for field in op.template_fields:
-        value = getattr(op, field, None)
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-        if _PULL_ALL_MAP_INDEXES.search(text):
-            raise ValueError(
-                f"{type(op).__name__} {op.task_id!r}: with start_from_trigger=True the triggerer renders "
-                f"`{field}`, and Airflow 3.3.2's triggerer can only pull one map index: add "
-                f"map_indexes=-1 to the xcom_pull, e.g. ti.xcom_pull(task_ids='up', map_indexes=-1)."
-            )
 
 
 def _as_text(value: Any) -> str | None:

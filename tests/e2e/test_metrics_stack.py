@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_llm_async.pricing import DEFAULT_PRICES
+from airflow_llm_async.core.pricing import DEFAULT_PRICES
 from airflow_llm_async.testing.airflow_stack import AirflowStack
 from airflow_llm_async.testing.fake_server_process import FakeServerProcess
 from tests.e2e.polling import wait_for

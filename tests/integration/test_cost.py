@@ -8,12 +8,12 @@ import time
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_llm_async import metrics
+from airflow_llm_async import driver, metrics
+from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price
+from airflow_llm_async.core.protocol import LLMCallError
+from airflow_llm_async.core.tokens import completion_budget, estimate_prompt_tokens
 from airflow_llm_async.operators.llm import LLMOperator
-from airflow_llm_async.pricing import DEFAULT_PRICES, Price
-from airflow_llm_async.protocol import LLMCallError
-from airflow_llm_async.ratelimit import completion_budget, estimate_prompt_tokens
-from airflow_llm_async.triggers.chat import ChatCompletionTrigger, error_outcome
+from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 from tests.doubles import RecordingTI
 from tests.integration.conftest import point_connection
 
@@ -25,8 +25,9 @@ GPT4 = DEFAULT_PRICES["gpt-4"]
 
 
 async def run(**kwargs) -> dict:
-    kwargs.setdefault("request", REQUEST)
-    kwargs.setdefault("conn_id", "llm_fake")
+    if "spec" not in kwargs:  # the options as 0.1's kwargs: still read (test_operators tests them exactly)
+        kwargs.setdefault("request", REQUEST)
+        kwargs.setdefault("conn_id", "llm_fake")
     events = [event async for event in ChatCompletionTrigger(**kwargs).run()]
     assert len(events) == 1
     return events[0].payload
@@ -84,7 +85,7 @@ async def test_a_model_without_a_price_makes_the_cost_unknown_until_the_connecti
 
 
 async def test_a_call_that_cannot_start_still_carries_the_meta_fields():
-    meta = error_outcome(LLMCallError("config", "no connection"))["meta"]
+    meta = driver.not_started(LLMCallError("config", "no connection")).to_json()["meta"]
     assert meta["attempts"] == [] and meta["cost_usd"] == 0.0
     assert meta["started_at"] <= meta["finished_at"] and meta["pid"] == os.getpid()
 
@@ -131,7 +132,7 @@ async def test_a_call_refused_by_its_budget_fails_the_task_without_task_retries(
     op = LLMOperator(
         task_id="t", prompt="Summarize: x", model="gpt-4", llm_conn_id="llm_fake", max_cost_usd=0.001
     )
-    outcome = await run(request=op.build_request(), **op._trigger_options())
+    outcome = await run(spec=op.call_spec().to_json())
     with pytest.raises(AirflowFailException, match=r"LLM call failed \(budget\): max_cost_usd=0.001"):
         op.execute_complete({"ti": RecordingTI()}, outcome)
 

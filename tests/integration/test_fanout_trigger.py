@@ -60,7 +60,7 @@ def fan_out(prompts=PROMPTS, *, ti=TI, **kw) -> FanOutTrigger:
         start_from_trigger=True,
         **kw,
     )
-    classpath, trigger_kwargs = op.trigger_classpath, op.start_trigger_args.trigger_kwargs
+    classpath, trigger_kwargs = op.trigger_class.classpath(), op.start_trigger_args.trigger_kwargs
     assert classpath == "airflow_llm_async.triggers.fanout.FanOutTrigger"
     made = FanOutTrigger(**json.loads(json.dumps(trigger_kwargs)))
     made.task_instance = ti
@@ -242,12 +242,12 @@ async def test_without_a_task_instance_the_event_carries_the_results(fake_llm):
 
 async def test_default_deferrable_mode_resumes_only_a_failure(fake_llm, xcoms):
     made = fan_out(PROMPTS[:3])
-    made.end_from_trigger, made.end_on_success = False, True
+    made.end = "on_success"
     (event,) = await events_of(made)
     assert isinstance(event, TaskSuccessEvent) and len(xcoms.values["return_value"]) == 3
     fake_llm.set_fault("gpt-4", "400")
     made = fan_out(PROMPTS[:3])
-    made.end_from_trigger, made.end_on_success = False, True
+    made.end = "on_success"
     (event,) = await events_of(made)
     assert type(event) is TriggerEvent
     assert event.payload["status"] == "error" and event.payload["stored"] is True
@@ -257,8 +257,8 @@ async def test_default_deferrable_mode_resumes_only_a_failure(fake_llm, xcoms):
 def test_sync_mode_runs_the_same_fan_out_on_the_worker(threaded_fake_llm):
     op = LLMFanOutOperator(task_id="fan", prompts=PROMPTS[:5], llm_conn_id="llm_fake", deferrable=False)
     outcome = run_fan_out_sync(op.build_trigger())
-    assert outcome["status"] == "success"
-    assert outcome["results"] == [compose_answer("", p) for p in PROMPTS[:5]]
+    assert outcome.status == "success"
+    assert outcome.results == [compose_answer("", p) for p in PROMPTS[:5]]
 
 
 def _stored(store: XComStore) -> int:

@@ -27,7 +27,7 @@ def test_sync_mode_returns_the_same_answer_as_the_trigger_would(dag, threaded_fa
     # Same request, deferred: the trigger the operator defers with holds the same request.
     with pytest.raises(TaskDeferred) as info:
         LLMOperator(task_id="ask2", prompt="分析以下内容的趋势: AI", llm_conn_id="llm_fake").execute({})
-    assert info.value.trigger.request == op.build_request()
+    assert info.value.trigger.call_spec().request == op.build_request()
 
 
 def test_sync_mode_runs_the_fallback_chain(dag, threaded_fake_llm):

@@ -11,9 +11,9 @@ import pytest
 from airflow.sdk.execution_time.comms import SetXCom
 from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
-from airflow_llm_async import ratelimit
+from airflow_llm_async import limits
+from airflow_llm_async.core.quality import ARTICLE_RULES
 from airflow_llm_async.hooks.llm import shared_endpoint
-from airflow_llm_async.quality import ARTICLE_RULES
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 from tests.integration.conftest import API_KEY, point_connection, wait_until
 
@@ -379,7 +379,7 @@ async def test_a_429_storm_ends_with_every_call_answered_and_the_limiter_backed_
     )
     fake_llm.set_fault("gpt-4", "429*40")
     calls = [run(trigger(conn_id="llm_storm", models=["gpt-4"], max_retries=2)) for _ in range(50)]
-    limiter = ratelimit.limiter_for(await shared_endpoint("llm_storm"))
+    limiter = limits.limiter_for(await shared_endpoint("llm_storm"))
     fractions = []
 
     async def watch():

@@ -12,7 +12,8 @@ from collections import defaultdict
 
 import pytest
 
-from airflow_llm_async import get_provider_info, pricing
+from airflow_llm_async import get_provider_info
+from airflow_llm_async.core import pricing
 from tests.doc_blocks import (
     ROOT,
     Block,

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import pytest
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
-from airflow_llm_async import fanout, progress
-from airflow_llm_async.completion import CallSpec
+from airflow_llm_async import progress
+from airflow_llm_async.core import fanout
+from airflow_llm_async.core.outcome import Attempt, CallSpec, Outcome
+from airflow_llm_async.core.protocol import LLMCallError
 from airflow_llm_async.operators.fanout import LLMFanOutOperator
 from airflow_llm_async.operators.llm import LLMOperator
+from airflow_llm_async.triggers.fanout import FanOutTrigger
 from tests.doubles import RecordingTI
 
 
@@ -22,25 +26,18 @@ def dag():
         yield dag
 
 
-def ok(text: str = "answer", tokens: int = 10, cost: float | None = None, **meta) -> dict:
+def ok(text: str = "answer", tokens: int = 10, cost: float | None = None, **fields) -> Outcome:
     usage = {"prompt_tokens": 4, "completion_tokens": tokens - 4, "total_tokens": tokens}
-    meta = {
-        "model": "gpt-4",
-        "usage": usage,
-        "attempts": [{"status": 200}],
-        "quality": {"passed": True, "failures": []},
-        "fallback_used": False,
-        "latency_s": 1.0,
-        **meta,
-    }
-    if cost is not None:
-        meta["cost_usd"] = cost
-    return {"status": "success", "text": text, "meta": meta}
+    attempts = [Attempt("c", "gpt-4", 200, 1.0, "ok")]
+    return Outcome(
+        "success", text, model="gpt-4", usage=usage, attempts=attempts, latency_s=1.0, cost_usd=cost, **fields
+    )
 
 
-def failed(kind: str = "server", message: str = "HTTP 503: busy") -> dict:
-    error = {"kind": kind, "status": 503, "code": None, "message": message}
-    return {"status": "error", "error": error, "meta": {"attempts": [{"status": 503}] * 3, "latency_s": 2.0}}
+def failed(kind: str = "server", message: str = "HTTP 503: busy") -> Outcome:
+    attempts = [Attempt("c", "gpt-4", 503, 0.5, "error")] * 3
+    error = LLMCallError(kind, message, status=503)
+    return Outcome("error", error=error, attempts=attempts, latency_s=2.0, cost_usd=None)
 
 
 # ---- input -------------------------------------------------------------------------------------
@@ -116,9 +113,9 @@ def test_the_summary_keeps_input_order_and_adds_up_tokens_cost_and_failures():
         fanout.to_record(o) for o in (ok("a", 10, 0.01), failed(), ok("c", 20, None, fallback_used=True))
     ]
     summary = fanout.summarize(records, max_failures=1, resumed=1)
-    assert summary["status"] == "success"
-    assert summary["results"] == ["a", None, "c"]
-    totals = summary["meta"]["totals"]
+    assert summary.status == "success"
+    assert summary.results == ["a", None, "c"]
+    totals = summary.meta["totals"]
     assert totals == {
         "items": 3,
         "succeeded": 2,
@@ -132,26 +129,26 @@ def test_the_summary_keeps_input_order_and_adds_up_tokens_cost_and_failures():
         "quality_failed": 0,
         "resumed": 1,
     }
-    item = summary["meta"]["items"][1]
+    item = summary.meta["items"][1]
     assert item["error"]["kind"] == "server" and len(item["attempt_log"]) == 3  # a failure keeps its attempts
-    assert "attempt_log" not in summary["meta"]["items"][0]  # a success keeps only the count
-    assert summary["meta"]["failed_items"] == [1]
+    assert "attempt_log" not in summary.meta["items"][0]  # a success keeps only the count
+    assert summary.meta["failed_items"] == [1]
 
 
 def test_more_failures_than_allowed_fail_with_the_first_errors_named():
     records = [fanout.to_record(failed(message=f"HTTP 503: busy {i}")) for i in range(8)]
     summary = fanout.summarize(records, max_failures=0.5)
-    assert summary["status"] == "error"
-    assert summary["meta"]["totals"]["cost_usd"] is None
-    message = summary["message"]
+    assert summary.status == "error"
+    assert summary.meta["totals"]["cost_usd"] is None
+    message = summary.message
     assert "0 of 8 items succeeded, 8 failed (allowed: 4)" in message
     assert "item 0: (server) HTTP 503: busy 0" in message and "busy 5" not in message
     assert "and 3 more in llm_meta" in message
 
 
 def test_an_answer_returned_despite_its_quality_verdict_is_counted():
-    record = fanout.to_record(ok(quality={"passed": False, "failures": ["min_chars"]}))
-    assert fanout.summarize([record], 0)["meta"]["totals"]["quality_failed"] == 1
+    record = fanout.to_record(ok(quality_failures=[{"rule": "min_chars", "detail": "3 chars"}]))
+    assert fanout.summarize([record], 0).meta["totals"]["quality_failed"] == 1
 
 
 # ---- progress ----------------------------------------------------------------------------------
@@ -207,27 +204,61 @@ def test_worker_free_is_the_default_and_the_templates_travel_unrendered(dag):
     assert args.next_method == "execute_complete"
     assert args.timeout == timedelta(minutes=6)
     assert args.trigger_kwargs == {
-        "prompts": "{{ ti.xcom_pull(task_ids='up', map_indexes=-1) }}",
-        "items": None,
-        "system_prompt": "be brief",
-        "time_limit": 300.0,
-        "end_from_trigger": True,
-        "request": {"temperature": 0.7, "max_tokens": 50},
-        "options": {
-            "conn_id": "llm_test",
-            "models": ["gpt-4", "gpt-3.5-turbo"],
-            "fallback_conn_ids": [],
+        "spec": {
+            "request": {"temperature": 0.7, "max_tokens": 50},
+            "chain": [["llm_test", "gpt-4"], ["llm_test", "gpt-3.5-turbo"]],
+            "deadline": None,
             "max_retries": None,
             "quality": None,
             "quality_retries": 0,
             "on_quality_failure": "fail",
             "max_cost_usd": None,
         },
+        "items": None,
+        "prompts": "{{ ti.xcom_pull(task_ids='up', map_indexes=-1) }}",
+        "system_prompt": "be brief",
+        "time_limit": 300.0,
         "max_failures": 0.1,
         "output_key": "return_value",
+        "end": "here",
+        "mapped_output": False,
     }
     json.dumps(args.trigger_kwargs)
     assert LLMOperator.start_trigger_args is None  # set per instance, not on the shared class
+
+
+# Worker-free kwargs exactly as release 0.1 wrote them (a serialized DAG or trigger row from before an upgrade).
+RELEASE_0_1_KWARGS = {
+    "prompts": None,
+    "items": ["a", "b"],
+    "system_prompt": "be brief",
+    "time_limit": 300.0,
+    "end_from_trigger": True,
+    "request": {"temperature": 0.7, "max_tokens": 50},
+    "options": {
+        "conn_id": "llm_test",
+        "models": ["gpt-4", "gpt-3.5-turbo"],
+        "fallback_conn_ids": [],
+        "max_retries": None,
+        "quality": None,
+        "quality_retries": 0,
+        "on_quality_failure": "fail",
+        "max_cost_usd": None,
+    },
+    "max_failures": 0.1,
+    "output_key": "return_value",
+}
+
+
+def test_a_fan_out_serialized_by_release_0_1_still_loads():
+    trigger = FanOutTrigger(**json.loads(json.dumps(RELEASE_0_1_KWARGS)))
+    assert (trigger.end, trigger.max_failures, trigger.items) == ("here", 0.1, ["a", "b"])
+    specs = trigger.item_specs()
+    assert [spec.request["messages"][-1]["content"] for spec in specs] == ["a", "b"]
+    assert specs[0].chain == [("llm_test", "gpt-4"), ("llm_test", "gpt-3.5-turbo")]
+    assert specs[0].deadline == pytest.approx(time.time() + 300, abs=5)
+    _, kwargs = trigger.serialize()
+    assert FanOutTrigger(**kwargs).serialize() == trigger.serialize()
 
 
 def test_a_list_without_jinja_travels_as_items_the_triggerer_does_not_render(dag):
@@ -247,8 +278,8 @@ def test_deferrable_mode_renders_on_the_worker_and_defers_with_the_list(dag):
     classpath, kwargs = info.value.trigger.serialize()
     assert classpath == "airflow_llm_async.triggers.fanout.FanOutTrigger"
     assert (kwargs["items"], kwargs["prompts"]) == (["a", "b"], None)
-    assert (kwargs["end_on_success"], kwargs["mapped_output"]) == (True, False)
-    assert kwargs["deadline"] is not None and kwargs["time_limit"] is None
+    assert (kwargs["end"], kwargs["mapped_output"]) == ("on_success", False)
+    assert kwargs["spec"]["deadline"] is not None and kwargs["time_limit"] is None
 
 
 @pytest.mark.parametrize(
@@ -277,7 +308,7 @@ def test_execute_complete_pushes_an_inline_result_and_returns_the_list(dag):
     op = LLMFanOutOperator(task_id="fan", prompts=["a"], output_key="answers")
     summary = fanout.summarize([fanout.to_record(ok("A"))], 0)
     ti = RecordingTI()
-    assert op.execute_complete({"ti": ti}, {**summary, "stored": False}) == ["A"]
+    assert op.execute_complete({"ti": ti}, {**summary.to_json(), "stored": False}) == ["A"]
     assert ti.pushed["answers"] == ["A"] and ti.pushed["llm_meta"]["totals"]["succeeded"] == 1
 
 
@@ -286,13 +317,16 @@ def test_a_failed_fan_out_raises_its_summary_and_keeps_what_succeeded(dag):
     summary = fanout.summarize([fanout.to_record(ok("A")), fanout.to_record(failed())], 0)
     ti = RecordingTI()
     with pytest.raises(AirflowException, match="1 of 2 items succeeded") as info:
-        op.execute_complete({"ti": ti}, {**summary, "stored": False})
+        op.execute_complete({"ti": ti}, {**summary.to_json(), "stored": False})
     assert not isinstance(info.value, AirflowFailException)  # Airflow's retries apply
     assert ti.pushed["return_value"] == ["A", None]
     stored = {
         "status": "error",
         "message": "LLM fan-out failed before any call (config): no conn",
+        "results": [],
         "stored": True,
     }
     with pytest.raises(AirflowFailException, match="no conn"):
-        op.execute_complete({"ti": RecordingTI()}, {**stored, "error": {"kind": "config"}})
+        op.execute_complete(
+            {"ti": RecordingTI()}, {**stored, "error": {"kind": "config", "message": "no conn"}}
+        )

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from airflow_llm_async.core.protocol import DEFAULT_BASE_URL
 from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook, shared_endpoint
-from airflow_llm_async.protocol import DEFAULT_BASE_URL
 
 
 def set_conn(monkeypatch, conn_id: str, **fields) -> None:

@@ -11,6 +11,9 @@ import pytest
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
+from airflow_llm_async.core.outcome import Attempt, CallSpec, Outcome
+from airflow_llm_async.core.protocol import LLMCallError
+from airflow_llm_async.core.quality import QualitySpec
 from airflow_llm_async.operators.branch import LLMQualityBranchOperator
 from airflow_llm_async.operators.llm import LLMOperator, TextProcessingOperator
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
@@ -46,75 +49,121 @@ def test_execute_defers_to_a_trigger_holding_only_json_safe_kwargs(dag):
     assert deferred.timeout == timedelta(minutes=3)  # our deadline + grace, so our error comes first
     classpath, kwargs = deferred.trigger.serialize()
     assert classpath == "airflow_llm_async.triggers.chat.ChatCompletionTrigger"
-    assert before + 120 <= kwargs.pop("deadline") <= time.time() + 120
+    assert before + 120 <= kwargs["spec"].pop("deadline") <= time.time() + 120
     assert kwargs == {
-        "request": {
-            "seed": 7,
-            "messages": [
-                {"role": "system", "content": "be brief"},
-                {"role": "user", "content": "Summarize: hi"},
-            ],
-            "temperature": 0.7,
-            "max_tokens": 1000,
-            "response_format": {"type": "json_object"},
+        "spec": {
+            "request": {
+                "seed": 7,
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "Summarize: hi"},
+                ],
+                "temperature": 0.7,
+                "max_tokens": 1000,
+                "response_format": {"type": "json_object"},
+            },
+            "chain": [["llm_test", "gpt-4"], ["llm_test", "gpt-3.5-turbo"]],
+            "max_retries": 3,
+            "quality": QualitySpec(min_chars=10).to_dict(),
+            "quality_retries": 0,
+            "on_quality_failure": "fail",
+            "max_cost_usd": 0.25,
         },
-        "conn_id": "llm_test",
-        "models": ["gpt-4", "gpt-3.5-turbo"],
-        "fallback_conn_ids": [],
-        "max_retries": 3,
-        "quality": {"min_chars": 10},
-        "quality_retries": 0,
-        "on_quality_failure": "fail",
+        "end": "on_success",  # a success ends the task in the triggerer: no resume, no 3.3.2 race
+        "output_key": "llm_output",
+        "time_limit": None,
         "prompt": None,
         "system_prompt": None,
         "messages": None,
-        "time_limit": None,
-        "end_from_trigger": False,
-        "output_key": "llm_output",
-        "end_on_success": True,  # a success ends the task in the triggerer: no resume, no 3.3.2 race
-        "max_cost_usd": 0.25,
     }
     json.dumps(kwargs)  # stored as JSON in the trigger table
 
 
 def test_serialize_round_trips_exactly():
-    trigger = ChatCompletionTrigger(
-        request={"messages": [{"role": "user", "content": "x"}]},
-        conn_id="c",
-        models=["a", "b"],
+    spec = CallSpec.of(
+        {"messages": [{"role": "user", "content": "x"}]},
+        ["c", "backup"],
+        ["a", "b"],
         deadline=1700000000.5,
         max_retries=1,
-        quality={"min_chars": 5},
+        quality=QualitySpec(min_chars=5),
         quality_retries=2,
         on_quality_failure="return",
+        max_cost_usd=0.5,
+    )
+    trigger = ChatCompletionTrigger(
+        spec=spec.to_json(),
+        end="here",
+        output_key="answer",
+        time_limit=30.0,
         prompt="p {{ ds }}",
         system_prompt="s",
         messages=[{"role": "user", "content": "m"}],
-        time_limit=30.0,
-        end_from_trigger=True,
-        output_key="answer",
-        fallback_conn_ids=["backup"],
-        end_on_success=True,
-        max_cost_usd=0.5,
     )
     classpath, kwargs = trigger.serialize()
-    clone = ChatCompletionTrigger(**kwargs)
+    assert classpath == f"{ChatCompletionTrigger.__module__}.ChatCompletionTrigger"
+    clone = ChatCompletionTrigger(**json.loads(json.dumps(kwargs)))
     assert clone.serialize() == (classpath, kwargs)
-    assert kwargs["deadline"] == 1700000000.5  # a wall-clock moment, not a remaining timeout
+    assert CallSpec.from_json(kwargs["spec"]) == spec
+    assert kwargs["spec"]["deadline"] == 1700000000.5  # a wall-clock moment, not a remaining timeout
+
+
+# Kwargs exactly as release 0.1 wrote them into the trigger table (a task deferred before an upgrade).
+RELEASE_0_1_KWARGS = {
+    "request": {"messages": [{"role": "user", "content": "x"}], "temperature": 0.7, "max_tokens": 1000},
+    "conn_id": "llm_test",
+    "models": ["gpt-4", "gpt-3.5-turbo"],
+    "deadline": 1700000000.5,
+    "max_retries": 3,
+    "quality": {"min_chars": 10},
+    "quality_retries": 1,
+    "on_quality_failure": "return",
+    "prompt": None,
+    "system_prompt": None,
+    "messages": None,
+    "time_limit": None,
+    "end_from_trigger": False,
+    "output_key": "llm_output",
+    "fallback_conn_ids": ["llm_backup"],
+    "end_on_success": True,
+    "max_cost_usd": 0.25,
+}
+
+
+def test_a_trigger_serialized_by_release_0_1_still_loads():
+    trigger = ChatCompletionTrigger(**json.loads(json.dumps(RELEASE_0_1_KWARGS)))
+    assert trigger.end == "on_success" and trigger.output_key == "llm_output"
+    assert trigger.call_spec() == CallSpec(
+        request=RELEASE_0_1_KWARGS["request"],
+        chain=[
+            ("llm_test", "gpt-4"),
+            ("llm_test", "gpt-3.5-turbo"),
+            ("llm_backup", "gpt-4"),
+            ("llm_backup", "gpt-3.5-turbo"),
+        ],  # fmt: skip
+        deadline=1700000000.5,
+        max_retries=3,
+        quality=QualitySpec(min_chars=10),
+        quality_retries=1,
+        on_quality_failure="return",
+        max_cost_usd=0.25,
+    )
+    worker_free = ChatCompletionTrigger(**{**RELEASE_0_1_KWARGS, "end_from_trigger": True, "prompt": "p"})
+    assert worker_free.end == "here" and worker_free.call_spec().request["messages"][-1]["content"] == "p"
 
 
 def test_the_execution_timeout_becomes_the_deadline(dag):
     op = LLMOperator(task_id="ask", prompt="x", execution_timeout=timedelta(seconds=30))
     with pytest.raises(TaskDeferred) as info:
         op.execute({})
-    assert info.value.trigger.deadline == pytest.approx(time.time() + 30, abs=5)
+    assert info.value.trigger.call_spec().deadline == pytest.approx(time.time() + 30, abs=5)
     assert info.value.timeout == timedelta(seconds=90)
 
 
 def test_no_limit_means_no_deadline(dag):
     with pytest.raises(TaskDeferred) as info:
         LLMOperator(task_id="ask", prompt="x").execute({})
-    assert info.value.trigger.deadline is None
+    assert info.value.trigger.call_spec().deadline is None
     assert info.value.timeout is None
 
 
@@ -194,28 +243,50 @@ def test_bad_arguments_fail_at_parse_time_with_the_fix(dag, kwargs, fragment):
 
 
 def _success_event(text="答案" * 30):
-    meta = {
-        "model": "gpt-3.5-turbo",
-        "conn_id": "llm_default",
-        "usage": {"prompt_tokens": 5, "completion_tokens": 60, "total_tokens": 65},
-        "finish_reason": "stop",
-        "latency_s": 1.5,
-        "attempts": [
-            {"conn_id": "llm_default", "model": "gpt-4", "status": 503, "result": "error"},
-            {"conn_id": "llm_default", "model": "gpt-3.5-turbo", "status": 200, "result": "ok"},
+    return Outcome(
+        "success",
+        text,
+        model="gpt-3.5-turbo",
+        requested_model="gpt-3.5-turbo",
+        conn_id="llm_default",
+        usage={"prompt_tokens": 5, "completion_tokens": 60, "total_tokens": 65},
+        finish_reason="stop",
+        latency_s=1.5,
+        attempts=[
+            Attempt("llm_default", "gpt-4", 503, 0.5, "error"),
+            Attempt("llm_default", "gpt-3.5-turbo", 200, 1.0, "ok"),
         ],
-        "quality": {"passed": True, "failures": []},
-        "fallback_used": True,
-    }
-    return {"status": "success", "text": text, "meta": meta}
+        fallback_used=True,
+        cost_usd=0.0001,
+        started_at=1700000000.0,
+        finished_at=1700000001.5,
+        host="worker-1",
+        pid=42,
+    ).to_json()
 
 
 def test_execute_complete_pushes_text_and_meta(dag):
     op = LLMOperator(task_id="ask", prompt="x", output_key="analysis")
     ti = RecordingTI()
     event = _success_event()
-    assert op.execute_complete({"ti": ti}, event) == event["text"]
+    assert op.execute_complete({"ti": ti}, json.loads(json.dumps(event))) == event["text"]
     assert ti.pushed == {"analysis": event["text"], "llm_meta": event["meta"]}
+
+
+@pytest.mark.parametrize(
+    ("event", "fragment"),
+    [
+        (None, "resumed without the trigger's event"),
+        ({"status": "done"}, "status must be one of"),
+        ({"status": "success"}, "must carry the answer"),
+        ({"status": "error", "error": "boom"}, "must be a dict with 'kind'"),
+        ("success", "must be a dict"),
+    ],
+)
+def test_execute_complete_rejects_an_event_it_cannot_read(dag, event, fragment):
+    with pytest.raises(AirflowException, match=fragment) as info:
+        LLMOperator(task_id="ask", prompt="x").execute_complete({"ti": RecordingTI()}, event)
+    assert "'ask'" in str(info.value) and "clear the task" in str(info.value).lower()
 
 
 def test_output_key_return_value_is_not_pushed_twice(dag):
@@ -238,16 +309,11 @@ def test_output_key_return_value_is_not_pushed_twice(dag):
     ],
 )
 def test_a_failed_call_raises_with_the_api_message(dag, kind, exception):
-    event = {
-        "status": "error",
-        "error": {
-            "kind": kind,
-            "status": 404,
-            "code": "model_not_found",
-            "message": "HTTP 404: no such model",
-        },
-        "meta": {"attempts": [{"conn_id": "llm_default", "model": "gpt-5x", "result": "error"}]},
-    }
+    event = Outcome(
+        "error",
+        error=LLMCallError(kind, "HTTP 404: no such model", status=404, code="model_not_found"),
+        attempts=[Attempt("llm_default", "gpt-5x", 404, 0.1, "error")],
+    ).to_json()
     ti = RecordingTI()
     with pytest.raises(exception) as info:
         LLMOperator(task_id="ask", prompt="x").execute_complete({"ti": ti}, event)
@@ -376,21 +442,22 @@ def test_worker_free_mode_fixes_unrendered_trigger_kwargs_at_parse_time(dag):
     )
     assert args.timeout == timedelta(seconds=120)
     assert args.trigger_kwargs == {
-        "request": {"temperature": 0.7, "max_tokens": 1000},
+        "spec": {
+            "request": {"temperature": 0.7, "max_tokens": 1000},
+            "chain": [["llm_default", "gpt-4"], ["llm_default", "gpt-3.5-turbo"]],
+            "deadline": None,
+            "max_retries": None,
+            "quality": None,
+            "quality_retries": 0,
+            "on_quality_failure": "fail",
+            "max_cost_usd": None,
+        },
+        "end": "here",
+        "output_key": "analysis",
+        "time_limit": 60.0,
         "prompt": "Trends in {{ params.topic }}",
         "system_prompt": "brief",
         "messages": None,
-        "time_limit": 60.0,
-        "end_from_trigger": True,
-        "output_key": "analysis",
-        "conn_id": "llm_default",
-        "models": ["gpt-4", "gpt-3.5-turbo"],
-        "fallback_conn_ids": [],
-        "max_retries": None,
-        "quality": None,
-        "quality_retries": 0,
-        "on_quality_failure": "fail",
-        "max_cost_usd": None,
     }
     json.dumps(args.trigger_kwargs)
     assert other.start_trigger_args.trigger_kwargs["prompt"] == "x"  # per instance, not shared
@@ -432,8 +499,8 @@ def test_worker_free_tasks_still_defer_normally_when_executed(dag):
     op = LLMOperator(task_id="ask", prompt="x", start_from_trigger=True)
     with pytest.raises(TaskDeferred) as info:
         op.execute({})
-    assert info.value.trigger.end_from_trigger is False
-    assert info.value.trigger.request["messages"] == [{"role": "user", "content": "x"}]
+    assert info.value.trigger.end == "on_success"
+    assert info.value.trigger.call_spec().request["messages"] == [{"role": "user", "content": "x"}]
 
 
 def test_worker_free_default_comes_from_the_provider_config(dag, monkeypatch):
@@ -453,4 +520,4 @@ def test_a_subclass_with_its_own_execute_complete_still_resumes(dag):
 
     with pytest.raises(TaskDeferred) as info:
         Custom(task_id="custom", prompt="x").execute({})
-    assert info.value.trigger.end_on_success is False
+    assert info.value.trigger.end == "resume"

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from airflow_llm_async import pricing
-from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook
-from airflow_llm_async.pricing import DEFAULT_PRICES, Price, PriceTableError
-from airflow_llm_async.ratelimit import completion_budget, estimate_prompt_tokens, estimate_tokens
+from airflow_llm_async.core import pricing
+from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price, PriceTableError
+from airflow_llm_async.core.tokens import completion_budget, estimate_prompt_tokens, estimate_tokens
+from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook, file_prices, price_table
 
 
 def test_cost_is_tokens_times_usd_per_million():
@@ -48,20 +48,20 @@ def test_an_unknown_model_has_no_price_rather_than_a_neighbours(model):
 def test_the_connection_overrides_the_file_which_overrides_the_defaults(tmp_path):
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"gpt-4": {"input": 1, "output": 2}, "llama3": {"input": 0, "output": 0}}))
-    table = pricing.price_table({"llama3": Price(0.1, 0.2)}, str(path))
+    table = price_table({"llama3": Price(0.1, 0.2)}, str(path))
     assert table["gpt-4"] == Price(1.0, 2.0)
     assert table["llama3"] == Price(0.1, 0.2)
     assert table["gpt-4o"] == DEFAULT_PRICES["gpt-4o"]
-    assert pricing.price_table() == DEFAULT_PRICES
+    assert price_table() == DEFAULT_PRICES
 
 
 def test_a_changed_prices_file_is_read_again(tmp_path):
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"m": {"input": 1, "output": 1}}))
-    assert pricing.file_prices(str(path))["m"] == Price(1.0, 1.0)
+    assert file_prices(str(path))["m"] == Price(1.0, 1.0)
     path.write_text(json.dumps({"m": {"input": 3, "output": 4}}))
     os.utime(path, (1, 1))  # a new mtime even within the file system's timestamp resolution
-    assert pricing.file_prices(str(path))["m"] == Price(3.0, 4.0)
+    assert file_prices(str(path))["m"] == Price(3.0, 4.0)
 
 
 @pytest.mark.parametrize(
@@ -84,11 +84,11 @@ def test_a_bad_price_table_says_what_shape_is_expected(table, message):
 
 def test_a_missing_or_broken_prices_file_is_named(tmp_path):
     with pytest.raises(PriceTableError, match=r"prices_file '.*nope.json' cannot be read"):
-        pricing.file_prices(str(tmp_path / "nope.json"))
+        file_prices(str(tmp_path / "nope.json"))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(PriceTableError, match="is not a JSON price table"):
-        pricing.file_prices(str(broken))
+        file_prices(str(broken))
 
 
 def set_conn(monkeypatch, conn_id: str, **extra) -> None:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from airflow_llm_async.protocol import (
+from airflow_llm_async.core.protocol import (
     Endpoint,
     LLMCallError,
     build_messages,

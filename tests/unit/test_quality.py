@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_llm_async.quality import ARTICLE_RULES, QualitySpec
+from airflow_llm_async.core.quality import ARTICLE_RULES, QualitySpec
 
 GOOD = (
     "大语言模型正在改变数据工程:自动化清洗、文档生成和代码审查都能借助模型完成,"

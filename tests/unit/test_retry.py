@@ -1,3 +1,5 @@
+"""The retry policy, against openai-python's semantics (``_should_retry``, ``_calculate_retry_timeout``)."""
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -5,72 +7,93 @@ from email.utils import format_datetime
 
 import pytest
 
-from airflow_llm_async.retry import RetryPolicy, retry_after_seconds
+from airflow_llm_async.core.retry import RetryPolicy, retry_after_seconds
 
 NOW = 1_700_000_000.0
 
 
-def test_should_retry_only_retryable_errors_within_the_budget():
+def wait(policy: RetryPolicy, retries_done: int = 0, headers=None, *, retryable=True, rand=1.0):
+    return policy.decide(retryable, retries_done, headers, rand=lambda: rand, now=lambda: NOW).wait
+
+
+def test_only_retryable_errors_are_retried_within_the_budget():
     policy = RetryPolicy(max_retries=2)
-    assert policy.should_retry(True, 0)
-    assert policy.should_retry(True, 1)
-    assert not policy.should_retry(True, 2)
-    assert not policy.should_retry(False, 0)
-    assert not RetryPolicy(max_retries=0).should_retry(True, 0)
+    assert wait(policy, 0) is not None and wait(policy, 1) is not None
+    assert wait(policy, 2) is None
+    assert wait(policy, 0, retryable=False) is None
+    assert wait(RetryPolicy(max_retries=0), 0) is None
 
 
 @pytest.mark.parametrize(
     ("retries_done", "ceiling"), [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (9, 8.0)]
 )
 def test_backoff_is_exponential_capped_with_full_jitter(retries_done, ceiling):
-    policy = RetryPolicy()
-    assert policy.delay(retries_done, rand=lambda: 1.0) == ceiling
-    assert policy.delay(retries_done, rand=lambda: 0.5) == ceiling / 2
-    assert policy.delay(retries_done, rand=lambda: 0.0) == 0.0
+    policy = RetryPolicy(max_retries=10)
+    assert wait(policy, retries_done, rand=1.0) == ceiling
+    assert wait(policy, retries_done, rand=0.5) == ceiling / 2
+    assert wait(policy, retries_done, rand=0.0) == 0.0
 
 
 def test_retry_after_ms_wins_over_retry_after():
-    headers = {"Retry-After-Ms": "250", "Retry-After": "7"}
-    assert RetryPolicy().delay(0, headers) == 0.25
+    assert wait(RetryPolicy(), 0, {"retry-after-ms": "250", "retry-after": "9"}) == 0.25
 
 
-def test_retry_after_seconds_is_honoured():
-    assert RetryPolicy().delay(3, {"retry-after": "1.5"}) == 1.5
+def test_retry_after_seconds_is_honoured_whatever_the_header_case():
+    assert wait(RetryPolicy(max_retries=5), 3, {"Retry-After": "1.5"}) == 1.5
 
 
 def test_retry_after_http_date_is_honoured():
     moment = format_datetime(datetime.fromtimestamp(NOW + 12, tz=UTC), usegmt=True)
-    assert RetryPolicy().delay(0, {"retry-after": moment}, now=lambda: NOW) == pytest.approx(12)
+    assert wait(RetryPolicy(), 0, {"retry-after": moment}) == pytest.approx(12)
 
 
-def test_a_retry_after_beyond_the_cap_falls_back_to_backoff():
-    policy = RetryPolicy(max_retry_after=60)
-    assert policy.delay(1, {"retry-after": "3600"}, rand=lambda: 1.0) == 1.0
+def test_a_server_asking_for_longer_than_the_cap_is_not_waited_on():
+    """openai-python would back off instead; we move down the chain (the next model may answer now)."""
+    decision = RetryPolicy(max_retry_after=60).decide(True, 0, {"retry-after": "3600"})
+    assert decision.wait is None and "3600 s" in decision.why
+    assert wait(RetryPolicy(max_retry_after=60), 0, {"retry-after": "60"}) == 60.0
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", ""])
+def test_retry_after_zero_or_unreadable_falls_back_to_our_backoff(value):
+    assert wait(RetryPolicy(), 1, {"retry-after": value}, rand=0.5) == 0.5
 
 
 @pytest.mark.parametrize(
-    ("headers", "expected"),
+    ("header", "retryable", "retried"),
     [
-        (None, None),
-        ({}, None),
-        ({"retry-after": "soon"}, None),
-        ({"retry-after-ms": "x", "retry-after": "2"}, 2.0),
-        ({"retry-after": "-5"}, 0.0),
-        ({"retry-after": "Wed, 21 Oct 2015 07:28:00"}, None),  # no zone: ambiguous, ignored
+        ("true", False, True),  # e.g. a 400 the server says is worth another try
+        ("false", True, False),  # e.g. a 503 the server says is not
+        ("TRUE", False, False),  # the header is compared exactly, as openai-python does
+        (None, True, True),
+        (None, False, False),
     ],
 )
-def test_retry_after_parsing(headers, expected):
-    assert retry_after_seconds(headers, now=lambda: NOW) == expected
+def test_x_should_retry_decides_before_the_status(header, retryable, retried):
+    headers = {"x-should-retry": header} if header is not None else {}
+    assert (wait(RetryPolicy(), 0, headers, retryable=retryable) is not None) is retried
 
 
-def test_a_past_http_date_means_no_wait():
+def test_x_should_retry_true_still_respects_the_retry_budget():
+    assert wait(RetryPolicy(max_retries=1), 1, {"x-should-retry": "true"}, retryable=False) is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [None, {}, {"retry-after": "soon"}, {"retry-after": "Mon, 32 Foo 2026"}, {"retry-after-ms": "x"}],
+)
+def test_missing_or_bad_headers_are_ignored(headers):
+    assert retry_after_seconds(headers) is None
+
+
+def test_a_date_in_the_past_means_no_wait():
     moment = format_datetime(datetime.fromtimestamp(NOW - 30, tz=UTC), usegmt=True)
     assert retry_after_seconds({"retry-after": moment}, now=lambda: NOW) == 0.0
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"max_retries": -1}, {"max_retries": 1.5}, {"initial_delay": 5, "max_delay": 1}]
+    "bad", [{"max_retries": -1}, {"max_retries": 1.5}, {"initial_delay": 5, "max_delay": 1}]
 )
-def test_invalid_policies_are_rejected(kwargs):
+def test_bad_policies_are_refused(bad):
     with pytest.raises(ValueError):
-        RetryPolicy(**kwargs)
+        RetryPolicy(**bad)

@@ -11,19 +11,11 @@ import random
 
 import pytest
 
-from airflow_llm_async import ratelimit
-from airflow_llm_async.protocol import Endpoint
-from airflow_llm_async.ratelimit import (
-    BURST_SECONDS,
-    AdaptiveRate,
-    ConnectionLimiter,
-    Limits,
-    LocalBuckets,
-    TokenBucket,
-    check_backend,
-    estimate_tokens,
-    limiter_for,
-)
+from airflow_llm_async.core import tokens
+from airflow_llm_async.core.buckets import BURST_SECONDS, AdaptiveRate, Limits, LocalBuckets, TokenBucket
+from airflow_llm_async.core.protocol import Endpoint
+from airflow_llm_async.core.tokens import estimate_tokens
+from airflow_llm_async.limits import ConnectionLimiter, check_backend, limiter_for
 from airflow_llm_async.testing.fake_server import estimate_tokens as fake_server_tokens
 
 
@@ -322,7 +314,7 @@ def test_estimate_text_agrees_with_the_fake_server(seed):
     alphabet = "abc xyz.,\n" + "人工智能天气" + "ひらカタ" + "한국어" + "éüß€" + "😀"
     for length in range(0, 120, 7):
         text = "".join(rng.choice(alphabet) for _ in range(length))
-        assert ratelimit._text_tokens(text) == fake_server_tokens(text), text
+        assert tokens._text_tokens(text) == fake_server_tokens(text), text
 
 
 def test_estimate_sums_messages_and_content_parts():
@@ -331,7 +323,7 @@ def test_estimate_sums_messages_and_content_parts():
         "messages": [{"role": "system", "content": "abcd"}, {"role": "user", "content": parts}],
         "max_completion_tokens": 7,
     }
-    assert estimate_tokens(request) == (4 + 1) + (4 + 2 + ratelimit.NON_TEXT_PART_TOKENS) + 7
+    assert estimate_tokens(request) == (4 + 1) + (4 + 2 + tokens.NON_TEXT_PART_TOKENS) + 7
 
 
 def test_estimate_multiplies_the_completion_by_n_and_counts_schemas():
@@ -341,9 +333,9 @@ def test_estimate_multiplies_the_completion_by_n_and_counts_schemas():
 
 
 def test_estimate_defaults_the_completion_and_survives_odd_input():
-    assert estimate_tokens({}) == ratelimit.DEFAULT_COMPLETION_TOKENS
+    assert estimate_tokens({}) == tokens.DEFAULT_COMPLETION_TOKENS
     odd = {"messages": ["not a dict", {"role": "user"}], "max_tokens": "many"}
-    assert estimate_tokens(odd) == 8 + ratelimit.DEFAULT_COMPLETION_TOKENS
+    assert estimate_tokens(odd) == 8 + tokens.DEFAULT_COMPLETION_TOKENS
 
 
 # --- limits, registry, config -----------------------------------------------------------------

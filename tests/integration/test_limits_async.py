@@ -8,7 +8,8 @@ import json
 import pytest
 
 from airflow_llm_async import transport
-from airflow_llm_async.ratelimit import ConnectionLimiter, Limits
+from airflow_llm_async.core.buckets import Limits
+from airflow_llm_async.limits import ConnectionLimiter
 from airflow_llm_async.testing.fake_server import FakeLLMServer
 
 
@@ -70,7 +71,7 @@ async def test_concurrency_cap_holds_against_the_fake_server():
 
         async def call() -> int:
             async with limiter.slot(10):
-                status, _, _ = await transport.post_json(url, headers, body, 10)
+                status = (await transport.post_json(url, headers, body, 10)).status
                 return status
 
         server.hold()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_llm_async.pricing import DEFAULT_PRICES, Price
+from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -98,6 +98,13 @@ class LLMCallError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "status": self.status, "code": self.code, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LLMCallError:
+        """The error an event carries (``to_dict``); ValueError if it is not one."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("kind"), str):
+            raise ValueError(f"an LLM error must be a dict with 'kind' and 'message', got {data!r:.200}")
+        return cls(data["kind"], str(data.get("message")), status=data.get("status"), code=data.get("code"))
 
 
 def build_messages(

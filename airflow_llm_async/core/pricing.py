@@ -3,13 +3,12 @@
 Prices are US dollars per million tokens, input (prompt) and output (completion). The table a
 connection uses is, from lowest to highest precedence: :data:`DEFAULT_PRICES`, the JSON file
 named by ``[llm_async] prices_file``, and the connection's ``prices`` extra. All three have the
-same shape: ``{"gpt-4o": {"input": 2.5, "output": 10}}``. I/O-free except for reading that file.
+same shape: ``{"gpt-4o": {"input": 2.5, "output": 10}}``. I/O-free: the hook reads the prices
+file (``hooks/llm.py``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -73,37 +72,6 @@ def parse_prices(table: Any, where: str) -> dict[str, Price]:
             )
         prices[str(model)] = Price(float(values[0]), float(values[1]))
     return prices
-
-
-_file_cache: dict[str, tuple[float, dict[str, Price]]] = {}  # path -> (mtime, prices)
-
-
-def file_prices(path: str | None) -> dict[str, Price]:
-    """The prices in a JSON file, re-read only when the file changes."""
-    if not path:
-        return {}
-    try:
-        mtime = os.stat(path).st_mtime
-    except OSError as exc:
-        raise PriceTableError(f"[llm_async] prices_file {path!r} cannot be read: {exc.strerror}.") from None
-    cached = _file_cache.get(path)
-    if cached is not None and cached[0] == mtime:
-        return cached[1]
-    try:
-        with open(path, encoding="utf-8") as file:
-            table = json.load(file)
-    except (OSError, ValueError) as exc:
-        raise PriceTableError(f"[llm_async] prices_file {path!r} is not a JSON price table: {exc}") from None
-    prices = parse_prices(table, f"[llm_async] prices_file {path!r}")
-    _file_cache[path] = (mtime, prices)
-    return prices
-
-
-def price_table(
-    overrides: Mapping[str, Price] | None = None, prices_file: str | None = None
-) -> dict[str, Price]:
-    """Defaults, then the prices file, then a connection's own prices."""
-    return {**DEFAULT_PRICES, **file_prices(prices_file), **(overrides or {})}
 
 
 def price_of(prices: Mapping[str, Price], model: str | None) -> Price | None:

@@ -15,10 +15,11 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from airflow_llm_async import ratelimit, ratelimit_redis
-from airflow_llm_async.protocol import Endpoint
-from airflow_llm_async.ratelimit import ConnectionLimiter, Limits, LocalBuckets, limiter_for
-from airflow_llm_async.ratelimit_redis import KEY_PREFIX, RedisBuckets, wait_for_adjustments
+from airflow_llm_async import limits, limits_redis
+from airflow_llm_async.core.buckets import Limits, LocalBuckets
+from airflow_llm_async.core.protocol import Endpoint
+from airflow_llm_async.limits import ConnectionLimiter, limiter_for
+from airflow_llm_async.limits_redis import KEY_PREFIX, RedisBuckets, wait_for_adjustments
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -72,7 +73,7 @@ async def prefix(redis_client):
 @pytest.fixture(autouse=True)
 async def _close_limiters():
     yield
-    await ratelimit.close_loop_limiters()
+    await limits.close_loop_limiters()
 
 
 def shared_buckets(prefix, clock, rpm=None, tpm=None, conn_id="conn") -> RedisBuckets:
@@ -262,7 +263,7 @@ async def test_unreachable_redis_falls_back_to_local_buckets_and_says_so(caplog)
     limits = Limits(None, 60, None, url)
     buckets = RedisBuckets.for_url(url, "conn", limits, fallback=LocalBuckets(60, None, clock), clock=clock)
     limiter = ConnectionLimiter("conn", limits, clock=clock, sleep=clock.sleep, buckets=buckets)
-    with caplog.at_level(logging.WARNING, logger=ratelimit_redis.__name__):
+    with caplog.at_level(logging.WARNING, logger=limits_redis.__name__):
         for _ in range(11):
             async with limiter.slot():
                 pass

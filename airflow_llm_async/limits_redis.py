@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from airflow_llm_async.ratelimit import BURST_SECONDS, Limits, LocalBuckets
+from airflow_llm_async.core.buckets import BURST_SECONDS, Limits, LocalBuckets
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,8 @@
-"""Many chat completions in one task: one ``complete()`` per item, all on one event loop, then a summary.
+"""Many chat completions in one task, without I/O: the items, their records, and the task's summary.
 
-Each item is an ordinary call (:func:`airflow_llm_async.completion.complete`) with its own retries,
-quality gate and fallback chain; all of them share the connection's limiter (concurrency,
-requests/min, tokens/min), so the fan-out never goes faster than the connection allows. The trigger
-(``triggers/fanout.py``) and sync mode run the same :func:`run_items`.
+Each item is an ordinary call with its own retries, quality gate and fallback chain; the driver
+(``driver.fan_out``) runs them all on one event loop under the connection's limiter, for the
+trigger (``triggers/fanout.py``) and sync mode alike.
 
 An item's outcome is kept as a small JSON *record*, ``{"text": str | None, "meta": {...}}``: what the
 task's XComs need and what progress parts persist (``progress.py``), without the attempts of calls
@@ -13,15 +12,14 @@ that succeeded.
 from __future__ import annotations
 
 import ast
-import asyncio
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from airflow_llm_async.completion import CallSpec, complete
-from airflow_llm_async.protocol import Endpoint, LLMCallError, build_messages
+from airflow_llm_async.core.outcome import CallSpec, FanOutOutcome, Outcome
+from airflow_llm_async.core.protocol import LLMCallError, build_messages
 
 # One task cannot hold more: the records, the XComs and the trigger kwargs grow with the items.
 MAX_ITEMS = 10_000
@@ -87,67 +85,26 @@ def item_specs(items: Sequence[Any], base: CallSpec, system_prompt: str | None) 
     return specs
 
 
-async def run_items(
-    specs: Sequence[CallSpec | Record],
-    endpoints: Mapping[str, Endpoint],
-    done: Mapping[int, Record] | None = None,
-    on_record: Callable[[int, Record], None] | None = None,
-) -> list[Record]:
-    """Call every item not in ``done`` concurrently; ``on_record`` hears of each new record as it lands."""
-    records: list[Record | None] = [None] * len(specs)
-    for index, record in (done or {}).items():
-        records[index] = record
-
-    async def call(index: int, spec: CallSpec) -> None:
-        record = to_record(await complete(spec, endpoints))
-        records[index] = record
-        if on_record is not None:
-            on_record(index, record)
-
-    tasks = []
-    try:
-        for index, spec in enumerate(specs):
-            if records[index] is not None:
-                continue
-            if not isinstance(spec, CallSpec):  # an item that could not become a request
-                records[index] = spec
-                if on_record is not None:
-                    on_record(index, spec)
-                continue
-            tasks.append(asyncio.create_task(call(index, spec)))
-            if len(tasks) % START_BATCH == 0:
-                await asyncio.sleep(START_PAUSE_S)
-        await asyncio.gather(*tasks)
-    finally:
-        # Cancelled (the triggerer stops the trigger) or a bug in one call: stop the others, and wait
-        # until they have stopped, so that no request goes out after the trigger has ended.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return [record for record in records if record is not None]
-
-
-def to_record(outcome: dict[str, Any]) -> Record:
+def to_record(outcome: Outcome) -> Record:
     """The record of one call's outcome: the text and what ``llm_meta`` keeps about the item."""
-    meta = outcome.get("meta") or {}
-    attempts = meta.get("attempts") or []
-    item: dict[str, Any] = {"status": outcome["status"], "attempts": len(attempts)}
-    if outcome["status"] == "success":
+    item: dict[str, Any] = {"status": outcome.status, "attempts": len(outcome.attempts)}
+    if outcome.ok:
         item.update(
-            model=meta.get("model"),
-            usage=meta.get("usage") or {},
-            quality=meta.get("quality"),
-            fallback_used=meta.get("fallback_used", False),
-            latency_s=meta.get("latency_s"),
+            model=outcome.model,
+            usage=dict(outcome.usage),
+            quality={"passed": not outcome.quality_failures, "failures": list(outcome.quality_failures)},
+            fallback_used=outcome.fallback_used,
+            latency_s=outcome.latency_s,
         )
-        if meta.get("cost_usd") is not None:
-            item["cost_usd"] = meta["cost_usd"]
-        return {"text": outcome["text"], "meta": item}
-    # A failure keeps its attempts: they say what each model answered.
-    item.update(error=outcome.get("error"), attempt_log=attempts, latency_s=meta.get("latency_s"))
-    if meta.get("cost_usd") is not None:
-        item["cost_usd"] = meta["cost_usd"]
-    return {"text": None, "meta": item}
+    else:  # a failure keeps its attempts: they say what each model answered
+        item.update(
+            error=outcome.error.to_dict() if outcome.error else None,
+            attempt_log=[attempt.to_json() for attempt in outcome.attempts],
+            latency_s=outcome.latency_s,
+        )
+    if outcome.cost_usd is not None:
+        item["cost_usd"] = outcome.cost_usd
+    return {"text": outcome.text, "meta": item}
 
 
 def error_record(error: LLMCallError) -> Record:
@@ -171,8 +128,8 @@ def allowed_failures(max_failures: int | float, items: int) -> int:
     return max_failures
 
 
-def summarize(records: Sequence[Record], max_failures: int | float, resumed: int = 0) -> dict[str, Any]:
-    """The task's outcome: ``{"status", "results", "meta", "message"}``, results in input order."""
+def summarize(records: Sequence[Record], max_failures: int | float, resumed: int = 0) -> FanOutOutcome:
+    """The task's outcome: the results in input order, ``llm_meta`` with every item and the totals."""
     items = [record["meta"] for record in records]
     failed = [index for index, item in enumerate(items) if item["status"] != "success"]
     allowed = allowed_failures(max_failures, len(records))
@@ -200,13 +157,12 @@ def summarize(records: Sequence[Record], max_failures: int | float, resumed: int
         "max_failures": max_failures,
         "allowed_failures": allowed,
     }
-    ok = len(failed) <= allowed
-    return {
-        "status": "success" if ok else "error",
-        "results": [record["text"] for record in records],
-        "meta": meta,
-        "message": describe(totals, failed, items, allowed),
-    }
+    return FanOutOutcome(
+        status="success" if len(failed) <= allowed else "error",
+        results=[record["text"] for record in records],
+        meta=meta,
+        message=describe(totals, failed, items, allowed),
+    )
 
 
 def describe(totals: dict[str, Any], failed: list[int], items: list[dict], allowed: int) -> str:

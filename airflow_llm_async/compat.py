@@ -1,0 +1,118 @@
+"""Every workaround for Airflow 3.3.2, in one place: what it works around, and how to tell it can go.
+
+Each entry names the upstream behaviour (and issue, where one is known), what we do instead, and the
+check that tells when a later Airflow makes it unnecessary. Nothing else in the package works around
+Airflow; code that needs one of these calls it from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+# --- 1. XComs sent with TaskSuccessEvent(xcoms=...) are stored JSON-encoded twice -----------------
+# Upstream: airflow/models/trigger.py handle_event_submit passes the values to XComModel.set, which
+# serializes them once more, so a downstream task reads a dict as text and an answer with quotes.
+# Instead: a trigger that ends its task pushes through the XCom backend as a worker would (below) and
+# fires an empty TaskSuccessEvent / TaskFailedEvent. It can go when a dict sent in
+# TaskSuccessEvent(xcoms=...) reads back as a dict downstream (tests/e2e: worker-free XComs).
+
+
+async def push_xcoms(ti: Any, xcoms: Mapping[str, Any], *, mapped_length: int | None = None) -> None:
+    """Store a task's XComs from a trigger, through the configured XCom backend, all at once.
+
+    Serialized in a thread, off the triggerer's event loop: a fan-out's ``llm_meta`` (1,000 items) takes
+    0.1 s of pure Python on an idle machine, and a custom backend may write to object storage there.
+    ``mapped_length`` is recorded with ``return_value``, for a downstream task mapped over it.
+    """
+    where = {"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id, "map_index": ti.map_index}
+    # Sent together: the supervisor answers them one by one, without a round trip's wait between.
+    await asyncio.gather(
+        *(
+            set_xcom(key, value, mapped_length=mapped_length if key == "return_value" else None, **where)
+            for key, value in xcoms.items()
+        )
+    )
+
+
+async def set_xcom(key: str, value: Any, *, mapped_length: int | None = None, **where: Any) -> None:
+    """``XCom.aset`` with the backend's serialization in a thread (see :func:`push_xcoms`)."""
+    from airflow.sdk.execution_time.comms import SetXCom
+    from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS
+    from airflow.sdk.execution_time.xcom import XCom
+
+    stored = await asyncio.to_thread(XCom.serialize_value, value, key=key, **where)
+    await SUPERVISOR_COMMS.asend(SetXCom(key=key, value=stored, mapped_length=mapped_length, **where))
+
+
+def decode_double_encoded(value: Any) -> Any:
+    """A value stored JSON-encoded once more (by 3.3.2's TaskSuccessEvent xcoms) is decoded again.
+
+    The monitor reads XComs that earlier releases of this provider may have stored that way.
+    """
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
+# --- 2. The deferral race: a resumed task failed by its own worker's late report ------------------
+# Upstream: when a trigger fires before the worker has reported that its try deferred (the worker
+# reports up to [workers] min_heartbeat_interval, 5 s, later), the resumed try can be failed with
+# "finished with state success, but the task instance's state attribute is queued". 9 % of 150 short
+# deferred calls failed so here (docs/fault-survival.md). Instead: a successful call ends its task in
+# the triggerer (no resume, so no race); a failure still resumes on a worker, which raises the right
+# exception for retries and callbacks. It can go when tests/e2e/faults/race_study.py, run with
+# ``end_on_success`` off, shows no such failure.
+
+
+def ends_on_success(operator: Any, base: type) -> bool:
+    """End the task in the triggerer when its call succeeds: unless a subclass wants its own
+    ``execute_complete`` to see the answer (then it must resume, race and all)."""
+    return type(operator).execute_complete is base.execute_complete
+
+
+# --- 3. Worker-free templates can pull only one map index ----------------------------------------
+# Upstream: in the triggerer, ``ti.xcom_pull(task_ids=...)`` without ``map_indexes`` sends
+# GetXComSequenceSlice, which 3.3.2's triggerer supervisor cannot answer: rendering waits forever.
+# Instead: such templates are refused when the DAG is parsed, with the fix (``map_indexes=-1``).
+# It can go when a worker-free task rendering ``ti.xcom_pull(task_ids='up')`` ends.
+
+_PULL_ALL_MAP_INDEXES = re.compile(r"xcom_pull\((?![^)]*map_indexes)[^)]*\)")
+
+
+def check_worker_free_templates(op: Any) -> None:
+    """ValueError naming the field and the fix, for a template the triggerer could not render."""
+    for field in op.template_fields:
+        value = getattr(op, field, None)
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        if _PULL_ALL_MAP_INDEXES.search(text):
+            raise ValueError(
+                f"{type(op).__name__} {op.task_id!r}: with start_from_trigger=True the triggerer renders "
+                f"`{field}`, and Airflow 3.3.2's triggerer can only pull one map index: add "
+                f"map_indexes=-1 to the xcom_pull, e.g. ti.xcom_pull(task_ids='up', map_indexes=-1)."
+            )
+
+
+# --- 4. dag.test() runs triggers inline, without a task instance ---------------------------------
+# Upstream: ``dag.test()`` / ``airflow dags test`` run a deferred task's trigger in-process with
+# ``trigger.task_instance`` None, and always resume the task with the event. Instead: without a task
+# instance the trigger fires a plain TriggerEvent with the outcome, and ``execute_complete`` ends the
+# task as after any resume. It can go when dag.test() gives triggers their task instance.
+
+
+def can_end_task_here(trigger: Any) -> bool:
+    """Whether the trigger can push XComs and end the task itself (False under dag.test())."""
+    return trigger.task_instance is not None
+
+
+# --- 5. Mapped tasks keep only the class-level start_trigger_args --------------------------------
+# Upstream: a mapped operator's per-instance ``start_trigger_args`` is not used, so a mapped task
+# cannot start in the triggerer; it runs in the default deferrable mode (docs/worker-free.md).
+# Nothing to do in code; it can go when a mapped LLMOperator(start_from_trigger=True) starts in the
+# triggerer (no worker slot taken).

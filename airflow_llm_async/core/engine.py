@@ -1,0 +1,379 @@
+"""One chat completion as a state machine: every decision, no I/O.
+
+:func:`call_flow` is a generator, as httpx's ``Auth.auth_flow`` is: it yields what to do next
+(:class:`Send` this request, :class:`Wait` this long) and is sent what happened (an
+:class:`Answer`, or :class:`NoAnswer` when the transport or the limiter gave up); it returns the
+:class:`~airflow_llm_async.core.outcome.Outcome`. The driver (``driver.py``) owns every byte of
+I/O and every sleep, so the rules here (the chain walk over connections and models, retries and
+their back-off, the quality gate, the cost budget and ledger, the deadline) are tested in
+microseconds with no server, no sleeps and a fake clock::
+
+    flow = call_flow(spec, endpoints)
+    step = next(flow)
+    while True:
+        reply = await do(step)          # send the request, or sleep
+        step = flow.send(reply)         # StopIteration.value is the Outcome
+
+What the engine decides is reported to an :class:`Observer` (the driver passes the ``metrics``
+module, which implements it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from airflow_llm_async.core import pricing, protocol, tokens
+from airflow_llm_async.core.outcome import Attempt, CallSpec, Outcome
+from airflow_llm_async.core.pricing import Price
+from airflow_llm_async.core.protocol import Completion, Endpoint, LLMCallError
+from airflow_llm_async.core.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``body`` to the endpoint, under its connection's limits, and reply with what came back."""
+
+    endpoint: Endpoint
+    model: str
+    body: bytes
+    timeout: float  # seconds for the round trip (the connection's timeout, or less near the deadline)
+    estimated_tokens: int  # what to reserve from the connection's tokens-per-minute bucket
+    deadline: float | None  # wall-clock: the limiter must not hold the request past it
+    attempt: Attempt  # its record in llm_meta, filled in once the reply is sent back
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Sleep, then reply with ``None``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The server answered (any status)."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class NoAnswer:
+    """No answer: ``timeout`` (none within the time), ``connection`` (``detail`` says why), or
+    ``limits`` (the connection's limits held the request until the deadline; it was never sent)."""
+
+    kind: str
+    detail: str = ""
+
+
+Step = Send | Wait
+Reply = Answer | NoAnswer | None
+Flow = Generator[Step, Reply, Outcome]
+
+
+class Observer(Protocol):
+    """What the engine reports as it decides; the driver's observer turns it into metrics."""
+
+    def attempt(self, conn_id: str, model: str, latency_s: float, error_kind: str | None) -> None: ...
+
+    def count(self, name: str, conn_id: str, model: str) -> None: ...  # retries, fallbacks, ...
+
+    def error(self, conn_id: str, model: str, kind: str) -> None: ...  # a refusal, never sent
+
+    def usage(self, conn_id: str, model: str, usage: Mapping[str, int], cost: float | None) -> None: ...
+
+    def call(self, conn_id: str, model: str, latency_s: float, succeeded: bool) -> None: ...
+
+
+class _Silent:
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args: None
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Wall-clock time (deadlines, ``started_at``) and a monotonic one (latencies); fakes in tests."""
+
+    now: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+
+
+def call_flow(
+    spec: CallSpec,
+    endpoints: Mapping[str, Endpoint],
+    *,
+    clock: Clock = Clock(),
+    rand: Callable[[], float] = random.random,
+    observer: Observer | None = None,
+    host: str | None = None,
+    pid: int | None = None,
+) -> Flow:
+    """Walk the chain until an answer passes the quality gate; see the module docstring.
+
+    ``host`` and ``pid`` name the process that runs the call, for ``llm_meta``.
+    """
+    call = _Call(spec, clock, observer or _Silent(), host, pid)
+    try:
+        targets = resolve_models(spec, endpoints)
+    except LLMCallError as exc:
+        return call.failure(exc, spec.chain[0][0], None)
+    error: LLMCallError | None = None
+    rejected: tuple[Completion, str, str, int, list] | None = None  # the last answer that failed quality
+    for position, (endpoint, model) in enumerate(targets):
+        policy = retry_policy(spec, endpoint)
+        price = pricing.price_of(endpoint.prices, model)
+        retries = quality_tries = 0
+        while True:
+            refusal = call.refusal(endpoint, model, price)
+            if refusal is not None:
+                if refusal.kind == "deadline":
+                    return call.failure(refusal, endpoint.conn_id, model)
+                error = refusal
+                break
+            attempt = Attempt(endpoint.conn_id, model)
+            call.attempts.append(attempt)
+            timeout, capped = call.timeout(endpoint)
+            sent = clock.monotonic()
+            reply = yield Send(
+                endpoint,
+                model,
+                protocol.build_payload(spec.request, model),
+                timeout,
+                tokens.estimate_tokens(spec.request),
+                spec.deadline,
+                attempt,
+            )
+            attempt.status = reply.status if isinstance(reply, Answer) else None
+            try:
+                completion = _interpret(reply, endpoint, timeout, capped or call.past_deadline())
+            except LLMCallError as exc:
+                call.failed(attempt, sent, exc, price)
+                error = exc
+                if exc.kind == "deadline":
+                    return call.failure(exc, endpoint.conn_id, model)
+                decision = policy.decide(exc.retryable, retries, exc.headers, rand=rand, now=clock.now)
+                if decision.wait is None:
+                    if exc.retryable and retries < policy.max_retries:  # a rule other than the count
+                        log.warning(
+                            "%s on %s: %s; not retried: %s", model, endpoint.conn_id, exc, decision.why
+                        )
+                    break
+                if spec.deadline is not None and clock.now() + decision.wait >= spec.deadline:
+                    return call.failure(_deadline_error(exc), endpoint.conn_id, model)
+                retries += 1
+                call.observer.count("retries", endpoint.conn_id, model)
+                log.warning(
+                    "%s on %s: %s; retry %d of %d in %.2f s",
+                    model,
+                    endpoint.conn_id,
+                    exc.message,
+                    retries,
+                    policy.max_retries,
+                    decision.wait,
+                )
+                yield Wait(decision.wait)
+                continue
+            call.answered(attempt, sent, completion, endpoint, price)
+            failures = spec.quality.check(completion.text, completion.finish_reason)
+            if not failures:
+                return call.success(completion, endpoint.conn_id, model, position, ())
+            attempt.result, attempt.reason = "quality_failed", failures
+            call.observer.count("quality_failures", endpoint.conn_id, model)
+            rejected = (completion, endpoint.conn_id, model, position, failures)
+            if quality_tries >= spec.quality_retries:
+                break
+            quality_tries += 1
+            log.warning("%s on %s: answer failed quality %s; asking again", model, endpoint.conn_id, failures)
+        if position + 1 < len(targets):
+            call.observer.count("fallbacks", endpoint.conn_id, model)
+            log.warning(
+                "%s on %s gave up; falling back to %s", model, endpoint.conn_id, targets[position + 1][1]
+            )
+
+    last = call.attempts[-1] if call.attempts else None
+    if rejected is not None and spec.on_quality_failure == "return":
+        return call.success(*rejected)
+    if last is not None and last.result == "quality_failed":
+        error = LLMCallError("quality", f"every answer failed the quality checks; last: {last.reason}")
+    assert error is not None  # the chain is never empty, so the last link failed somehow
+    return call.failure(error, endpoint.conn_id, model)
+
+
+def resolve_models(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> list[tuple[Endpoint, str]]:
+    """Pair each chain link with its endpoint and a concrete model name."""
+    resolved = []
+    for conn_id, model in spec.chain:
+        endpoint = endpoints[conn_id]
+        model = model or endpoint.default_model
+        if not model:
+            raise LLMCallError(
+                "config",
+                f"No model to call on connection {conn_id!r}: pass `model=` to the operator or set "
+                f'"default_model" in the connection\'s extra.',
+            )
+        resolved.append((endpoint, model))
+    return resolved
+
+
+def retry_policy(spec: CallSpec, endpoint: Endpoint) -> RetryPolicy:
+    max_retries = spec.max_retries if spec.max_retries is not None else endpoint.max_retries
+    return RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
+
+
+def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -> Completion:
+    """The completion in a reply to :class:`Send`; LLMCallError (with the answer's headers) otherwise."""
+    if isinstance(reply, Answer):
+        try:
+            return protocol.parse_completion(reply.status, reply.body)
+        except LLMCallError as exc:
+            exc.headers = reply.headers
+            raise
+    if isinstance(reply, NoAnswer) and reply.kind == "limits":
+        raise LLMCallError(
+            "deadline", "the call's deadline passed while waiting for the connection's rate limits"
+        )
+    if isinstance(reply, NoAnswer) and reply.kind == "connection":
+        raise LLMCallError("connection", f"cannot reach {endpoint.base_url}: {reply.detail}")
+    if isinstance(reply, NoAnswer) and reply.kind == "timeout":
+        error = LLMCallError("timeout", f"no complete answer within {timeout:.1f} s")
+        raise _deadline_error(error) if capped else error
+    raise TypeError(f"a Send step must be answered with an Answer or a NoAnswer, got {reply!r}")
+
+
+def _deadline_error(cause: LLMCallError) -> LLMCallError:
+    return LLMCallError("deadline", f"the call's deadline passed; last error: {cause.message}")
+
+
+class _Call:
+    """One call's running state: its attempts, what they cost, and how it ends."""
+
+    def __init__(
+        self, spec: CallSpec, clock: Clock, observer: Observer, host: str | None, pid: int | None
+    ) -> None:
+        self.spec = spec
+        self.host, self.pid = host, pid
+        self.clock = clock
+        self.observer = observer
+        self.attempts: list[Attempt] = []
+        self.started = clock.monotonic()
+        self.started_at = clock.now()
+        self.spent = 0.0
+        self.priced = True  # False once a model without a known price was tried: the total is unknown
+
+    def timeout(self, endpoint: Endpoint) -> tuple[float, bool]:
+        """The attempt's time limit, and whether the deadline (not the connection's timeout) set it."""
+        remaining = None if self.spec.deadline is None else self.spec.deadline - self.clock.now()
+        if remaining is not None and remaining < endpoint.timeout:
+            return remaining, True
+        return endpoint.timeout, False
+
+    def refusal(self, endpoint: Endpoint, model: str, price: Price | None) -> LLMCallError | None:
+        """Why the next attempt must not be sent (its deadline passed, or the budget forbids it)."""
+        if self.past_deadline():
+            self.observer.error(endpoint.conn_id, model, "deadline")
+            return LLMCallError("deadline", "the call's deadline passed before it could finish")
+        if self.spec.max_cost_usd is None:
+            return None
+        refusal = _over_budget(self.spec, endpoint, model, price, self.spent)
+        if refusal is not None:
+            self.attempts.append(Attempt(endpoint.conn_id, model, reason=refusal.to_dict()))
+            self.observer.error(endpoint.conn_id, model, refusal.kind)
+            log.warning("%s on %s: %s", model, endpoint.conn_id, refusal.message)
+        return refusal
+
+    def past_deadline(self) -> bool:
+        return self.spec.deadline is not None and self.spec.deadline <= self.clock.now()
+
+    def failed(self, attempt: Attempt, sent: float, error: LLMCallError, price: Price | None) -> None:
+        attempt.latency_s = round(self.clock.monotonic() - sent, 3)
+        attempt.result, attempt.reason = "error", error.to_dict()
+        self.observer.attempt(attempt.conn_id, attempt.model, attempt.latency_s, error.kind)
+        if price is None:  # an attempt without an answer reported no usage, but its price is unknown
+            self.priced = False
+
+    def answered(
+        self, attempt: Attempt, sent: float, completion: Completion, endpoint: Endpoint, price: Price | None
+    ) -> None:
+        attempt.result = "ok"
+        attempt.tokens = completion.usage.get("total_tokens")
+        attempt.latency_s = round(self.clock.monotonic() - sent, 3)
+        self.observer.attempt(attempt.conn_id, attempt.model, attempt.latency_s, None)
+        price = price or pricing.price_of(endpoint.prices, completion.model)
+        cost = None
+        if price is None:
+            self.priced = False
+        else:
+            usage = completion.usage
+            cost = price.cost(usage["prompt_tokens"], usage["completion_tokens"])
+            self.spent += cost
+        self.observer.usage(attempt.conn_id, attempt.model, completion.usage, cost)
+
+    def success(
+        self, completion: Completion, conn_id: str, model: str, position: int, failures: Any
+    ) -> Outcome:
+        latency = self.clock.monotonic() - self.started
+        self.observer.call(conn_id, model, latency, True)
+        return Outcome(
+            status="success",
+            text=completion.text,
+            model=completion.model or model,
+            requested_model=model,
+            conn_id=conn_id,
+            usage=completion.usage,
+            finish_reason=completion.finish_reason,
+            quality_failures=list(failures),
+            fallback_used=position > 0,
+            **self._ledger(latency),
+        )
+
+    def failure(self, error: LLMCallError, conn_id: str, model: str | None) -> Outcome:
+        latency = self.clock.monotonic() - self.started
+        self.observer.call(conn_id, model, latency, False)
+        return Outcome(status="error", error=error, **self._ledger(latency))
+
+    def _ledger(self, latency: float) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "latency_s": round(latency, 3),
+            "cost_usd": round(self.spent, 8) if self.priced else None,
+            "started_at": self.started_at,
+            "finished_at": self.clock.now(),
+            "host": self.host,
+            "pid": self.pid,
+        }
+
+
+def _over_budget(
+    spec: CallSpec, endpoint: Endpoint, model: str, price: Price | None, spent: float
+) -> LLMCallError | None:
+    """Refuse an attempt whose worst case would take the call's spending past ``max_cost_usd``."""
+    limit = spec.max_cost_usd
+    assert limit is not None
+    if price is None:
+        return LLMCallError(
+            "budget",
+            f"max_cost_usd={limit:g} is set but no price is known for model {model!r}, so its cost cannot "
+            f"be bounded; add it to the {endpoint.conn_id!r} connection's extra, e.g. "
+            f'"prices": {{"{model}": {{"input": <USD per 1M prompt tokens>, "output": <USD per 1M completion '
+            f"tokens>}}}} (or to the file named by [llm_async] prices_file)",
+        )
+    prompt = tokens.estimate_prompt_tokens(spec.request)
+    completion = tokens.completion_budget(spec.request)
+    worst = price.cost(prompt, completion)
+    if spent + worst <= limit:
+        return None
+    return LLMCallError(
+        "budget",
+        f"max_cost_usd={limit:g} would be exceeded: spent ${spent:.6f} so far + this attempt's worst case "
+        f"${worst:.6f} (~{prompt} prompt tokens at ${price.input:g}/M + {completion} max_tokens at "
+        f"${price.output:g}/M) = ${spent + worst:.6f}; raise max_cost_usd, lower max_tokens, shorten "
+        f"the prompt, or add a cheaper fallback model",
+    )

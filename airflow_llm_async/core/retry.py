@@ -1,0 +1,105 @@
+"""When to try again, and after how long: an I/O-free policy the engine consults after a failed attempt.
+
+The semantics follow the official OpenAI client (openai-python ``_should_retry`` and
+``_calculate_retry_timeout``): a server's ``x-should-retry: true|false`` decides first; otherwise
+408/409/429/5xx, timeouts and connection errors are retried. ``retry-after-ms`` and
+``retry-after`` (seconds or an HTTP date) are honoured when positive; ``0`` (or a bad value)
+means our own back-off. A server asking for a longer pause than ``max_retry_after`` is not
+waited on: the call moves down its fallback chain instead. The back-off is exponential with
+full jitter (a uniform draw up to the capped delay), so hundreds of triggers hit by the same 429
+do not come back in lockstep.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import NamedTuple
+
+
+class Decision(NamedTuple):
+    """Retry after ``wait`` seconds, or (``wait`` None) stop trying this model; ``why`` says which rule."""
+
+    wait: float | None
+    why: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries per model, and the back-off between them (seconds)."""
+
+    max_retries: int = 2
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    # A server asking for a longer pause than this is not waited on: the chain moves on.
+    max_retry_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if self.initial_delay < 0 or self.max_delay < self.initial_delay:
+            raise ValueError("retry delays must satisfy 0 <= initial_delay <= max_delay")
+
+    def decide(
+        self,
+        retryable: bool,
+        retries_done: int,
+        headers: Mapping[str, str] | None = None,
+        *,
+        rand: Callable[[], float] = random.random,
+        now: Callable[[], float] = time.time,
+    ) -> Decision:
+        """After a failed attempt (``retryable`` by its kind), and ``retries_done`` retries of this model."""
+        lowered = {k.lower(): v for k, v in headers.items()} if headers else {}
+        told = lowered.get("x-should-retry")
+        if told == "false":
+            return Decision(None, "the server said x-should-retry: false")
+        if not retryable and told != "true":
+            return Decision(None, "not retryable")
+        if retries_done >= self.max_retries:
+            return Decision(None, f"{self.max_retries} retries done")
+        asked = retry_after_seconds(lowered, now=now)
+        if asked is not None and asked > self.max_retry_after:
+            return Decision(
+                None, f"the server asked to wait {asked:.0f} s, more than {self.max_retry_after:.0f} s"
+            )
+        if asked is not None and asked > 0:
+            return Decision(asked, "retry-after")
+        return Decision(self.backoff(retries_done, rand), "back-off")
+
+    def backoff(self, retries_done: int, rand: Callable[[], float] = random.random) -> float:
+        """Our own pause before retry number ``retries_done + 1``: full jitter under a capped exponential."""
+        ceiling = min(self.max_delay, self.initial_delay * 2**retries_done)
+        return ceiling * rand()
+
+
+def retry_after_seconds(
+    headers: Mapping[str, str] | None, *, now: Callable[[], float] = time.time
+) -> float | None:
+    """The pause a server asked for, from ``retry-after-ms`` or ``retry-after``; None if absent or bad."""
+    if not headers:
+        return None
+    lowered = {k.lower(): v for k, v in headers.items()}
+    millis = lowered.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment is None or moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - now())

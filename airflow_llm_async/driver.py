@@ -1,0 +1,178 @@
+"""Runs the call engine (``core/engine.py``) against the network and the connections' limits.
+
+The engine decides; this module does what it says: it sends each request through the connection's
+limiter (``limits.py``) and the shared HTTP session (``transport.py``), sleeps the back-offs, and
+feeds every reply back. The same driver serves every mode: the triggers await :func:`complete`
+(one call) and :func:`fan_out` (many, on one loop); sync mode (``deferrable=False``) runs them on
+the worker through :func:`run_sync`, the one bridge from sync code into this async world.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
+
+from asgiref.sync import async_to_sync
+
+from airflow_llm_async import limits, metrics, transport
+from airflow_llm_async.core import fanout
+from airflow_llm_async.core.engine import Flow, NoAnswer, Reply, Send, Step, Wait, call_flow
+from airflow_llm_async.core.outcome import CallSpec, Outcome
+from airflow_llm_async.core.protocol import Endpoint, LLMCallError
+from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook, shared_endpoint
+
+T = TypeVar("T")
+
+
+async def complete(spec: CallSpec) -> Outcome:
+    """One call, in the running loop: resolve its connections, then run it. Never raises for a failed call."""
+    try:
+        endpoints = await resolve(spec)
+    except LLMConfigError as exc:
+        return not_started(LLMCallError("config", str(exc)))
+    return await run(spec, endpoints)
+
+
+def complete_sync(spec: CallSpec) -> Outcome:
+    """:func:`complete` for sync code (a worker): the connections are looked up the sync way first."""
+    try:
+        endpoints = resolve_sync(spec)
+    except LLMConfigError as exc:
+        return not_started(LLMCallError("config", str(exc)))
+    return run_sync(run, spec, endpoints)
+
+
+def run_sync(work: Callable[..., Awaitable[T]], *args: object) -> T:
+    """Run ``work(*args)`` to completion in a private event loop, then close what the loop opened."""
+    return async_to_sync(_then_close)(work, *args)
+
+
+async def _then_close(work: Callable[..., Awaitable[T]], *args: object) -> T:
+    try:
+        return await work(*args)
+    finally:
+        # The loop ends with this work: its metrics must be sent, its session and limiters closed.
+        metrics.flush()
+        await transport.close_shared_session()
+        await limits.close_loop_limiters()
+
+
+def conn_ids(spec: CallSpec) -> list[str]:
+    return list(dict.fromkeys(conn_id for conn_id, _ in spec.chain))
+
+
+async def resolve(spec: CallSpec) -> dict[str, Endpoint]:
+    """The endpoints of a spec's connections, looked up without blocking the loop (LLMConfigError)."""
+    return {conn_id: await shared_endpoint(conn_id) for conn_id in conn_ids(spec)}
+
+
+def resolve_sync(spec: CallSpec) -> dict[str, Endpoint]:
+    return {conn_id: LLMHook(conn_id).get_endpoint() for conn_id in conn_ids(spec)}
+
+
+def not_started(error: LLMCallError) -> Outcome:
+    """The outcome of a call that could not start (bad configuration): nothing was sent or spent."""
+    now = time.time()
+    return Outcome(
+        status="error", error=error, started_at=now, finished_at=now, host=metrics.hostname(), pid=os.getpid()
+    )
+
+
+async def run(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> Outcome:
+    """Drive the engine until it returns the outcome."""
+    flow = call_flow(spec, endpoints, observer=metrics, host=metrics.hostname(), pid=os.getpid())
+    step = _advance(flow, None)
+    while not isinstance(step, Outcome):
+        if isinstance(step, Wait):
+            await asyncio.sleep(step.seconds)
+            step = _advance(flow, None)
+        else:
+            step = await _send(flow, step)
+    return step
+
+
+def _advance(flow: Flow, reply: Reply) -> Step | Outcome:
+    # Not a bare flow.send() inside a coroutine: a StopIteration escaping one becomes a RuntimeError.
+    try:
+        return flow.send(reply)
+    except StopIteration as done:
+        return done.value
+
+
+async def _send(flow: Flow, step: Send) -> Step | Outcome:
+    """Wait for the connection's limits, make the round trip, tell the engine, then the limiter."""
+    endpoint, model = step.endpoint, step.model
+    limiter = limits.limiter_for(endpoint)
+    deadline = step.deadline
+    asked = time.monotonic()
+    try:
+        wait_limit = None if deadline is None else max(0.0, deadline - time.time())
+        async with limiter.slot(step.estimated_tokens, timeout=wait_limit) as permit:
+            metrics.queued(endpoint.conn_id, model, time.monotonic() - asked, permit.waited)
+            metrics.in_flight(endpoint.conn_id, limiter.in_flight)
+            # Time spent waiting for the limiter comes off a deadline-bound attempt.
+            timeout = step.timeout if deadline is None else min(step.timeout, deadline - time.time())
+            if timeout > 0:
+                reply = await transport.post_json(
+                    endpoint.chat_url, endpoint.request_headers(), step.body, timeout
+                )
+            else:
+                reply = NoAnswer("limits")
+            following = _advance(flow, reply)  # the engine classifies it while the permit is held
+            if getattr(reply, "status", None) == 429:
+                limiter.on_rate_limited(permit)
+            elif step.attempt.result != "error":  # answered (a failed quality gate is still an answer)
+                permit.settle(step.attempt.tokens)
+                limiter.on_success()
+            return following
+    except TimeoutError:  # only the wait for the limiter raises it: the round trip returns its own
+        metrics.error(endpoint.conn_id, model, "deadline")
+        return _advance(flow, NoAnswer("limits"))
+    finally:
+        metrics.in_flight(endpoint.conn_id, limiter.in_flight)
+
+
+async def fan_out(
+    specs: Sequence[CallSpec | fanout.Record],
+    endpoints: Mapping[str, Endpoint],
+    done: Mapping[int, fanout.Record] | None = None,
+    on_record: Callable[[int, fanout.Record], None] | None = None,
+) -> list[fanout.Record]:
+    """Call every item not in ``done`` concurrently; ``on_record`` hears of each new record as it lands.
+
+    An item that could not become a request comes as its record already (see ``fanout.item_specs``).
+    """
+    records: list[fanout.Record | None] = [None] * len(specs)
+    for index, record in (done or {}).items():
+        records[index] = record
+
+    def land(index: int, record: fanout.Record) -> None:
+        records[index] = record
+        if on_record is not None:
+            on_record(index, record)
+
+    async def call(index: int, spec: CallSpec) -> None:
+        land(index, fanout.to_record(await run(spec, endpoints)))
+
+    tasks = []
+    try:
+        for index, spec in enumerate(specs):
+            if records[index] is not None:
+                continue
+            if not isinstance(spec, CallSpec):
+                land(index, spec)
+                continue
+            tasks.append(asyncio.create_task(call(index, spec)))
+            if len(tasks) % fanout.START_BATCH == 0:
+                await asyncio.sleep(fanout.START_PAUSE_S)
+        await asyncio.gather(*tasks)
+    finally:
+        # Cancelled (the triggerer stops the trigger) or a bug in one call: stop the others, and wait
+        # until they have stopped, so that no request goes out after the trigger has ended.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [record for record in records if record is not None]

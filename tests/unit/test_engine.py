@@ -1,0 +1,337 @@
+"""The call engine's decisions, with no network, no sleeps and a fake clock.
+
+Every test drives ``call_flow`` the way the driver does: each ``Send`` is answered with a scripted
+reply, each ``Wait`` moves the fake clock. What the engine asked for (the steps) and what it
+concluded (the outcome) are then compared with the rules: retries per status and header form,
+the fallback chain over connections and models, the quality gate, the budget and the deadline.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from airflow_llm_async.core.engine import Answer, Clock, NoAnswer, Send, Wait, call_flow
+from airflow_llm_async.core.outcome import CallSpec, Outcome
+from airflow_llm_async.core.pricing import Price
+from airflow_llm_async.core.protocol import Endpoint
+from airflow_llm_async.core.quality import QualitySpec
+
+START = 1_700_000_000.0
+REQUEST = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+PRICES = {"m1": Price(1.0, 2.0), "m2": Price(0.5, 1.0)}
+LONG = "a long enough answer, well past the article's fifty characters minimum"
+
+
+def endpoint(conn_id: str = "c1", **fields) -> Endpoint:
+    fields.setdefault("prices", PRICES)
+    return Endpoint(conn_id=conn_id, api_key="sk-test", timeout=30.0, **fields)
+
+
+def answer(text: str = LONG, model: str = "", status: int = 200, usage=(10, 20), **headers) -> Answer:
+    body = {
+        "model": model,
+        "choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+    }
+    return Answer(status, {k.replace("_", "-"): v for k, v in headers.items()}, json.dumps(body).encode())
+
+
+def error(status: int, code: str | None = None, **headers) -> Answer:
+    body = {"error": {"message": f"status {status}", "type": "x", "code": code}}
+    return Answer(status, {k.replace("_", "-"): v for k, v in headers.items()}, json.dumps(body).encode())
+
+
+@dataclass
+class Run:
+    """What a driven flow did: the steps it asked for, and its outcome."""
+
+    steps: list = field(default_factory=list)
+    outcome: Outcome | None = None
+
+    @property
+    def sends(self) -> list[tuple[str, str]]:
+        return [(s.endpoint.conn_id, s.model) for s in self.steps if isinstance(s, Send)]
+
+    @property
+    def waits(self) -> list[float]:
+        return [s.seconds for s in self.steps if isinstance(s, Wait)]
+
+    @property
+    def results(self) -> list[tuple]:
+        return [(a.model, a.status, a.result) for a in self.outcome.attempts]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.wall, self.mono = START, 100.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def clock(self) -> Clock:
+        return Clock(now=lambda: self.wall, monotonic=lambda: self.mono)
+
+
+def drive(
+    spec: CallSpec,
+    replies: Sequence[object] | Callable[[Send], object],
+    endpoints: dict[str, Endpoint] | None = None,
+    *,
+    latency: float = 0.5,
+    clock: FakeClock | None = None,
+    rand: float = 0.5,
+) -> Run:
+    """Answer the n-th Send with ``replies[n]`` (or ``replies(send)``); each reply takes ``latency``."""
+    clock = clock or FakeClock()
+    endpoints = endpoints or {c: endpoint(c) for c, _ in spec.chain}
+    flow = call_flow(spec, endpoints, clock=clock.clock(), rand=lambda: rand, host="h", pid=1)
+    run, reply, sent = Run(), None, 0
+    try:
+        while True:
+            step = flow.send(reply)
+            run.steps.append(step)
+            assert len(run.steps) < 100, "the flow does not end"
+            if isinstance(step, Wait):
+                clock.advance(step.seconds)
+                reply = None
+            else:
+                reply = replies(step) if callable(replies) else replies[sent]
+                sent += 1
+                clock.advance(latency)
+    except StopIteration as done:
+        run.outcome = done.value
+    return run
+
+
+def spec(models=("m1",), conns=("c1",), **options) -> CallSpec:
+    return CallSpec.of(REQUEST, list(conns), list(models), **options)
+
+
+# ---- success and the chain ----------------------------------------------------------------------
+
+
+def test_a_first_answer_ends_the_call_with_its_details_and_cost():
+    run = drive(spec(), [answer(model="m1-2024-01-01", usage=(1000, 500))])
+    outcome = run.outcome
+    assert run.sends == [("c1", "m1")] and run.waits == []
+    assert (outcome.status, outcome.text, outcome.model, outcome.requested_model) == (
+        "success", LONG, "m1-2024-01-01", "m1")  # fmt: skip
+    assert outcome.usage == {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}
+    assert outcome.cost_usd == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)
+    assert run.results == [("m1", 200, "ok")] and outcome.attempts[0].latency_s == 0.5
+    assert (outcome.latency_s, outcome.started_at, outcome.finished_at) == (0.5, START, START + 0.5)
+    assert (outcome.host, outcome.pid, outcome.fallback_used) == ("h", 1, False)
+
+
+def test_the_request_body_carries_the_model_of_each_link():
+    run = drive(spec(models=("m1", "m2")), [error(404), answer()])
+    bodies = [json.loads(s.body) for s in run.steps if isinstance(s, Send)]
+    assert [b["model"] for b in bodies] == ["m1", "m2"]
+    assert all(b["messages"] == REQUEST["messages"] and b["max_tokens"] == 100 for b in bodies)
+
+
+def test_the_chain_is_every_model_on_each_connection_in_turn():
+    run = drive(spec(models=("m1", "m2"), conns=("c1", "c2"), max_retries=0), lambda s: error(503))
+    assert run.sends == [("c1", "m1"), ("c1", "m2"), ("c2", "m1"), ("c2", "m2")]
+    assert run.outcome.error.kind == "server" and run.waits == []
+
+
+def test_a_fallback_answer_says_so():
+    run = drive(spec(models=("m1", "m2"), max_retries=0), [error(500), answer()])
+    assert run.outcome.ok and run.outcome.fallback_used and run.outcome.requested_model == "m2"
+    assert run.results == [("m1", 500, "error"), ("m2", 200, "ok")]
+
+
+def test_a_chain_link_without_a_model_takes_the_connections_default():
+    endpoints = {"c1": endpoint(default_model="m2")}
+    assert drive(spec(models=(None,)), [answer()], endpoints).sends == [("c1", "m2")]
+
+
+def test_no_model_anywhere_fails_before_anything_is_sent():
+    run = drive(spec(models=(None,)), [], {"c1": endpoint()})
+    assert run.steps == [] and run.outcome.error.kind == "config"
+    assert "default_model" in run.outcome.error.message
+
+
+# ---- retries: every status, every header form ---------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504, 520])
+def test_retryable_statuses_are_retried_on_the_same_model_after_a_backoff(status):
+    run = drive(spec(max_retries=2), [error(status), error(status), answer()], rand=0.5)
+    assert run.sends == [("c1", "m1")] * 3 and run.outcome.ok
+    assert run.waits == [0.25, 0.5]  # full jitter (0.5) under 0.5 s, then 1 s
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+def test_client_errors_move_down_the_chain_at_once(status):
+    run = drive(spec(models=("m1", "m2"), max_retries=5), [error(status), answer()])
+    assert run.sends == [("c1", "m1"), ("c1", "m2")] and run.waits == []
+    assert run.outcome.attempts[0].reason["kind"] == "client"
+
+
+def test_retries_exhausted_move_to_the_next_model():
+    run = drive(spec(models=("m1", "m2"), max_retries=1), [error(503), error(503), answer()])
+    assert run.sends == [("c1", "m1"), ("c1", "m1"), ("c1", "m2")] and run.outcome.fallback_used
+
+
+def test_the_connections_max_retries_applies_when_the_call_sets_none():
+    endpoints = {"c1": endpoint(max_retries=0)}
+    assert drive(spec(), [error(503)], endpoints).sends == [("c1", "m1")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "waited"),
+    [
+        ({"retry_after_ms": "1500"}, 1.5),
+        ({"retry_after": "3"}, 3.0),
+        ({"retry_after": "Tue, 14 Nov 2023 22:13:40 GMT"}, 20.0),  # START + 20 s as an HTTP date
+        ({"retry_after": "0"}, 0.25),  # 0: our own back-off, as openai-python does
+        ({"retry_after": "later"}, 0.25),
+    ],
+)
+def test_the_servers_retry_after_is_honoured_in_every_form(headers, waited):
+    run = drive(spec(), [error(429, **headers), answer()], latency=0.0)
+    assert run.waits == [pytest.approx(waited)]
+
+
+def test_a_retry_after_beyond_the_cap_moves_down_the_chain_instead_of_waiting():
+    run = drive(spec(models=("m1", "m2")), [error(429, retry_after="600"), answer()])
+    assert run.waits == [] and run.sends == [("c1", "m1"), ("c1", "m2")]
+
+
+def test_x_should_retry_overrides_the_status_both_ways():
+    run = drive(spec(models=("m1", "m2")), [error(400, x_should_retry="true"), answer()])
+    assert run.sends == [("c1", "m1"), ("c1", "m1")]
+    run = drive(spec(models=("m1", "m2")), [error(503, x_should_retry="false"), answer()])
+    assert run.sends == [("c1", "m1"), ("c1", "m2")] and run.waits == []
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [
+        (NoAnswer("timeout"), "timeout"),
+        (NoAnswer("connection", "ClientConnectorError: refused"), "connection"),
+        (Answer(200, {}, b"<html>"), "invalid_response"),
+        (Answer(200, {}, b'{"choices": []}'), "invalid_response"),
+    ],
+)
+def test_no_usable_answer_is_retried(reply, kind):
+    run = drive(spec(max_retries=1), [reply, answer()])
+    assert run.outcome.ok and run.outcome.attempts[0].reason["kind"] == kind
+    if kind == "connection":
+        assert run.outcome.attempts[0].reason["message"].startswith("cannot reach https://api.openai.com/v1:")
+
+
+def test_every_failure_is_reported_with_its_last_error_and_all_attempts():
+    run = drive(spec(models=("m1", "m2"), max_retries=1), lambda s: error(503))
+    outcome = run.outcome
+    assert not outcome.ok and outcome.error.kind == "server" and outcome.error.status == 503
+    assert run.results == [("m1", 503, "error")] * 2 + [("m2", 503, "error")] * 2
+    assert outcome.cost_usd == 0.0  # no answer, no usage
+    assert "m1@c1: error; m1@c1: error; m2@c1: error; m2@c1: error" in outcome.describe()
+
+
+# ---- quality gate ---------------------------------------------------------------------------------
+
+
+def test_an_answer_failing_quality_is_asked_again_then_the_chain_moves_on():
+    rules = QualitySpec(min_chars=50)
+    run = drive(
+        spec(models=("m1", "m2"), quality=rules, quality_retries=1), [answer("short")] * 2 + [answer()]
+    )
+    assert run.sends == [("c1", "m1"), ("c1", "m1"), ("c1", "m2")] and run.waits == []
+    assert run.results == [("m1", 200, "quality_failed")] * 2 + [("m2", 200, "ok")]
+    assert run.outcome.cost_usd == pytest.approx((2 * (10 * 1.0 + 20 * 2.0) + (10 * 0.5 + 20 * 1.0)) / 1e6)
+
+
+def test_every_answer_failing_quality_fails_the_call_or_returns_the_last_one():
+    rules = QualitySpec(refusal_markers=("抱歉",))
+    failing = drive(spec(quality=rules), [answer("抱歉, I cannot")])
+    assert failing.outcome.error.kind == "quality" and "refusal_markers" in failing.outcome.error.message
+    returned = drive(spec(models=("m1", "m2"), quality=rules, on_quality_failure="return"),
+                     [answer("抱歉 1"), error(503)] + [error(503)] * 2)  # fmt: skip
+    assert returned.outcome.ok and returned.outcome.text == "抱歉 1"
+    assert returned.outcome.requested_model == "m1" and not returned.outcome.fallback_used
+    assert returned.outcome.quality_failures[0]["rule"] == "refusal_markers"
+
+
+# ---- budget -----------------------------------------------------------------------------------------
+
+
+def test_an_attempt_whose_worst_case_passes_the_budget_is_not_sent_and_the_chain_moves_on():
+    # worst case of m1: ~7 prompt tokens at $1/M + 100 max_tokens at $2/M = $0.000207; m2 costs half
+    run = drive(spec(models=("m1", "m2"), max_cost_usd=0.00015), [answer()])
+    assert run.sends == [("c1", "m2")] and run.outcome.ok
+    refused = run.outcome.attempts[0]
+    assert (refused.model, refused.status, refused.reason["kind"]) == ("m1", None, "budget")
+
+
+def test_spending_counts_against_the_budget_of_later_attempts():
+    # the first answer costs $0.00013 and fails quality; asking again would risk $0.000207 more
+    rules = QualitySpec(min_chars=50)
+    run = drive(spec(max_cost_usd=0.00025, quality=rules, quality_retries=3), [answer("x", usage=(10, 60))])
+    assert len(run.sends) == 1 and run.outcome.error.kind == "budget"
+    assert [a.result for a in run.outcome.attempts] == ["quality_failed", "error"]
+    assert run.outcome.cost_usd == pytest.approx(0.00013)
+
+
+def test_a_budget_with_no_known_price_refuses_with_the_fix():
+    run = drive(spec(models=("gpt-unknown",), max_cost_usd=1.0), [])
+    assert run.steps == [] and run.outcome.error.kind == "budget"
+    assert '"prices": {"gpt-unknown"' in run.outcome.error.message
+
+
+def test_a_model_without_a_price_makes_the_total_unknown():
+    assert drive(spec(models=("gpt-unknown",)), [answer()]).outcome.cost_usd is None
+
+
+# ---- deadline ---------------------------------------------------------------------------------------
+
+
+def test_an_attempt_near_the_deadline_gets_only_the_time_left():
+    run = drive(spec(deadline=START + 10), [answer()])
+    assert run.steps[0].timeout == 10.0 and run.steps[0].deadline == START + 10
+
+
+def test_a_timeout_cut_short_by_the_deadline_is_a_deadline_error_not_retried():
+    run = drive(spec(deadline=START + 10, max_retries=5), [NoAnswer("timeout")], latency=10)
+    assert run.outcome.error.kind == "deadline" and len(run.sends) == 1
+
+
+def test_a_back_off_that_would_pass_the_deadline_ends_the_call_at_once():
+    run = drive(spec(deadline=START + 2, max_retries=5), [error(429, retry_after="5")], latency=0.1)
+    assert run.waits == [] and run.outcome.error.kind == "deadline"
+    assert "HTTP 429" in run.outcome.error.message
+
+
+def test_a_deadline_passed_while_waiting_for_the_limits_is_reported_as_such():
+    run = drive(spec(deadline=START + 5), [NoAnswer("limits")])
+    assert run.outcome.error.kind == "deadline" and "rate limits" in run.outcome.error.message
+
+
+def test_a_deadline_already_past_sends_nothing():
+    run = drive(spec(deadline=START - 1), [])
+    assert run.steps == [] and run.outcome.error.kind == "deadline"
+
+
+# ---- the outcome as JSON --------------------------------------------------------------------------------
+
+
+def test_outcomes_round_trip_through_json():
+    for run in (drive(spec(models=("m1", "m2"), max_retries=0), [error(503), answer()]),
+                drive(spec(max_retries=0), [error(404, code="model_not_found")])):  # fmt: skip
+        payload = json.loads(json.dumps(run.outcome.to_json()))
+        assert Outcome.from_json(payload).to_json() == payload
+
+
+def test_a_spec_round_trips_through_json():
+    original = spec(models=("m1", None), conns=("c1", "c2"), deadline=START, max_retries=1,
+                    quality=QualitySpec(min_chars=3), quality_retries=2, on_quality_failure="return",
+                    max_cost_usd=0.5)  # fmt: skip
+    assert CallSpec.from_json(json.loads(json.dumps(original.to_json()))) == original
