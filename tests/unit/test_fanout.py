@@ -227,7 +227,7 @@ def test_worker_free_is_the_default_and_the_templates_travel_unrendered(dag):
     assert LLMOperator.start_trigger_args is None  # set per instance, not on the shared class
 
 
-# Worker-free kwargs exactly as release 0.1 wrote them (a serialized DAG or trigger row from before an upgrade).
+# Worker-free kwargs exactly as release 0.1 wrote them (in a serialized DAG or trigger row).
 RELEASE_0_1_KWARGS = {
     "prompts": None,
     "items": ["a", "b"],
