@@ -4,7 +4,7 @@
     .venv/bin/python bench/monitor_snapshot.py --sizes 1000 10000 100000
 
 A migrated SQLite metadata DB in a temporary AIRFLOW_HOME holds N ``llm_meta`` XComs of the shape
-completion.py writes (one DAG run, N mapped task instances, 4 models, 10 % failures), inserted directly
+the engine writes (one DAG run, N mapped task instances, 4 models, 10 % failures), inserted directly
 with sqlite3 (no task instance rows: SQLite enforces no foreign keys on that connection). Baseline, in the
 same process and session: ``SELECT value FROM xcom WHERE key = 'llm_meta'`` and
 ``XComModel.deserialize_value`` for every row, i.e. what any reader of those XComs pays. Measured:

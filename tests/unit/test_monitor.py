@@ -13,7 +13,7 @@ NOW = 1_800_000_000.0
 
 
 def meta(model="gpt-4", prompt=10, completion=20, latency=1.5, **extra) -> dict:
-    """An llm_meta as completion.py writes it, with the newer fields given in ``extra``."""
+    """An llm_meta as the engine writes it (core/outcome.py), with the newer fields given in ``extra``."""
     return {
         "model": model,
         "requested_model": model,
