@@ -125,86 +125,85 @@ def call_flow(
         targets = resolve_models(spec, endpoints)
     except LLMCallError as exc:
         return call.failure(exc, spec.chain[0][0], None)
-    error: LLMCallError | None = None
-    rejected: tuple[Completion, str, str, int, list] | None = None  # the last answer that failed quality
     for position, (endpoint, model) in enumerate(targets):
-        policy = retry_policy(spec, endpoint)
-        price = pricing.price_of(endpoint.prices, model)
-        retries = quality_tries = 0
-        while True:
-            refusal = call.refusal(endpoint, model, price)
-            if refusal is not None:
-                if refusal.kind == "deadline":
-                    return call.failure(refusal, endpoint.conn_id, model)
-                error = refusal
-                break
-            attempt = Attempt(endpoint.conn_id, model)
-            call.attempts.append(attempt)
-            timeout, capped = call.timeout(endpoint)
-            sent = clock.monotonic()
-            reply = yield Send(
-                endpoint,
-                model,
-                protocol.build_payload(spec.request, model),
-                timeout,
-                tokens.estimate_tokens(spec.request),
-                spec.deadline,
-                attempt,
-            )
-            attempt.status = reply.status if isinstance(reply, Answer) else None
-            try:
-                completion = _interpret(reply, endpoint, timeout, capped or call.past_deadline())
-            except LLMCallError as exc:
-                call.failed(attempt, sent, exc, price)
-                error = exc
-                if exc.kind == "deadline":
-                    return call.failure(exc, endpoint.conn_id, model)
-                decision = policy.decide(exc.retryable, retries, exc.headers, rand=rand, now=clock.now)
-                if decision.wait is None:
-                    if exc.retryable and retries < policy.max_retries:  # a rule other than the count
-                        log.warning(
-                            "%s on %s: %s; not retried: %s", model, endpoint.conn_id, exc, decision.why
-                        )
-                    break
-                if spec.deadline is not None and clock.now() + decision.wait >= spec.deadline:
-                    return call.failure(_deadline_error(exc), endpoint.conn_id, model)
-                retries += 1
-                call.observer.count("retries", endpoint.conn_id, model)
-                log.warning(
-                    "%s on %s: %s; retry %d of %d in %.2f s",
-                    model,
-                    endpoint.conn_id,
-                    exc.message,
-                    retries,
-                    policy.max_retries,
-                    decision.wait,
-                )
-                yield Wait(decision.wait)
-                continue
-            call.answered(attempt, sent, completion, endpoint, price)
-            failures = spec.quality.check(completion.text, completion.finish_reason)
-            if not failures:
-                return call.success(completion, endpoint.conn_id, model, position, ())
-            attempt.result, attempt.reason = "quality_failed", failures
-            call.observer.count("quality_failures", endpoint.conn_id, model)
-            rejected = (completion, endpoint.conn_id, model, position, failures)
-            if quality_tries >= spec.quality_retries:
-                break
-            quality_tries += 1
-            log.warning("%s on %s: answer failed quality %s; asking again", model, endpoint.conn_id, failures)
+        outcome = yield from _ask(call, endpoint, model, position, rand)
+        if outcome is not None:
+            return outcome
         if position + 1 < len(targets):
             call.observer.count("fallbacks", endpoint.conn_id, model)
             log.warning(
                 "%s on %s gave up; falling back to %s", model, endpoint.conn_id, targets[position + 1][1]
             )
+    return call.gave_up(endpoint.conn_id, model)
 
-    last = call.attempts[-1] if call.attempts else None
-    if rejected is not None and spec.on_quality_failure == "return":
-        return call.success(*rejected)
-    if last is not None and last.result == "quality_failed":
-        error = LLMCallError("quality", f"every answer failed the quality checks; last: {last.reason}")
-    assert error is not None  # the chain is never empty, so the last link failed somehow
-    return call.failure(error, endpoint.conn_id, model)
+
+def _ask(
+    call: _Call, endpoint: Endpoint, model: str, position: int, rand: Callable[[], float]
+) -> Generator[Step, Reply, Outcome | None]:
+    """One link of the chain: attempts until an answer passes (its outcome), or the link is done (None)."""
+    spec, conn_id = call.spec, endpoint.conn_id
+    policy = retry_policy(spec, endpoint)
+    price = pricing.price_of(endpoint.prices, model)
+    retries = quality_tries = 0
+    while True:
+        refusal = call.refusal(endpoint, model, price)
+        if refusal is not None:
+            call.error = refusal
+            return call.failure(refusal, conn_id, model) if refusal.kind == "deadline" else None
+        try:
+            completion = yield from _attempt(call, endpoint, model, price)
+        except LLMCallError as exc:
+            call.error = exc
+            if exc.kind == "deadline":
+                return call.failure(exc, conn_id, model)
+            decision = policy.decide(exc.retryable, retries, exc.headers, rand=rand, now=call.clock.now)
+            if decision.wait is None:
+                if exc.retryable and retries < policy.max_retries:  # a rule other than the count
+                    log.warning("%s on %s: not retried: %s", model, conn_id, decision.why)
+                return None
+            if spec.deadline is not None and call.clock.now() + decision.wait >= spec.deadline:
+                return call.failure(_deadline_error(exc), conn_id, model)
+            retries += 1
+            call.observer.count("retries", conn_id, model)
+            log.warning(
+                "%s on %s: %s; retry %d of %d in %.2f s",
+                *(model, conn_id, exc.message, retries, policy.max_retries, decision.wait),
+            )
+            yield Wait(decision.wait)
+            continue
+        failures = spec.quality.check(completion.text, completion.finish_reason)
+        if not failures:
+            return call.success(completion, conn_id, model, position, ())
+        call.rejected = (completion, conn_id, model, position, failures)
+        call.attempts[-1].result, call.attempts[-1].reason = "quality_failed", failures
+        call.observer.count("quality_failures", conn_id, model)
+        if quality_tries >= spec.quality_retries:
+            return None
+        quality_tries += 1
+        log.warning("%s on %s: answer failed quality %s; asking again", model, conn_id, failures)
+
+
+def _attempt(
+    call: _Call, endpoint: Endpoint, model: str, price: Price | None
+) -> Generator[Step, Reply, Completion]:
+    """Send one request; its completion, or LLMCallError. The attempt is recorded either way."""
+    attempt = Attempt(endpoint.conn_id, model)
+    call.attempts.append(attempt)
+    timeout, capped = call.timeout(endpoint)
+    sent = call.clock.monotonic()
+    spec = call.spec
+    body = protocol.build_payload(spec.request, model)
+    reply = yield Send(
+        endpoint, model, body, timeout, tokens.estimate_tokens(spec.request), spec.deadline, attempt
+    )
+    attempt.status = reply.status if isinstance(reply, Answer) else None
+    try:
+        completion = _interpret(reply, endpoint, timeout, capped or call.past_deadline())
+    except LLMCallError as exc:
+        call.failed(attempt, sent, exc, price)
+        raise
+    call.answered(attempt, sent, completion, endpoint, price)
+    return completion
 
 
 def resolve_models(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> list[tuple[Endpoint, str]]:
@@ -260,6 +259,8 @@ class _Call:
     ) -> None:
         self.spec = spec
         self.host, self.pid = host, pid
+        self.error: LLMCallError | None = None  # the last attempt's error, or refusal
+        self.rejected: tuple | None = None  # the last answer that failed quality: success() arguments
         self.clock = clock
         self.observer = observer
         self.attempts: list[Attempt] = []
@@ -333,6 +334,17 @@ class _Call:
             fallback_used=position > 0,
             **self._ledger(latency),
         )
+
+    def gave_up(self, conn_id: str, model: str) -> Outcome:
+        """Every link is done: the last answer that failed quality (if the call returns those), or why."""
+        if self.rejected is not None and self.spec.on_quality_failure == "return":
+            return self.success(*self.rejected)
+        last = self.attempts[-1] if self.attempts else None
+        error = self.error
+        if last is not None and last.result == "quality_failed":
+            error = LLMCallError("quality", f"every answer failed the quality checks; last: {last.reason}")
+        assert error is not None  # the chain is never empty, so the last link failed somehow
+        return self.failure(error, conn_id, model)
 
     def failure(self, error: LLMCallError, conn_id: str, model: str | None) -> Outcome:
         latency = self.clock.monotonic() - self.started
