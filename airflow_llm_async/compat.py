@@ -116,3 +116,11 @@ def can_end_task_here(trigger: Any) -> bool:
 # cannot start in the triggerer; it runs in the default deferrable mode (docs/worker-free.md).
 # Nothing to do in code; it can go when a mapped LLMOperator(start_from_trigger=True) starts in the
 # triggerer (no worker slot taken).
+
+
+# --- 6. Every connection lookup in the triggerer rebuilds the secrets backends --------------------
+# Upstream: ``BaseHook.aget_connection`` costs about 0.5 ms of CPU and a hop to a thread per lookup
+# (it builds the secrets backends each time), a third of a trigger's CPU at thousands of calls.
+# Instead: ``hooks/llm.shared_endpoint`` resolves each connection once per event loop and
+# ``ENDPOINT_TTL`` (60 s), concurrent callers sharing the lookup. The cache also spares any secrets
+# backend the load, so it stays when this goes; ``bench/overhead.py`` shows what a lookup costs.

@@ -96,7 +96,7 @@ class TriggerClient(Client):
 class AiohttpClient(Client):
     def __init__(self, base_url: str) -> None:
         self._url = f"{base_url}/chat/completions"
-        request = json.loads(TriggerClient._serialized_kwargs(CONN_ID))["request"]
+        request = json.loads(TriggerClient._serialized_kwargs(CONN_ID))["spec"]["request"]
         self._payload: dict[str, Any] = {**request, "model": MODEL}
         # The headers our transport sends, so both clients put the same bytes on the wire.
         self._headers = Endpoint(conn_id=CONN_ID, api_key=API_KEY).request_headers()
@@ -127,7 +127,7 @@ class OpenAIClient(Client):
     def __init__(self, base_url: str, *, use_aiohttp: bool = False) -> None:
         self._base_url = base_url
         self._use_aiohttp = use_aiohttp
-        self._request = json.loads(TriggerClient._serialized_kwargs(CONN_ID))["request"]
+        self._request = json.loads(TriggerClient._serialized_kwargs(CONN_ID))["spec"]["request"]
         self._client: openai.AsyncOpenAI | None = None
 
     async def setup(self) -> None:

@@ -66,7 +66,7 @@ class QualitySpec:
     @classmethod
     def from_dict(cls, spec: dict[str, Any] | None) -> QualitySpec:
         if spec is None:
-            return cls()
+            return NO_RULES  # the common case, once per call: no need to validate it again
         if not isinstance(spec, dict):
             raise ValueError(f"quality must be a dict of rules, got {type(spec).__name__}")
         unknown = sorted(set(spec) - set(_KNOWN_KEYS))
@@ -117,4 +117,5 @@ class QualitySpec:
         return failures
 
 
+NO_RULES = QualitySpec()
 ARTICLE_RULES = QualitySpec(min_chars=ARTICLE_MIN_CHARS, refusal_markers=ARTICLE_REFUSAL_MARKERS)

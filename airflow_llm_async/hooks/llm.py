@@ -117,8 +117,8 @@ class LLMHook(BaseHook):
 
 
 # Seconds a triggerer reuses a resolved connection. Thousands of calls start together, and each
-# Airflow lookup costs about half a millisecond of CPU and a hop to a thread (3.3.2 rebuilds its
-# secrets backends on every lookup); a changed key or limit is picked up within this delay.
+# Airflow lookup costs about half a millisecond of CPU and a hop to a thread (compat.py, entry 6);
+# a changed key or limit is picked up within this delay.
 ENDPOINT_TTL = 60.0
 _endpoints: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[str, tuple[float, asyncio.Future[Endpoint]]]  # (looked up at, lookup)
