@@ -15,6 +15,7 @@ from airflow_llm_async.core.outcome import Attempt, CallSpec, Outcome
 from airflow_llm_async.core.protocol import LLMCallError
 from airflow_llm_async.core.quality import QualitySpec
 from airflow_llm_async.operators.branch import LLMQualityBranchOperator
+from airflow_llm_async.operators.fanout import LLMFanOutOperator
 from airflow_llm_async.operators.llm import LLMOperator, TextProcessingOperator
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 from tests.doubles import RecordingTI
@@ -521,3 +522,17 @@ def test_a_subclass_with_its_own_execute_complete_still_resumes(dag):
     with pytest.raises(TaskDeferred) as info:
         Custom(task_id="custom", prompt="x").execute({})
     assert info.value.trigger.end == "resume"
+
+
+@pytest.mark.parametrize(
+    ("setting", "deferrable"),
+    [(None, True), ("False", False), ("True", True)],  # unset: True, not Airflow's own False
+)
+def test_operators_default_deferrable_is_honoured_when_the_deployment_sets_it(
+    dag, monkeypatch, setting, deferrable
+):
+    if setting is not None:
+        monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", setting)
+    assert LLMOperator(task_id="ask", prompt="x").deferrable is deferrable
+    assert LLMOperator(task_id="explicit", prompt="x", deferrable=not deferrable).deferrable is not deferrable
+    assert LLMFanOutOperator(task_id="fan", prompts=["x"], start_from_trigger=False).deferrable is deferrable
