@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import select
 import socket
+import time
 
 import pytest
 from airflow.sdk._shared.observability.metrics import statsd_logger
@@ -15,7 +17,10 @@ from airflow.sdk.observability.metrics import stats_utils
 from statsd import StatsClient
 
 from airflow_llm_async import metrics
+from airflow_llm_async.operators.fanout import LLMFanOutOperator
+from airflow_llm_async.operators.llm import LLMOperator
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
+from tests.doubles import RecordingTI
 from tests.integration.conftest import point_connection, wait_until
 
 REQUEST = {"messages": [{"role": "user", "content": "Summarize: the triggerer waits for many calls."}]}
@@ -201,3 +206,18 @@ async def test_with_metrics_off_in_the_config_not_one_metric_is_sent(fake_llm, m
         assert [line["name"] for line in receiver.lines] == ["airflow.probe"]
     finally:
         receiver.sock.close()
+
+
+@pytest.mark.parametrize("operator", ["llm", "fanout"])
+def test_sync_mode_sends_its_metrics_before_its_private_loop_ends(statsd, threaded_fake_llm, operator):
+    """Both operators go through the one sync bridge, which flushes: nothing is left behind in the loop."""
+    if operator == "llm":
+        op = LLMOperator(task_id="t", prompt="Summarize: x", llm_conn_id="llm_fake", deferrable=False)
+    else:
+        op = LLMFanOutOperator(task_id="t", prompts=["a", "b"], llm_conn_id="llm_fake", deferrable=False)
+    op.execute({"ti": RecordingTI()})
+    calls = 1 if operator == "llm" else 2
+    deadline = time.monotonic() + 5  # UDP on loopback: delivered at once, if it was sent
+    while statsd.total("llm.calls", conn_id="llm_fake") < calls and time.monotonic() < deadline:
+        select.select([statsd.sock], [], [], deadline - time.monotonic())  # wait for the next datagram
+    assert statsd.total("llm.calls", conn_id="llm_fake") == calls
