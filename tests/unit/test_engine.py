@@ -141,6 +141,17 @@ def test_the_chain_is_every_model_on_each_connection_in_turn():
     assert run.outcome.error.kind == "server" and run.waits == []
 
 
+@pytest.mark.parametrize("position", range(4))
+def test_the_first_link_that_answers_ends_the_call_wherever_it_is_in_the_chain(position):
+    chain = [("c1", "m1"), ("c1", "m2"), ("c2", "m1"), ("c2", "m2")]
+    run = drive(
+        spec(models=("m1", "m2"), conns=("c1", "c2"), max_retries=0), [error(500)] * position + [answer()]
+    )
+    assert run.sends == chain[: position + 1]
+    assert (run.outcome.conn_id, run.outcome.requested_model) == chain[position]
+    assert run.outcome.fallback_used is (position > 0)
+
+
 def test_a_fallback_answer_says_so():
     run = drive(spec(models=("m1", "m2"), max_retries=0), [error(500), answer()])
     assert run.outcome.ok and run.outcome.fallback_used and run.outcome.requested_model == "m2"
