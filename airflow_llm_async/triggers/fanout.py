@@ -137,18 +137,7 @@ class FanOutTrigger(LLMTrigger):
             endpoints = await driver.resolve(usable[0]) if usable else {}
         except LLMConfigError as exc:
             return FanOutOutcome.not_started(LLMCallError("config", str(exc)))
-        done: dict[int, fanout.Record] = {}
-        ti = self.task_instance
-        if ti is not None:
-            self._progress = progress.XComProgress(ti, progress.fingerprint(specs, _options(self.spec)))
-            try:
-                done = await self._progress.load(len(specs))
-            except Exception:  # progress is an optimisation: without it every item is called
-                self.log.warning("LLM fan-out: could not read stored progress; calling all", exc_info=True)
-            if done:
-                self.log.info(
-                    "LLM fan-out: %d of %d items already finished; calling the rest", len(done), len(specs)
-                )
+        done = await self._load_progress(specs)
         pending: dict[int, fanout.Record] = {}
         wake = asyncio.Event()
 
@@ -177,6 +166,23 @@ class FanOutTrigger(LLMTrigger):
             # and deletes the parts, so storing the last records first would only add a round trip.
             await self._flush(pending)
         return outcome
+
+    async def _load_progress(self, specs: list[CallSpec | fanout.Record]) -> dict[int, fanout.Record]:
+        """The records stored by an earlier run of this trigger that this one may keep (none: call all)."""
+        ti = self.task_instance
+        if ti is None:  # dag.test(): nowhere to store progress
+            return {}
+        self._progress = progress.XComProgress(ti, progress.fingerprint(specs, _options(self.spec)))
+        try:
+            done = await self._progress.load(len(specs))
+        except Exception:  # progress is an optimisation: without it every item is called
+            self.log.warning("LLM fan-out: could not read stored progress; calling all", exc_info=True)
+            return {}
+        if done:
+            self.log.info(
+                "LLM fan-out: %d of %d items already finished; calling the rest", len(done), len(specs)
+            )
+        return done
 
     async def _flush_loop(self, pending: dict, wake: asyncio.Event, stop: asyncio.Event, items: int) -> None:
         assert self._progress is not None
