@@ -129,7 +129,8 @@ class LLMFanOutOperator(LLMOperator):
         trigger = self.build_trigger()
         if self.deferrable:
             self.defer(trigger=trigger, method_name="execute_complete", timeout=self._deferral_timeout())
-        return self.end_task(context, run_fan_out_sync(trigger), stored=False)
+        # Through execute_complete, as after a resume: a subclass's own sees the list in every mode.
+        return self.execute_complete(context, {**run_fan_out_sync(trigger).to_json(), "stored": False})
 
     def execute_complete(
         self, context: Context, event: dict[str, Any] | None = None

@@ -277,7 +277,9 @@ class LLMOperator(BaseOperator):
             self.defer(
                 trigger=self.build_trigger(), method_name="execute_complete", timeout=self._deferral_timeout()
             )
-        return self.end_task(context, driver.complete_sync(self.call_spec(deadline=self._deadline())))
+        # Through execute_complete, as after a resume: a subclass's own sees the answer in every mode.
+        outcome = driver.complete_sync(self.call_spec(deadline=self._deadline()))
+        return self.execute_complete(context, outcome.to_json())
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> str:
         """Resume after the trigger fired: push the answer, or fail with the API's own message."""

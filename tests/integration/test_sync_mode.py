@@ -69,3 +69,13 @@ def test_sync_mode_fails_clearly_without_a_connection(dag):
     op = LLMOperator(task_id="ask", prompt="x", llm_conn_id="llm_nowhere", deferrable=False)
     with pytest.raises(AirflowFailException, match="airflow connections add llm_nowhere"):
         op.execute({"ti": RecordingTI()})
+
+
+def test_a_subclass_execute_complete_sees_the_answer_in_sync_mode_too(dag, threaded_fake_llm):
+    class Shouting(LLMOperator):
+        def execute_complete(self, context, event=None):
+            return super().execute_complete(context, event).upper()
+
+    op = Shouting(task_id="shout", prompt="Summarize: quiet words", llm_conn_id="llm_fake", deferrable=False)
+    answer = op.execute({"ti": RecordingTI()})
+    assert answer == answer.upper() and "QUIET" in answer
