@@ -14,11 +14,14 @@ from collections.abc import Mapping
 from typing import Any
 
 # --- 1. XComs sent with TaskSuccessEvent(xcoms=...) are stored JSON-encoded twice -----------------
-# Upstream: airflow/models/trigger.py handle_event_submit passes the values to XComModel.set, which
-# serializes them once more, so a downstream task reads a dict as text and an answer with quotes.
-# Instead: a trigger that ends its task pushes through the XCom backend as a worker would (below) and
-# fires an empty TaskSuccessEvent / TaskFailedEvent. It can go when a dict sent in
-# TaskSuccessEvent(xcoms=...) reads back as a dict downstream (tests/e2e: worker-free XComs).
+# Upstream: no issue filed that we found (closest: apache/airflow#45231). airflow/models/trigger.py
+# handle_event_submit (the BaseTaskEndEvent overload) pushes through TaskInstance.xcom_push ->
+# XComModel.set with its default serialize=True, so the value is JSON-encoded before it goes into a
+# JSON column: a downstream task reads a dict as text and an answer with quotes. Instead: a trigger
+# that ends its task pushes through the XCom backend as a worker would (below) and fires an empty
+# TaskSuccessEvent / TaskFailedEvent. It can go when that path passes serialize=False (as the
+# execution API's XCom route does) and a dict sent in TaskSuccessEvent(xcoms=...) reads back as a
+# dict downstream (tests/e2e: worker-free XComs).
 
 
 async def push_xcoms(ti: Any, xcoms: Mapping[str, Any], *, mapped_length: int | None = None) -> None:
@@ -62,13 +65,15 @@ def decode_double_encoded(value: Any) -> Any:
 
 
 # --- 2. The deferral race: a resumed task failed by its own worker's late report ------------------
-# Upstream: when a trigger fires before the worker has reported that its try deferred (the worker
-# reports up to [workers] min_heartbeat_interval, 5 s, later), the resumed try can be failed with
-# "finished with state success, but the task instance's state attribute is queued". 9 % of 150 short
-# deferred calls failed so here (docs/fault-survival.md). Instead: a successful call ends its task in
-# the triggerer (no resume, so no race); a failure still resumes on a worker, which raises the right
-# exception for retries and callbacks. It can go when tests/e2e/faults/race_study.py, run with
-# ``end_on_success`` off, shows no such failure.
+# Upstream: apache/airflow#67287, fixed on main by apache/airflow#68741 (not in 3.3.2; the running-
+# state variant is still open: #71580, #72716). When a trigger fires before the worker has reported
+# that its try deferred (up to [workers] min_heartbeat_interval, 5 s, later), the resumed try can be
+# failed with "finished with state success, but the task instance's state attribute is queued";
+# 9 % of 150 short deferred calls failed so here (docs/fault-survival.md). Instead: a successful call
+# ends its task in the triggerer (no resume, so no race); a failure still resumes on a worker, which
+# raises the right exception for retries and callbacks. It can go when the resume-after-defer branch
+# of SchedulerJobRunner.process_executor_events accepts a QUEUED task instance, and
+# tests/e2e/faults/race_study.py, run with end="resume", shows no such failure.
 
 
 def ends_on_success(operator: Any, base: type) -> bool:
@@ -78,10 +83,13 @@ def ends_on_success(operator: Any, base: type) -> bool:
 
 
 # --- 3. Worker-free templates can pull only one map index ----------------------------------------
-# Upstream: in the triggerer, ``ti.xcom_pull(task_ids=...)`` without ``map_indexes`` sends
-# GetXComSequenceSlice, which 3.3.2's triggerer supervisor cannot answer: rendering waits forever.
-# Instead: such templates are refused when the DAG is parsed, with the fix (``map_indexes=-1``).
-# It can go when a worker-free task rendering ``ti.xcom_pull(task_ids='up')`` ends.
+# Upstream: no issue filed that we found (the same gap in the dag-processor was apache/airflow#55464,
+# fixed by #55542). In the triggerer, ``ti.xcom_pull(task_ids=...)`` without ``map_indexes`` sends
+# GetXComSequenceSlice, which is not in jobs/triggerer_job_runner.py's ToTriggerSupervisor union:
+# the supervisor cannot decode it, never answers, and rendering waits forever. Instead: such
+# templates are refused when the DAG is parsed, with the fix (``map_indexes=-1``). It can go when
+# GetXComSequenceSlice is in that union and a worker-free task rendering
+# ``ti.xcom_pull(task_ids='up')`` ends.
 
 _PULL_ALL_MAP_INDEXES = re.compile(r"xcom_pull\((?![^)]*map_indexes)[^)]*\)")
 
@@ -100,10 +108,13 @@ def check_worker_free_templates(op: Any) -> None:
 
 
 # --- 4. dag.test() runs triggers inline, without a task instance ---------------------------------
-# Upstream: ``dag.test()`` / ``airflow dags test`` run a deferred task's trigger in-process with
-# ``trigger.task_instance`` None, and always resume the task with the event. Instead: without a task
-# instance the trigger fires a plain TriggerEvent with the outcome, and ``execute_complete`` ends the
-# task as after any resume. It can go when dag.test() gives triggers their task instance.
+# Upstream: no issue filed that we found. ``dag.test()`` / ``airflow dags test`` run a deferred
+# task's trigger in-process (airflow/sdk/definitions/dag.py _run_task) with ``trigger.task_instance``
+# None, and always resume the task with the event. Instead: without a task instance the trigger fires
+# a plain TriggerEvent with the outcome, and ``execute_complete`` ends the task as after any resume.
+# (Connections stored in the metadata DB cannot be looked up there either: InProcessSupervisorComms
+# has no ``asend``; docs/getting-started.md says to use env-var connections.) It can go when
+# _run_task gives triggers their task instance and handles a BaseTaskEndEvent.
 
 
 def can_end_task_here(trigger: Any) -> bool:
@@ -112,15 +123,17 @@ def can_end_task_here(trigger: Any) -> bool:
 
 
 # --- 5. Mapped tasks keep only the class-level start_trigger_args --------------------------------
-# Upstream: a mapped operator's per-instance ``start_trigger_args`` is not used, so a mapped task
-# cannot start in the triggerer; it runs in the default deferrable mode (docs/worker-free.md).
-# Nothing to do in code; it can go when a mapped LLMOperator(start_from_trigger=True) starts in the
-# triggerer (no worker slot taken).
+# Upstream: apache/airflow#48009 (open; disabled on purpose by #48006 and #53744): a mapped task
+# never starts in the triggerer (SerializedMappedOperator.expand_start_from_trigger returns False);
+# it runs in the default deferrable mode (docs/worker-free.md). Nothing to do in code; it can go
+# when #48009 is closed and a mapped LLMOperator(start_from_trigger=True) takes no worker slot.
 
 
 # --- 6. Every connection lookup in the triggerer rebuilds the secrets backends --------------------
-# Upstream: ``BaseHook.aget_connection`` costs about 0.5 ms of CPU and a hop to a thread per lookup
-# (it builds the secrets backends each time), a third of a trigger's CPU at thousands of calls.
+# Upstream: no issue for this case (apache/airflow#71756 made lookups cache custom backends only).
+# With the default chain, airflow/sdk/configuration.py ensure_secrets_loaded builds the backends on
+# every lookup, so ``BaseHook.aget_connection`` costs about 0.5 ms of CPU and a hop to a thread, a
+# third of a trigger's CPU at thousands of calls (docs/performance.md).
 # Instead: ``hooks/llm.shared_endpoint`` resolves each connection once per event loop and
 # ``ENDPOINT_TTL`` (60 s), concurrent callers sharing the lookup. The cache also spares any secrets
 # backend the load, so it stays when this goes; ``bench/overhead.py`` shows what a lookup costs.

@@ -74,7 +74,7 @@ class EndInTriggererLLMOperator(LLMOperator):
 
     def build_trigger(self):
         trigger = super().build_trigger()
-        trigger.end_from_trigger = True
+        trigger.end = "here"
         trigger.output_key = self.output_key
         return trigger
 
