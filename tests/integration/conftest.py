@@ -8,7 +8,10 @@ import threading
 
 import pytest
 
+from airflow_llm_async.core.outcome import CallSpec
+from airflow_llm_async.core.quality import QualitySpec
 from airflow_llm_async.testing.fake_server import FakeLLMServer
+from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 
 API_KEY = "sk-test-never-logged-4f1c"
 
@@ -51,3 +54,32 @@ def threaded_fake_llm(monkeypatch):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+def chat_trigger(
+    request: dict,
+    *,
+    conn_id: str = "llm_fake",
+    models: list[str | None] | None = None,
+    fallback_conn_ids: list[str] | None = None,
+    quality: dict | None = None,
+    end: str = "resume",
+    output_key: str = "llm_output",
+    time_limit: float | None = None,
+    prompt: str | None = None,
+    system_prompt: str | None = None,
+    messages: list | str | None = None,
+    **options,
+) -> ChatCompletionTrigger:
+    """A trigger as LLMOperator builds one: the call as a CallSpec, then how the task ends."""
+    conns = [conn_id, *(fallback_conn_ids or [])]
+    spec = CallSpec.of(request, conns, models or [None], quality=QualitySpec.from_dict(quality), **options)
+    return ChatCompletionTrigger(
+        spec=spec.to_json(),
+        end=end,
+        output_key=output_key,
+        time_limit=time_limit,
+        prompt=prompt,
+        system_prompt=system_prompt,
+        messages=messages,
+    )

@@ -9,13 +9,14 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llm_async import driver, metrics
+from airflow_llm_async.core.outcome import CallSpec
 from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price
 from airflow_llm_async.core.protocol import LLMCallError
 from airflow_llm_async.core.tokens import completion_budget, estimate_prompt_tokens
 from airflow_llm_async.operators.llm import LLMOperator
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 from tests.doubles import RecordingTI
-from tests.integration.conftest import point_connection
+from tests.integration.conftest import chat_trigger, point_connection
 
 REQUEST = {
     "messages": [{"role": "user", "content": "Summarize: the triggerer waits for many calls at once."}],
@@ -24,11 +25,9 @@ REQUEST = {
 GPT4 = DEFAULT_PRICES["gpt-4"]
 
 
-async def run(**kwargs) -> dict:
-    if "spec" not in kwargs:  # the options as 0.1's kwargs: still read (test_operators tests them exactly)
-        kwargs.setdefault("request", REQUEST)
-        kwargs.setdefault("conn_id", "llm_fake")
-    events = [event async for event in ChatCompletionTrigger(**kwargs).run()]
+async def run(spec: CallSpec | None = None, **kwargs) -> dict:
+    trigger = ChatCompletionTrigger(spec=spec.to_json()) if spec else chat_trigger(REQUEST, **kwargs)
+    events = [event async for event in trigger.run()]
     assert len(events) == 1
     return events[0].payload
 
@@ -132,7 +131,7 @@ async def test_a_call_refused_by_its_budget_fails_the_task_without_task_retries(
     op = LLMOperator(
         task_id="t", prompt="Summarize: x", model="gpt-4", llm_conn_id="llm_fake", max_cost_usd=0.001
     )
-    outcome = await run(spec=op.call_spec().to_json())
+    outcome = await run(op.call_spec())
     with pytest.raises(AirflowFailException, match=r"LLM call failed \(budget\): max_cost_usd=0.001"):
         op.execute_complete({"ti": RecordingTI()}, outcome)
 

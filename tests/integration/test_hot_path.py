@@ -10,13 +10,13 @@ import pytest
 
 from airflow_llm_async.testing.fake_server_process import FakeServerProcess
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
-from tests.integration.conftest import point_connection
+from tests.integration.conftest import chat_trigger, point_connection
 
 REQUEST = {"messages": [{"role": "user", "content": "Summarize: the triggerer holds thousands of calls."}]}
 
 
 async def one_call() -> dict:
-    _, kwargs = ChatCompletionTrigger(request=REQUEST, conn_id="llm_hot", models=["gpt-4"]).serialize()
+    _, kwargs = chat_trigger(REQUEST, conn_id="llm_hot", models=["gpt-4"]).serialize()
     events = [event async for event in ChatCompletionTrigger(**kwargs).run()]
     return events[0].payload
 

@@ -19,9 +19,8 @@ from statsd import StatsClient
 from airflow_llm_async import metrics
 from airflow_llm_async.operators.fanout import LLMFanOutOperator
 from airflow_llm_async.operators.llm import LLMOperator
-from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 from tests.doubles import RecordingTI
-from tests.integration.conftest import point_connection, wait_until
+from tests.integration.conftest import chat_trigger, point_connection, wait_until
 
 REQUEST = {"messages": [{"role": "user", "content": "Summarize: the triggerer waits for many calls."}]}
 # name,tag=value,...:value|type  (StatsD with [metrics] statsd_influxdb_enabled)
@@ -95,7 +94,7 @@ def statsd_backend(factory):
 
 
 async def run(**kwargs) -> dict:
-    events = [event async for event in ChatCompletionTrigger(request=REQUEST, **kwargs).run()]
+    events = [event async for event in chat_trigger(REQUEST, **kwargs).run()]
     return events[0].payload
 
 

@@ -15,7 +15,7 @@ from airflow_llm_async import limits
 from airflow_llm_async.core.quality import ARTICLE_RULES
 from airflow_llm_async.hooks.llm import shared_endpoint
 from airflow_llm_async.triggers.chat import ChatCompletionTrigger
-from tests.integration.conftest import API_KEY, point_connection, wait_until
+from tests.integration.conftest import API_KEY, chat_trigger, point_connection, wait_until
 
 REQUEST = {
     "messages": [{"role": "user", "content": "总结以下文章:人工智能正在快速发展。"}],
@@ -35,10 +35,8 @@ async def run(trigger: ChatCompletionTrigger) -> dict:
     return payload
 
 
-def trigger(**kwargs) -> ChatCompletionTrigger:
-    kwargs.setdefault("request", REQUEST)
-    kwargs.setdefault("conn_id", "llm_fake")
-    return ChatCompletionTrigger(**kwargs)
+def trigger(request: dict = REQUEST, **kwargs) -> ChatCompletionTrigger:
+    return chat_trigger(request, **kwargs)
 
 
 def outcomes(payload: dict) -> list[tuple]:
@@ -241,7 +239,7 @@ def supervisor(monkeypatch):
 
 def worker_free(**kwargs) -> ChatCompletionTrigger:
     """A worker-free trigger as the triggerer runs it: templates rendered, task instance attached."""
-    made = trigger(end_from_trigger=True, **kwargs)
+    made = trigger(end="here", **kwargs)
     made.task_instance = SimpleNamespace(dag_id="d", task_id="t", run_id="r", map_index=-1)
     return made
 
@@ -350,12 +348,12 @@ async def test_triggers_in_one_loop_reuse_the_resolved_connection(fake_llm, monk
 
 
 async def test_default_mode_ends_a_success_in_the_triggerer_and_resumes_a_failure(fake_llm, supervisor):
-    deferred = trigger(models=["gpt-4"], end_on_success=True, output_key="answer")
+    deferred = trigger(models=["gpt-4"], end="on_success", output_key="answer")
     deferred.task_instance = SimpleNamespace(dag_id="d", task_id="t", run_id="r", map_index=-1)
     events = await run_events(deferred)
     assert isinstance(events[0], TaskSuccessEvent)
     assert set(pushed(supervisor)) == {"return_value", "answer", "llm_meta"}
-    failing = trigger(models=["gpt-5x"], end_on_success=True)
+    failing = trigger(models=["gpt-5x"], end="on_success")
     failing.task_instance = deferred.task_instance
     events = await run_events(failing)
     # A failure goes back to the worker, whose execute_complete raises the right exception.
@@ -364,7 +362,7 @@ async def test_default_mode_ends_a_success_in_the_triggerer_and_resumes_a_failur
 
 async def test_without_a_task_instance_a_success_resumes_as_usual(fake_llm):
     """dag.test() runs triggers inline with no task instance: the event must resume the task."""
-    payload = await run(trigger(models=["gpt-4"], end_on_success=True))
+    payload = await run(trigger(models=["gpt-4"], end="on_success"))
     assert payload["status"] == "success"
 
 
