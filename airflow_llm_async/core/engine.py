@@ -36,7 +36,7 @@ from airflow_llm_async.core.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Send:
     """Send ``body`` to the endpoint, under its connection's limits, and reply with what came back."""
 
@@ -49,14 +49,14 @@ class Send:
     attempt: Attempt  # its record in llm_meta, filled in once the reply is sent back
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Wait:
     """Sleep, then reply with ``None``."""
 
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Answer:
     """The server answered (any status)."""
 
@@ -65,7 +65,7 @@ class Answer:
     body: bytes = b""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NoAnswer:
     """No answer: ``timeout`` (none within the time), ``connection`` (``detail`` says why), or
     ``limits`` (the connection's limits held the request until the deadline; it was never sent)."""
@@ -98,7 +98,7 @@ class _Silent:
         return lambda *args: None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Clock:
     """Wall-clock time (deadlines, ``started_at``) and a monotonic one (latencies); fakes in tests."""
 
@@ -253,6 +253,9 @@ def _deadline_error(cause: LLMCallError) -> LLMCallError:
 
 class _Call:
     """One call's running state: its attempts, what they cost, and how it ends."""
+
+    __slots__ = ("spec", "clock", "observer", "host", "pid", "error", "rejected", "attempts", "started",
+                 "started_at", "spent", "priced")  # fmt: skip
 
     def __init__(
         self, spec: CallSpec, clock: Clock, observer: Observer, host: str | None, pid: int | None

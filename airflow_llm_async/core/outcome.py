@@ -25,7 +25,7 @@ ON_QUALITY_FAILURE = ("fail", "return")
 STATUSES = ("success", "error")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallSpec:
     """Everything about a call except the connections' secrets (trigger kwargs are stored in plain text)."""
 
@@ -82,7 +82,7 @@ class CallSpec:
         return cls(request=request, chain=chain, **options)
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempt:
     """One request sent (or refused before sending) and what came of it; ``llm_meta.attempts`` holds these."""
 
@@ -112,7 +112,7 @@ class Attempt:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What came of one call: the answer or the error, and how it went."""
 
@@ -214,7 +214,7 @@ class Outcome:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FanOutOutcome:
     """What came of a fan-out: one answer (or ``None``) per item in input order, and ``llm_meta``."""
 
