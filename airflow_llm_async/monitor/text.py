@@ -33,31 +33,7 @@ def render(snapshot: dict[str, Any]) -> str:
     """The whole snapshot: triggerers, processes, per DAG and model, totals."""
     when = datetime.fromtimestamp(snapshot["generated_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     lines = [f"LLM calls in the last {snapshot['window_s'] / 60:g} min, at {when}", ""]
-
-    triggerers = snapshot["triggerers"]
-    lines.append("Triggerers")
-    if triggerers:
-        lines += table(
-            ["id", "host", "alive", "heartbeat s", "triggers", "llm", "capacity left", "done/min"],
-            [
-                [
-                    t["id"],
-                    t["hostname"],
-                    t["alive"],
-                    t["heartbeat_age_s"],
-                    t["triggers_running"],
-                    t["llm_triggers_running"],
-                    f"{t['capacity_left']} of {t['capacity']}",
-                    f"{t['completions_per_min']}{' (host)' if t['host_shared'] else ''}",
-                ]
-                for t in triggerers
-            ],
-        )
-    else:
-        lines.append("  (no triggerer running)")
-    lines.append(f"  triggers waiting for a triggerer: {snapshot['unassigned_triggers']}")
-    lines.append("")
-
+    lines += _triggerers(snapshot["triggerers"], snapshot["unassigned_triggers"])
     if snapshot["processes"]:
         lines.append("Processes that ran calls")
         lines += table(
@@ -65,27 +41,7 @@ def render(snapshot: dict[str, Any]) -> str:
             [[p["process"], p["calls"], p["completions_per_min"]] for p in snapshot["processes"]],
         )
         lines.append("")
-
-    lines.append("Per DAG and model")
-    if snapshot["models"]:
-        lines += table(
-            ["dag", "model", "calls", "failed", "p50 s", "p95 s", "tokens", "cost $"],
-            [
-                [
-                    m["dag_id"],
-                    m["model"],
-                    m["calls"],
-                    m["failures"],
-                    m["latency_p50_s"],
-                    m["latency_p95_s"],
-                    m["total_tokens"],
-                    money(m["cost_usd"]),
-                ]
-                for m in snapshot["models"]
-            ],
-        )
-    else:
-        lines.append("  (no LLM calls in this window)")
+    lines += _models(snapshot["models"])
     totals = snapshot["totals"]
     lines += [
         "",
@@ -93,3 +49,38 @@ def render(snapshot: dict[str, Any]) -> str:
         f"${money(totals['cost_usd'])}",
     ]
     return "\n".join(lines)
+
+
+def _triggerers(triggerers: list[dict[str, Any]], unassigned: int) -> list[str]:
+    if not triggerers:
+        lines = ["Triggerers", "  (no triggerer running)"]
+    else:
+        headers = ["id", "host", "alive", "heartbeat s", "triggers", "llm", "capacity left", "done/min"]
+        rows = [
+            [
+                *(t["id"], t["hostname"], t["alive"], t["heartbeat_age_s"]),
+                *(
+                    t["triggers_running"],
+                    t["llm_triggers_running"],
+                    f"{t['capacity_left']} of {t['capacity']}",
+                ),
+                f"{t['completions_per_min']}{' (host)' if t['host_shared'] else ''}",
+            ]
+            for t in triggerers
+        ]
+        lines = ["Triggerers", *table(headers, rows)]
+    return [*lines, f"  triggers waiting for a triggerer: {unassigned}", ""]
+
+
+def _models(models: list[dict[str, Any]]) -> list[str]:
+    if not models:
+        return ["Per DAG and model", "  (no LLM calls in this window)"]
+    headers = ["dag", "model", "calls", "failed", "p50 s", "p95 s", "tokens", "cost $"]
+    rows = [
+        [
+            *(m["dag_id"], m["model"], m["calls"], m["failures"]),
+            *(m["latency_p50_s"], m["latency_p95_s"], m["total_tokens"], money(m["cost_usd"])),
+        ]
+        for m in models
+    ]
+    return ["Per DAG and model", *table(headers, rows)]
