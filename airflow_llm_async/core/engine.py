@@ -94,8 +94,22 @@ class Observer(Protocol):
 
 
 class _Silent:
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args: None
+    """The observer when nobody listens."""
+
+    def attempt(self, conn_id: str, model: str, latency_s: float, error_kind: str | None) -> None:
+        pass
+
+    def count(self, name: str, conn_id: str, model: str) -> None:
+        pass
+
+    def error(self, conn_id: str, model: str, kind: str) -> None:
+        pass
+
+    def usage(self, conn_id: str, model: str, usage: Mapping[str, int], cost: float | None) -> None:
+        pass
+
+    def call(self, conn_id: str, model: str, latency_s: float, succeeded: bool) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
