@@ -346,3 +346,46 @@ def test_a_spec_round_trips_through_json():
                     quality=QualitySpec(min_chars=3), quality_retries=2, on_quality_failure="return",
                     max_cost_usd=0.5)  # fmt: skip
     assert CallSpec.from_json(json.loads(json.dumps(original.to_json()))) == original
+
+
+class Recorder:
+    """An observer that writes down what the engine reports (the driver passes ``metrics``)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def attempt(self, conn_id, model, latency_s, error_kind):
+        self.events.append(("attempt", model, error_kind))
+
+    def count(self, name, conn_id, model):
+        self.events.append((name, model))
+
+    def error(self, conn_id, model, kind):
+        self.events.append(("error", model, kind))
+
+    def usage(self, conn_id, model, usage, cost):
+        self.events.append(("usage", model, usage["total_tokens"]))
+
+    def call(self, conn_id, model, latency_s, succeeded):
+        self.events.append(("call", model, succeeded))
+
+
+def test_the_observer_hears_every_attempt_retry_fallback_and_the_end():
+    recorder = Recorder()
+    flow = call_flow(
+        spec(models=("m1", "m2"), max_retries=1), {"c1": endpoint()}, observer=recorder, rand=lambda: 0
+    )
+    replies = iter([error(503), error(503), answer()])
+    step = next(flow)
+    with pytest.raises(StopIteration):
+        while True:
+            step = flow.send(next(replies) if isinstance(step, Send) else None)
+    assert recorder.events == [
+        ("attempt", "m1", "server"),
+        ("retries", "m1"),
+        ("attempt", "m1", "server"),
+        ("fallbacks", "m1"),
+        ("attempt", "m2", None),
+        ("usage", "m2", 30),
+        ("call", "m2", True),
+    ]
