@@ -25,6 +25,11 @@ Metadata database backends (Airflow 3.3.2):
   ``db migrate`` so that readers (api-server) do not block writers (scheduler, triggerer, workers).
 * PostgreSQL: pass ``db_url=create_postgres_database()``; use it for concurrency-heavy tests.
 
+Migrating a fresh metadata DB costs tens of seconds of CPU. A test suite that starts several stacks
+migrates once and copies: :func:`migrate_database` on a template (a PostgreSQL database, or a SQLite
+file), then ``create_postgres_database(template=url)`` (``CREATE DATABASE ... TEMPLATE``) or
+:func:`copy_sqlite_database` for each stack, started with ``AirflowStack(..., migrate=False)``.
+
 Authentication uses the default SimpleAuthManager. The harness pre-seeds the generated password file
 with a random password for ``admin`` (the manager keeps existing entries), so no log scraping is needed
 to obtain a JWT from ``POST /auth/token``.
@@ -46,6 +51,7 @@ import configparser
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -64,10 +70,12 @@ import psutil
 __all__ = [
     "AirflowApiError",
     "AirflowStack",
+    "copy_sqlite_database",
     "create_postgres_database",
     "drop_postgres_database",
     "free_port",
     "loopback_hostname",
+    "migrate_database",
 ]
 
 DEFAULT_POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
@@ -129,16 +137,26 @@ def _pg_admin_connection(server: str):
 
 
 def create_postgres_database(
-    name_prefix: str = "airflow_llm_e2e", server: str = DEFAULT_POSTGRES_SERVER
+    name_prefix: str = "airflow_llm_e2e",
+    server: str = DEFAULT_POSTGRES_SERVER,
+    *,
+    template: str | None = None,
+    name: str | None = None,
 ) -> str | None:
-    """Create a fresh, uniquely named database; return its SQLAlchemy URL, or None if no server answers."""
+    """Create a fresh, uniquely named database; return its SQLAlchemy URL, or None if no server answers.
+
+    ``template``: the URL of a database to copy (``CREATE DATABASE ... TEMPLATE``; nobody may be
+    connected to it), e.g. one that :func:`migrate_database` migrated: a copy takes well under a second.
+    ``name``: this exact name instead of ``<name_prefix>_<random>``.
+    """
     conn = _pg_admin_connection(server)
     if conn is None:
         return None
-    name = f"{name_prefix}_{secrets.token_hex(4)}"
+    name = name or f"{name_prefix}_{secrets.token_hex(4)}"
+    copy_of = f' TEMPLATE "{urlsplit(template).path.lstrip("/")}"' if template else ""
     try:
         with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
+            cur.execute(f'CREATE DATABASE "{name}"{copy_of}')
         info = conn.info
         password = f":{quote(info.password, safe='')}" if info.password else ""
         return f"postgresql+psycopg2://{info.user}{password}@{info.host}:{info.port}/{name}"
@@ -158,6 +176,27 @@ def drop_postgres_database(url: str) -> None:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         conn.close()
+
+
+def copy_sqlite_database(template: Path, home: Path) -> str:
+    """Copy a migrated SQLite file into ``home`` (as AirflowStack's default ``home/airflow.db``); its URL."""
+    home = Path(home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "airflow.db"
+    shutil.copyfile(template, target)
+    return f"sqlite:///{target}"
+
+
+def migrate_database(db_url: str, home: Path, timeout: float = 300) -> float:
+    """``airflow db migrate`` of ``db_url`` (with a throwaway home); returns the seconds it took.
+
+    Migrates a template that stacks then copy (see the module docstring). A SQLite file is left in WAL
+    mode, as every stack's is.
+    """
+    stack = AirflowStack(home, home, db_url=db_url, triggerers=0)
+    stack._write_home()
+    stack._migrate(time.monotonic() + timeout)
+    return stack.timings["db_migrate"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -194,7 +233,9 @@ class AirflowStack:
         parallelism: int = 4,
         env: dict[str, str] | None = None,
         config: dict[str, dict[str, str]] | None = None,
+        migrate: bool = True,
     ) -> None:
+        """``migrate=False``: the DB at ``db_url`` is already migrated (a copy of a migrated template)."""
         self.home = Path(home).resolve()
         self.dags_folder = Path(dags_folder).resolve()
         self.db_url = db_url or f"sqlite:///{self.home / 'airflow.db'}"
@@ -202,6 +243,7 @@ class AirflowStack:
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         self.triggerers = triggerers
         self.parallelism = parallelism
+        self.migrate = migrate
         self.password = secrets.token_urlsafe(16)
         self.timings: dict[str, float] = {}  # seconds: "db_migrate", "start" (whole start())
         self._stack_id = secrets.token_hex(8)
@@ -318,7 +360,8 @@ class AirflowStack:
         atexit.register(self.stop)  # also clean up if the caller never reaches stop()
         try:
             self._write_home()
-            self._migrate(deadline)
+            if self.migrate:
+                self._migrate(deadline)
             for name in self._processes:
                 self._spawn(name)
             self.wait_until_healthy(timeout=deadline - time.monotonic())

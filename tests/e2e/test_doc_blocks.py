@@ -36,6 +36,8 @@ VENV_BIN = Path(sys.executable).parent
 LOCAL_MODELS = ("Qwen/Qwen2.5-7B-Instruct", "llama3.2")
 RUN_KINDS = ("shell", "console", "dag")
 DOCS = sorted({block.path for block in all_blocks() if kind_or_none(block) in RUN_KINDS})
+# The docs that install into "an existing Airflow" share one such virtualenv: one xdist worker runs them.
+FRESH_AIRFLOW_DOCS = {block.path for block in all_blocks() if block.directive == "fresh-airflow"}
 
 # dag.test() for each DAG file given; prints one RESULT line per DAG.
 _DAG_RUNNER = """
@@ -65,11 +67,9 @@ def doc_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory, doc_server):
-    """One ``airflow db migrate``, copied into each doc's HOME (migrating costs ~20 s)."""
-    home = tmp_path_factory.mktemp("template-home")
-    run_script("airflow db migrate", env=block_env(home, doc_server.base_url), cwd=home, where="db migrate")
-    return home / "airflow" / "airflow.db"
+def migrated_db(sqlite_template):
+    """The run's migrated SQLite template (tests/e2e/conftest.py), copied into each doc's HOME."""
+    return sqlite_template
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,15 @@ def run_script(script: str, *, env: dict, cwd: Path, where: str, timeout: float 
     return out
 
 
-@pytest.mark.parametrize("doc", DOCS)
+@pytest.mark.parametrize(
+    "doc",
+    [
+        pytest.param(
+            doc, marks=[pytest.mark.xdist_group("fresh-airflow")] if doc in FRESH_AIRFLOW_DOCS else []
+        )
+        for doc in DOCS
+    ],
+)
 def test_doc_blocks_run(doc, tmp_path, doc_server, migrated_db, request):
     blocks = [block for block in all_blocks() if block.path == doc]
     for block in blocks:

@@ -1,7 +1,8 @@
 """After real DAG runs, `airflow-llm monitor` and the dashboard page show what the XComs record.
 
-One stack for both: the demo pipeline (6 calls; its 5 summaries are held at the server for a while) and
-the worker-free DAG (one of its calls fails, with its ``llm_meta``) run. Then the figures of
+On the shared e2e deployment (tests/e2e/conftest.py), before any other module's DAG runs there: the demo
+pipeline (6 calls; its 5 summaries are held at the server for a while) and the worker-free DAG (one of
+its calls fails, with its ``llm_meta``) run. Then the figures of
 ``airflow-llm monitor --once --json``, of ``airflow llm monitor`` and of the dashboard page, loaded from
 the api-server in a real headless Chromium, are compared with figures computed here from the
 ``llm_meta`` XComs read through the REST API.
@@ -115,10 +116,13 @@ def cost(costs: list[float]) -> float | None:
 
 def test_monitor_shows_the_calls_in_flight_on_the_triggerer(runs):
     _, held = runs
-    [triggerer] = held["triggerers"]
-    assert triggerer["alive"] and triggerer["hostname"] == "127.0.0.1"
-    assert (triggerer["llm_triggers_running"], triggerer["triggers_running"]) == (5, 5)
-    assert (triggerer["capacity"], triggerer["capacity_left"]) == (1000, 995)
+    triggerers = held["triggerers"]  # the shared deployment runs two
+    assert len(triggerers) == 2
+    assert all(t["alive"] and t["hostname"] == "127.0.0.1" for t in triggerers), triggerers
+    assert sum(t["llm_triggers_running"] for t in triggerers) == 5, triggerers
+    assert sum(t["triggers_running"] for t in triggerers) == 5, triggerers
+    for t in triggerers:
+        assert t["capacity"] == 1000 and t["capacity_left"] == 1000 - t["triggers_running"], t
     assert held["unassigned_triggers"] == 0
 
 
@@ -240,7 +244,7 @@ def test_the_dashboard_in_chromium_shows_the_figures_of_the_xcoms(airflow, runs,
     assert totals["calls"] == "9" and totals["failures"] == "1"
     assert totals["tokens"] == str(sum(run["tokens"] for run in expected["runs"].values()))
     assert totals["cost"] == money(all_costs)
-    assert [row[1:3] for row in tables["triggerers"]] == [["127.0.0.1", "yes"]]
+    assert [row[1:3] for row in tables["triggerers"]] == [["127.0.0.1", "yes"]] * 2
     assert charts == 4  # in flight, completions per minute, latency, tokens and cost per run
 
 

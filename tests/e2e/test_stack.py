@@ -1,7 +1,9 @@
 """Self-test of the AirflowStack harness: real Airflow 3 processes on SQLite and on PostgreSQL.
 
-One stack per backend (module-scoped, parametrised fixture), so the tests of one backend share it and
-run in file order: health, crash/restart of the triggerer, then the smoke DAG on the restarted stack.
+SQLite: a stack of its own (one triggerer), its DB a copy of the run's migrated template file.
+PostgreSQL: the shared e2e deployment (tests/e2e/conftest.py: two triggerers), after the other modules
+that use it, since these tests kill and restart triggerer-0. The tests of one backend run in file order:
+health, crash/restart of the triggerer, then the smoke DAG on the restarted stack.
 """
 
 from __future__ import annotations
@@ -11,11 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_llm_async.testing.airflow_stack import (
-    AirflowStack,
-    create_postgres_database,
-    drop_postgres_database,
-)
+from airflow_llm_async.testing.airflow_stack import AirflowStack, copy_sqlite_database
 
 pytestmark = pytest.mark.e2e
 
@@ -24,30 +22,38 @@ DAG_ID = "stack_smoke"
 DEFERRABLE_TASKS = ("wait", "defer_resume")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    db_url = None
-    if request.param == "postgres":
-        db_url = create_postgres_database()
-        if db_url is None:
-            pytest.fail("no PostgreSQL server answered on 127.0.0.1:5432 (user postgres or root): required")
-    airflow = AirflowStack(tmp_path_factory.mktemp(f"airflow-{request.param}"), DAGS_FOLDER, db_url=db_url)
+@pytest.fixture(scope="module")
+def sqlite_stack(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path):
+    home = tmp_path_factory.mktemp("airflow-sqlite")
+    db_url = copy_sqlite_database(sqlite_template, home)
+    airflow = AirflowStack(home, DAGS_FOLDER, db_url=db_url, migrate=False)
     try:
         airflow.start(timeout=240)
         yield airflow
     finally:
         airflow.stop()
-        if db_url is not None:
-            drop_postgres_database(db_url)
     leftovers = airflow.live_processes()
     assert not leftovers, f"processes left behind: {[p.pid for p in leftovers]}"
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("sqlite", marks=pytest.mark.xdist_group("sqlite-stack")),
+        pytest.param("postgres", marks=pytest.mark.xdist_group("airflow")),
+    ],
+)
+def stack(request: pytest.FixtureRequest) -> AirflowStack:
+    return request.getfixturevalue("sqlite_stack" if request.param == "sqlite" else "airflow")
 
 
 def test_components_are_healthy_and_logging(stack: AirflowStack) -> None:
     health = stack.api("GET", "monitor/health")
     for component in ("metadatabase", "scheduler", "triggerer", "dag_processor"):
         assert health[component]["status"] == "healthy", health
-    assert sorted(stack.process_names) == ["api-server", "dag-processor", "scheduler", "triggerer-0"]
+    assert stack.triggerers == (1 if stack.is_sqlite else 2)
+    triggerers = [f"triggerer-{i}" for i in range(stack.triggerers)]
+    assert sorted(stack.process_names) == ["api-server", "dag-processor", "scheduler", *triggerers]
     assert all(stack.is_running(name) for name in stack.process_names)
     assert "Starting the triggerer" in stack.log_path("triggerer-0").read_text()
     assert "===== scheduler.log =====" in stack.process_logs()

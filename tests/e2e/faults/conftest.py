@@ -1,6 +1,8 @@
 """One real Airflow on PostgreSQL with two triggerers, and one fake LLM server, for the fault tests.
 
-Both are package-scoped: every module under tests/e2e/faults shares them (one start-up, ~1 min).
+Both are package-scoped: every module under tests/e2e/faults shares them (one start-up; the DB is a
+copy of the run's migrated template, tests/e2e/conftest.py). They run in one process (xdist group
+``faults``), beside the shared deployment of the other e2e modules, which they never touch.
 The stack uses AirflowStack's defaults plus ``FAST_TAKEOVER`` (see ``_support.py``), so a killed
 triggerer's triggers move to the other one about 6 s after its last heartbeat instead of 30 s.
 
@@ -15,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from airflow_llm_async.testing.airflow_stack import AirflowStack, drop_postgres_database
+from airflow_llm_async.testing.airflow_stack import AirflowStack
 from airflow_llm_async.testing.fake_server_process import FakeServerProcess
-from tests.e2e.faults._support import API_KEY, FAST_TAKEOVER, connections_env, require_postgres
+from tests.conftest import FIGURES_FILE
+from tests.e2e.conftest import postgres_database, run_root
+from tests.e2e.faults._support import API_KEY, FAST_TAKEOVER, connections_env
 
 DAGS = Path(__file__).resolve().parent / "dags"
-_FIGURES: list[str] = []
 
 
 @pytest.fixture(scope="package")
@@ -32,38 +35,38 @@ def fault_llm(tmp_path_factory):
 
 
 @pytest.fixture(scope="package")
-def fault_stack(tmp_path_factory, fault_llm):
+def fault_stack(tmp_path_factory, fault_llm, postgres_template):
     dags = tmp_path_factory.mktemp("fault-dags")
     for source in sorted(DAGS.glob("*.py")):
         shutil.copy(source, dags / source.name)
-    try:
-        db_url = require_postgres()
-    except RuntimeError as exc:
-        pytest.fail(str(exc))  # never skipped: the fault tests need PostgreSQL
-    stack = AirflowStack(
-        tmp_path_factory.mktemp("fault-airflow"),
-        dags,
-        db_url=db_url,
-        triggerers=2,
-        parallelism=8,
-        env=connections_env(fault_llm.base_url),
-        config=FAST_TAKEOVER,
-    )
-    try:
+    with postgres_database(postgres_template, "airflow_llm_faults") as db_url:
+        stack = AirflowStack(
+            tmp_path_factory.mktemp("fault-airflow"),
+            dags,
+            db_url=db_url,
+            triggerers=2,
+            parallelism=8,
+            env=connections_env(fault_llm.base_url),
+            config=FAST_TAKEOVER,
+            migrate=False,
+        )
         with stack:
             yield stack
-    finally:
-        drop_postgres_database(db_url)
 
 
 @pytest.fixture
-def figures():
-    """Append a line to the figures printed at the end of the run."""
-    return _FIGURES.append
+def figures(tmp_path_factory):
+    """Append a line to the figures printed at the end of the run (tests/conftest.py prints them)."""
+    path = run_root(tmp_path_factory) / FIGURES_FILE
+
+    def add(line: str) -> None:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+
+    return add
 
 
-def pytest_terminal_summary(terminalreporter):
-    if _FIGURES:
-        terminalreporter.section("fault survival figures")
-        for line in _FIGURES:
-            terminalreporter.write_line(line)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/faults/" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group("faults"))
