@@ -10,6 +10,7 @@ Tiers (markers, given by directory; select with ``-m``, e.g. ``-m "not e2e"``, w
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -47,6 +48,47 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("faults")
         if tier == "e2e" and item.path.name == "test_doc_blocks.py":
             item.add_marker("docs")
+
+
+# pytest-xdist 3.8's --dist loadgroup marks a group by a suffix to the nodeid, which pytest 9.2 ignores
+# (Node.nodeid no longer reads Node._nodeid), so every test became a group of its own and the deployment
+# of a group started on each worker. The workers write the groups here instead, for the scheduler below.
+GROUPS_FILE = "xdist-groups.json"
+
+
+@pytest.hookimpl(tryfirst=True)  # before the xdist worker reports its collection to the controller
+def pytest_collection_finish(session):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    groups = {}
+    for item in session.items:
+        marker = item.get_closest_marker("xdist_group")
+        if marker is not None:
+            groups[item.nodeid] = str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
+    root = session.config._tmp_path_factory.getbasetemp().parent  # the controller's basetemp
+    tmp = root / f"{GROUPS_FILE}.{worker}"
+    tmp.write_text(json.dumps(groups))
+    os.replace(tmp, root / GROUPS_FILE)  # every worker collects the same tests: same content
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: the tests of one ``xdist_group`` run on one worker, in collection order."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        _groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:
+                path = config._tmp_path_factory.getbasetemp() / GROUPS_FILE
+                self._groups = json.loads(path.read_text())
+            return self._groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
 
 
 def _run_base(config) -> Path | None:
