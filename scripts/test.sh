@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
-report_time() { echo "test: wall time $(($(date +%s) - started)) s (set-up and tests)"; }
+setup_s=""
+report_time() { echo "test: wall time $(($(date +%s) - started)) s (set-up ${setup_s:-unfinished} s and tests)"; }
 trap report_time EXIT
 
 fast=0
@@ -16,6 +17,7 @@ for arg in "$@"; do
 done
 
 bash scripts/setup.sh
+setup_s=$(($(date +%s) - started))
 
 # With PYTHONDONTWRITEBYTECODE set, every Python process (pytest, the doc blocks' `airflow` commands,
 # the Airflow components) would compile all it imports again: ~2 s of CPU each. Keep the bytecode

@@ -174,6 +174,7 @@ def test_worker_free_tasks_never_reach_a_worker_and_their_xcoms_read_back(airflo
 
 def test_airflow_dags_test_runs_every_mode_in_process(airflow, fake_llm):
     """`airflow dags test` (dag.test()) ignores start_from_trigger: both LLM tasks must still work."""
+    fake_llm.reset()  # no fault another test set on the shared server
     airflow.wait_for_dag("e2e_dag_test")
     result = airflow.airflow("dags", "test", "e2e_dag_test", check=False, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
