@@ -17,7 +17,10 @@ pytestmark = pytest.mark.e2e
 # The shared deployment (tests/e2e/conftest.py) sends its metrics to the ``statsd`` receiver.
 
 
-def test_the_triggerer_and_a_worker_send_llm_metrics_tagged_by_connection_and_model(airflow, statsd):
+def test_the_triggerer_and_a_worker_send_llm_metrics_tagged_by_connection_and_model(
+    airflow, fake_llm, statsd
+):
+    fake_llm.reset()  # no fault another test set on the shared server
     airflow.wait_for_dag("metrics_smoke")
     airflow.unpause("metrics_smoke")
     since = statsd.mark()  # other tests' calls on the deployment sent the same metrics before
