@@ -85,6 +85,8 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             if self._groups is None:
                 path = config._tmp_path_factory.getbasetemp() / GROUPS_FILE
+                if not path.exists():
+                    raise RuntimeError(f"no xdist worker wrote {path}: see pytest_collection_finish")
                 self._groups = json.loads(path.read_text())
             return self._groups.get(nodeid, nodeid)
 
