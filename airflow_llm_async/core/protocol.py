@@ -164,23 +164,52 @@ def parse_completion(status: int, body: bytes) -> Completion:
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices:
         raise LLMCallError("invalid_response", "the answer has no choices", status=status)
+    try:
+        return _completion(data, choices, status)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        # A malformed answer is a failed attempt (retried, then the fallback chain), never a crash.
+        raise LLMCallError(
+            "invalid_response",
+            f"HTTP {status}: the answer does not have the shape of a chat completion "
+            f"({type(exc).__name__}: {str(exc)[:120]})",
+            status=status,
+        ) from None
+
+
+def _completion(data: dict[str, Any], choices: Any, status: int) -> Completion:
     choice = choices[0]
     message = choice.get("message") or {}
     text = message.get("content")
     if text is None:
         # A model-side refusal comes back as message.refusal with no content.
-        refusal = message.get("refusal")
-        if refusal:
-            text = refusal
-        else:
+        text = message.get("refusal")
+        if not text:
             raise LLMCallError("invalid_response", "the answer's first choice has no content", status=status)
+    if not isinstance(text, str):
+        raise LLMCallError("invalid_response", "the answer's content is not text", status=status)
+    model = data.get("model") or ""
+    if not isinstance(model, str):
+        raise TypeError(f"model is {type(model).__name__}, not text")
     usage = data.get("usage") or {}
     return Completion(
         text=text,
-        model=data.get("model") or "",
+        model=model,
         finish_reason=choice.get("finish_reason"),
-        usage={k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        usage={
+            key: _token_count(usage.get(key))
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+        },
     )
+
+
+def _token_count(value: Any) -> int:
+    """A usage field: a whole number >= 0 (absent or null: 0); anything else is a malformed answer."""
+    if value is None:
+        return 0
+    count = int(value)  # OverflowError for Infinity, ValueError for NaN or text
+    if count < 0 or isinstance(value, bool) or count != value:
+        raise ValueError(f"a token count of {value!r}")
+    return count
 
 
 def _error_fields(body: bytes) -> dict[str, Any]:

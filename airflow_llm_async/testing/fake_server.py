@@ -25,6 +25,8 @@ without a rule of its own). The header wins over the model's rule. A spec is::
 * ``500``, ``502``, ``503`` - server errors; ``401`` - invalid API key; ``404`` - model not found;
   ``400`` - context length exceeded;
 * ``malformed`` - status 200 with a truncated JSON body;
+* ``garbled`` - status 200, valid JSON in the wrong shape (``usage.prompt_tokens: "n/a"``, a
+  choice that is a string), as a broken gateway may send;
 * ``empty`` - status 200 with ``"choices": []``;
 * ``refusal`` - status 200, the answer is an apology ("抱歉...错误..." for Chinese prompts, "Sorry, ..."
   for English ones) long enough to trip only the refusal check;
@@ -87,7 +89,7 @@ FAULT_HEADER = "x-fake-fault"
 LATENCY_HEADER = "x-fake-latency"
 ANY_MODEL = "*"
 ERROR_KINDS = ("400", "401", "404", "429", "500", "502", "503")
-FAULT_KINDS = (*ERROR_KINDS, "malformed", "empty", "refusal", "short", "length", "stall", "none")
+FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "stall", "none")
 
 # A fixed creation time keeps /v1/models answers identical from run to run.
 _MODEL_CREATED = 1_700_000_000
@@ -559,6 +561,10 @@ def _content_fault(kind: str, chat: _Chat) -> web.Response:
     if kind == "malformed":
         text = _dumps(_completion(chat, compose_answer(chat.system, chat.user), "stop"))
         return web.Response(text=text[: len(text) // 2], content_type="application/json")
+    if kind == "garbled":
+        body = _completion(chat, compose_answer(chat.system, chat.user), "stop")
+        body["choices"], body["usage"]["prompt_tokens"] = ["x"], "n/a"
+        return web.json_response(body, dumps=_dumps)
     if kind == "empty":
         return web.json_response(_completion(chat, "", "stop", with_choice=False), dumps=_dumps)
     if kind == "refusal":

@@ -263,3 +263,15 @@ def test_sync_mode_runs_the_same_fan_out_on_the_worker(threaded_fake_llm):
 
 def _stored(store: XComStore) -> int:
     return sum(len(store.values[k]["records"]) for k in store.parts())
+
+
+async def test_a_garbled_answer_fails_its_item_alone_and_the_others_finish(fake_llm, xcoms):
+    """Valid JSON in the wrong shape is a failed attempt of one item, never a crash of the trigger."""
+    fake_llm.set_fault("gpt-4", "garbled*1")
+    events = await events_of(fan_out(PROMPTS[:5], model="gpt-4", max_retries=0, max_failures=1))
+    assert isinstance(events[0], TaskSuccessEvent)
+    results, items = xcoms.values["return_value"], xcoms.values["llm_meta"]["items"]
+    assert results.count(None) == 1 and len(results) == 5
+    failed = items[results.index(None)]
+    assert failed["error"]["kind"] == "invalid_response"
+    assert "shape of a chat completion" in failed["error"]["message"]

@@ -395,3 +395,15 @@ async def test_a_429_storm_ends_with_every_call_answered_and_the_limiter_backed_
     assert fake_llm.stats()["by_status"]["429"] == 40
     assert min(fractions) < 1.0  # the 429s cut the allowed rate...
     assert limiter.stats()["rate_fraction"] > min(fractions)  # ...and the successes let it recover
+
+
+async def test_a_garbled_answer_is_retried_then_falls_back_with_one_event(fake_llm):
+    fake_llm.set_fault("gpt-4", "garbled")
+    payload = await run(trigger(models=["gpt-4", "gpt-3.5-turbo"], max_retries=1))
+    assert payload["status"] == "success" and payload["meta"]["model"] == "gpt-3.5-turbo"
+    assert outcomes(payload) == [
+        ("gpt-4", 200, "error"),
+        ("gpt-4", 200, "error"),
+        ("gpt-3.5-turbo", 200, "ok"),
+    ]
+    assert payload["meta"]["attempts"][0]["reason"]["kind"] == "invalid_response"

@@ -53,6 +53,17 @@ def test_parse_completion_takes_a_refusal_when_content_is_null():
         (b"[]", "no choices"),
         (_answer(choices=[]), "no choices"),
         (_answer(choices=[{"index": 0, "message": {"role": "assistant"}}]), "no content"),
+        # Malformed fields must become an attempt's error, never an exception that kills the trigger.
+        (_answer(choices=["x"]), "shape of a chat completion"),
+        (_answer(choices={"0": {}}), "shape of a chat completion"),
+        (_answer(choices=[{"message": "hi"}]), "shape of a chat completion"),
+        (_answer(choices=[{"message": {"content": ["a", "list"]}}]), "content is not text"),
+        (_answer(usage={"prompt_tokens": "n/a"}), "shape of a chat completion"),
+        (_answer(usage={"prompt_tokens": -5}), "shape of a chat completion"),
+        (_answer(usage=[1, 2]), "shape of a chat completion"),
+        (_answer().replace(b'"prompt_tokens": 3', b'"prompt_tokens": Infinity'), "shape of a chat completion"),
+        (_answer().replace(b'"prompt_tokens": 3', b'"prompt_tokens": NaN'), "shape of a chat completion"),
+        (_answer(model=7), "shape of a chat completion"),
     ],
 )
 def test_parse_completion_rejects_unusable_answers_as_retryable(body, fragment):
