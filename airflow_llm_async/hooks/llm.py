@@ -182,6 +182,16 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
         raise LLMConfigError(
             f"The LLM connection {conn_id!r} extra 'headers' must be an object of string values."
         )
+    # Each goes into an HTTP header, where a line break would end it (aiohttp refuses it mid-call).
+    for field, text in (
+        ("API key (password)", conn.password),
+        ("extra 'organization'", str(extra.get("organization") or "")),
+        *(("extra 'headers'", f"{name}{value}") for name, value in headers.items()),
+    ):
+        if "\r" in text or "\n" in text:
+            raise LLMConfigError(
+                f"The LLM connection {conn_id!r} {field} contains a line break: set it again without one."
+            )
     return Endpoint(
         conn_id=conn_id,
         base_url=_base_url(conn),

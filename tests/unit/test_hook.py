@@ -179,3 +179,20 @@ def test_uri_style_integer_extras_that_are_not_whole_numbers_are_refused(monkeyp
     monkeypatch.setenv("AIRFLOW_CONN_LLM_URI_BAD", f"llm://:sk-3@gateway.internal/v1?max_concurrency={text}")
     with pytest.raises(LLMConfigError, match="'max_concurrency' must be a positive integer"):
         LLMHook("llm_uri_bad").get_endpoint()
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"password": "sk-secret-9f\n"}, "API key (password)"),
+        ({"password": "sk-x", "extra": {"organization": "org\r\nX-Evil: 1"}}, "extra 'organization'"),
+        ({"password": "sk-x", "extra": {"headers": {"api-key": "k\nInjected: 1"}}}, "extra 'headers'"),
+        ({"password": "sk-x", "extra": {"headers": {"bad\nname": "v"}}}, "extra 'headers'"),
+    ],
+)
+def test_a_line_break_in_a_header_value_is_refused_naming_the_field_not_the_value(monkeypatch, fields, named):
+    """aiohttp would raise a bare ValueError mid-call, killing the trigger without an event."""
+    set_conn(monkeypatch, "llm_crlf", host="http://127.0.0.1:9/v1", **fields)
+    with pytest.raises(LLMConfigError, match="line break") as info:
+        LLMHook("llm_crlf").get_endpoint()
+    assert named in str(info.value) and "secret" not in str(info.value) and "Injected" not in str(info.value)

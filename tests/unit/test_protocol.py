@@ -61,8 +61,8 @@ def test_parse_completion_takes_a_refusal_when_content_is_null():
         (_answer(usage={"prompt_tokens": "n/a"}), "shape of a chat completion"),
         (_answer(usage={"prompt_tokens": -5}), "shape of a chat completion"),
         (_answer(usage=[1, 2]), "shape of a chat completion"),
-        (_answer().replace(b'"prompt_tokens": 3', b'"prompt_tokens": Infinity'), "shape of a chat completion"),
-        (_answer().replace(b'"prompt_tokens": 3', b'"prompt_tokens": NaN'), "shape of a chat completion"),
+        (_answer().replace(b'"prompt_tokens": 3', b'"prompt_tokens": Infinity'), "shape of a chat"),
+        (_answer().replace(b'"prompt_tokens": 3', b'"prompt_tokens": NaN'), "shape of a chat"),
         (_answer(model=7), "shape of a chat completion"),
     ],
 )
