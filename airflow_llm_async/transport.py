@@ -69,8 +69,9 @@ async def post_json(
 ) -> Answer | NoAnswer:
     """POST ``body``; the whole answer within ``time_limit`` seconds, or why there is none."""
     try:
+        # No redirects: following one would send the key, the headers and the prompt to another host.
         async with shared_session().post(
-            url, data=body, headers=headers, timeout=_timeout(time_limit)
+            url, data=body, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
         ) as response:
             return Answer(response.status, response.headers, await response.read())
     except TimeoutError:

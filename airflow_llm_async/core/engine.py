@@ -245,7 +245,7 @@ def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -
     """The completion in a reply to :class:`Send`; LLMCallError (with the answer's headers) otherwise."""
     if isinstance(reply, Answer):
         try:
-            return protocol.parse_completion(reply.status, reply.body)
+            return protocol.parse_completion(reply.status, reply.body, reply.headers)
         except LLMCallError as exc:
             exc.headers = reply.headers
             raise

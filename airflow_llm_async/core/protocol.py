@@ -151,8 +151,22 @@ def classify_status(status: int, body: bytes) -> LLMCallError:
     return LLMCallError(kind, message, status=status, code=str(code) if code is not None else None)
 
 
-def parse_completion(status: int, body: bytes) -> Completion:
+def redirect_error(status: int, headers: Mapping[str, str] | None) -> LLMCallError:
+    """A redirect is not followed: it would carry the key, the headers and the prompt to another host."""
+    location = next((v for k, v in (headers or {}).items() if k.lower() == "location"), None)
+    return LLMCallError(
+        "client",
+        f"HTTP {status}: the server redirects to {str(location)[:200]!r}; LLM calls do not follow "
+        f"redirects (they would send the API key and the prompt there): set the connection's base URL "
+        f"(host) to the address that answers",
+        status=status,
+    )
+
+
+def parse_completion(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Completion:
     """Parse one HTTP answer; raise :class:`LLMCallError` for anything but a usable completion."""
+    if 300 <= status < 400:
+        raise redirect_error(status, headers)
     if not 200 <= status < 300:
         raise classify_status(status, body)
     try:

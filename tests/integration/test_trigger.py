@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from types import SimpleNamespace
 
 import pytest
+from aiohttp import web
 from airflow.sdk.execution_time.comms import SetXCom
 from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
@@ -407,3 +409,38 @@ async def test_a_garbled_answer_is_retried_then_falls_back_with_one_event(fake_l
         ("gpt-3.5-turbo", 200, "ok"),
     ]
     assert payload["meta"]["attempts"][0]["reason"]["kind"] == "invalid_response"
+
+
+async def test_a_redirect_is_not_followed_so_the_key_never_reaches_the_other_host(monkeypatch):
+    """A 307 to another origin: following it would send the key, the headers and the prompt there."""
+    seen: list[dict] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.json_response({"choices": [{"message": {"content": "an answer from elsewhere"}}]})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"{other_url}/chat/completions")
+
+    async with _app_on_loopback(elsewhere) as other_url, _app_on_loopback(redirect) as url:
+        point_connection(monkeypatch, "llm_redirect", url, headers={"api-key": "gateway-secret"}, timeout=5)
+        payload = await run(trigger(conn_id="llm_redirect", models=["gpt-4"], max_retries=2))
+    assert payload["status"] == "error" and payload["error"]["kind"] == "client"
+    assert f"redirects to '{other_url}/chat/completions'" in payload["error"]["message"]
+    assert outcomes(payload) == [("gpt-4", 307, "error")]  # a client error: not retried either
+    assert seen == []
+
+
+@contextlib.asynccontextmanager
+async def _app_on_loopback(handler):
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()

@@ -389,3 +389,9 @@ def test_the_observer_hears_every_attempt_retry_fallback_and_the_end():
         ("usage", "m2", 30),
         ("call", "m2", True),
     ]
+
+
+def test_a_redirect_moves_down_the_chain_without_following_it():
+    run = drive(spec(models=("m1", "m2")), [Answer(307, {"location": "http://other/v1"}), answer()])
+    assert run.sends == [("c1", "m1"), ("c1", "m2")] and run.waits == []
+    assert "redirects to 'http://other/v1'" in run.outcome.attempts[0].reason["message"]

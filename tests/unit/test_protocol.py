@@ -163,3 +163,11 @@ def test_endpoint_headers_carry_the_key_but_its_repr_does_not():
     assert headers["OpenAI-Organization"] == "org-1"
     assert headers["X-Team"] == "ai"
     assert "sk-secret" not in repr(endpoint)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_client_error_naming_where_it_points(status):
+    with pytest.raises(LLMCallError) as info:
+        parse_completion(status, b"", {"Location": "http://elsewhere.example/v1/chat/completions"})
+    assert info.value.kind == "client" and not info.value.retryable and info.value.status == status
+    assert "elsewhere.example" in info.value.message and "base URL" in info.value.message
