@@ -117,7 +117,11 @@ async def _send(flow: Flow, step: Send) -> Step | Outcome:
             timeout = step.timeout if deadline is None else min(step.timeout, deadline - time.time())
             if timeout > 0:
                 reply = await transport.post_json(
-                    endpoint.chat_url, endpoint.request_headers(), step.body, timeout
+                    endpoint.chat_url,
+                    endpoint.request_headers(),
+                    step.body,
+                    timeout,
+                    endpoint.max_response_bytes,
                 )
             else:
                 reply = NoAnswer("limits")

@@ -65,17 +65,38 @@ def _timeout(seconds: float) -> aiohttp.ClientTimeout:
 
 
 async def post_json(
-    url: str, headers: Mapping[str, str], body: bytes, time_limit: float
+    url: str, headers: Mapping[str, str], body: bytes, time_limit: float, max_bytes: int
 ) -> Answer | NoAnswer:
-    """POST ``body``; the whole answer within ``time_limit`` seconds, or why there is none."""
+    """POST ``body``; the whole answer within ``time_limit`` seconds, or why there is none.
+
+    An answer of more than ``max_bytes`` (decompressed) is not read: one endless or inflating body
+    must not take the triggerer's memory, and every call in it, down.
+    """
     try:
         # No redirects: following one would send the key, the headers and the prompt to another host.
         async with shared_session().post(
             url, data=body, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
         ) as response:
-            return Answer(response.status, response.headers, await response.read())
+            length = response.content_length
+            if length is not None and length > max_bytes:
+                return NoAnswer("too_large", f"Content-Length {length}")
+            data = await _read_at_most(response.content, max_bytes)
+            if data is None:
+                return NoAnswer("too_large", f"more than {max_bytes} bytes")
+            return Answer(response.status, response.headers, data)
     except TimeoutError:
         return NoAnswer("timeout")
     except aiohttp.ClientError as exc:
         # The exception text names the host and the OS error, never the request headers.
         return NoAnswer("connection", f"{type(exc).__name__}: {exc}")
+
+
+async def _read_at_most(stream: aiohttp.StreamReader, max_bytes: int) -> bytes | None:
+    """The whole body (as aiohttp decompressed it), or None as soon as it passes ``max_bytes``."""
+    chunks, size = [], 0
+    async for chunk in stream.iter_any():
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -67,8 +67,9 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class NoAnswer:
-    """No answer: ``timeout`` (none within the time), ``connection`` (``detail`` says why), or
-    ``limits`` (the connection's limits held the request until the deadline; it was never sent)."""
+    """No answer: ``timeout`` (none within the time), ``connection`` (``detail`` says why),
+    ``too_large`` (more than the connection's ``max_response_bytes``; not read), or ``limits`` (the
+    connection's limits held the request until the deadline; it was never sent)."""
 
     kind: str
     detail: str = ""
@@ -252,6 +253,12 @@ def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -
     if isinstance(reply, NoAnswer) and reply.kind == "limits":
         raise LLMCallError(
             "deadline", "the call's deadline passed while waiting for the connection's rate limits"
+        )
+    if isinstance(reply, NoAnswer) and reply.kind == "too_large":
+        raise LLMCallError(
+            "invalid_response",
+            f"the answer is larger than the connection allows ({reply.detail}; max_response_bytes="
+            f"{endpoint.max_response_bytes}); if such answers are expected, raise that extra",
         )
     if isinstance(reply, NoAnswer) and reply.kind == "connection":
         raise LLMCallError("connection", f"cannot reach {endpoint.base_url}: {reply.detail}")

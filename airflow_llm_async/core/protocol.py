@@ -15,6 +15,9 @@ from typing import Any
 from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Chat answers are kilobytes; a body past this is a broken or hostile server (connection extra
+# max_response_bytes raises it).
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 # Statuses worth another try on the same model: timeouts, conflicts, rate limits, server errors.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -46,6 +49,7 @@ class Endpoint:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_retries: int | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a larger answer is not read
     # Shared request/token buckets across triggerer hosts, e.g. redis://host:6379/0 (may hold a password).
     rate_limit_backend: str | None = field(default=None, repr=False)
     # USD per million tokens by model: the defaults, the prices file, the connection's `prices` extra.

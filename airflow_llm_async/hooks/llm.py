@@ -24,7 +24,7 @@ class LLMConfigError(ValueError):
 
 
 _POSITIVE_NUMBER_EXTRAS = ("timeout",)
-_POSITIVE_INT_EXTRAS = ("max_concurrency", "requests_per_minute", "tokens_per_minute")
+_POSITIVE_INT_EXTRAS = ("max_concurrency", "requests_per_minute", "tokens_per_minute", "max_response_bytes")
 _KNOWN_EXTRAS = (
     "default_model",
     "organization",

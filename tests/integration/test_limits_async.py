@@ -71,7 +71,7 @@ async def test_concurrency_cap_holds_against_the_fake_server():
 
         async def call() -> int:
             async with limiter.slot(10):
-                status = (await transport.post_json(url, headers, body, 10)).status
+                status = (await transport.post_json(url, headers, body, 10, 1_000_000)).status
                 return status
 
         server.hold()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import time
 from types import SimpleNamespace
@@ -444,3 +445,31 @@ async def _app_on_loopback(handler):
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("body", ["announced", "endless", "gzip-bomb"])
+async def test_an_answer_past_max_response_bytes_is_not_read(monkeypatch, body):
+    """A 500 MB answer took the triggerer to 1 GB; a 398 KiB gzip body inflated to 400 MiB."""
+    sent = 0
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        if body == "announced":
+            return web.Response(body=b" " * 300_000, content_type="application/json")
+        if body == "gzip-bomb":  # 50 MB of spaces, about 50 KB on the wire
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            return web.Response(body=gzip.compress(b" " * 50_000_000), headers=headers)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while sent < 50_000_000:  # endless, as far as the client can tell: bounded for the test
+                await response.write(b" " * 65_536)
+                sent += 65_536
+        return response
+
+    async with _app_on_loopback(huge) as url:
+        point_connection(monkeypatch, "llm_huge", url, max_response_bytes=200_000, timeout=20)
+        payload = await run(trigger(conn_id="llm_huge", models=["gpt-4"], max_retries=0))
+    assert payload["status"] == "error" and payload["error"]["kind"] == "invalid_response"
+    assert "larger than the connection allows" in payload["error"]["message"]
+    assert sent < 5_000_000  # the endless body stopped being read long before its end

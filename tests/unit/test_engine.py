@@ -395,3 +395,11 @@ def test_a_redirect_moves_down_the_chain_without_following_it():
     run = drive(spec(models=("m1", "m2")), [Answer(307, {"location": "http://other/v1"}), answer()])
     assert run.sends == [("c1", "m1"), ("c1", "m2")] and run.waits == []
     assert "redirects to 'http://other/v1'" in run.outcome.attempts[0].reason["message"]
+
+
+def test_an_answer_too_large_to_read_is_an_invalid_response_naming_the_extra():
+    endpoints = {"c1": endpoint(max_response_bytes=1000)}
+    run = drive(spec(max_retries=0), [NoAnswer("too_large", "Content-Length 5000")], endpoints)
+    error = run.outcome.error
+    assert error.kind == "invalid_response" and "Content-Length 5000" in error.message
+    assert "max_response_bytes=1000" in error.message

@@ -104,6 +104,7 @@ def test_a_connection_without_key_says_to_set_the_password(monkeypatch):
         ({"timeout": 0}, "'timeout' must be a positive number"),
         ({"timeout": "soon"}, "'timeout' must be a positive number"),
         ({"max_concurrency": 2.5}, "'max_concurrency' must be a positive integer"),
+        ({"max_response_bytes": 0}, "'max_response_bytes' must be a positive integer"),
         ({"requests_per_minute": -1}, "'requests_per_minute' must be a positive integer"),
         ({"tokens_per_minute": True}, "'tokens_per_minute' must be a positive integer"),
         ({"max_retries": -1}, "'max_retries' must be an integer >= 0"),
