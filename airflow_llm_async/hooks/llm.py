@@ -182,16 +182,7 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
         raise LLMConfigError(
             f"The LLM connection {conn_id!r} extra 'headers' must be an object of string values."
         )
-    # Each goes into an HTTP header, where a line break would end it (aiohttp refuses it mid-call).
-    for field, text in (
-        ("API key (password)", conn.password),
-        ("extra 'organization'", str(extra.get("organization") or "")),
-        *(("extra 'headers'", f"{name}{value}") for name, value in headers.items()),
-    ):
-        if "\r" in text or "\n" in text:
-            raise LLMConfigError(
-                f"The LLM connection {conn_id!r} {field} contains a line break: set it again without one."
-            )
+    _check_header_texts(conn_id, conn.password, extra.get("organization"), headers)
     return Endpoint(
         conn_id=conn_id,
         base_url=_base_url(conn),
@@ -201,6 +192,19 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
         default_model=extra.get("default_model") or None,
         **options,
     )
+
+
+def _check_header_texts(conn_id: str, api_key: str, organization: Any, headers: dict[str, str]) -> None:
+    """Each goes into an HTTP header, where a line break would end it (aiohttp refuses it mid-call)."""
+    for field, text in (
+        ("API key (password)", api_key),
+        ("extra 'organization'", str(organization or "")),
+        *(("extra 'headers'", f"{name}{value}") for name, value in headers.items()),
+    ):
+        if "\r" in text or "\n" in text:
+            raise LLMConfigError(
+                f"The LLM connection {conn_id!r} {field} contains a line break: set it again without one."
+            )
 
 
 def _price_table(conn_id: str, extra_prices: Any) -> dict[str, Price]:
