@@ -228,6 +228,10 @@ class FanOutOutcome:
     def ok(self) -> bool:
         return self.status == "success"
 
+    def describe(self) -> str:
+        """One line: the counts, tokens and first failures (as :meth:`Outcome.describe` for one call)."""
+        return self.message
+
     @classmethod
     def not_started(cls, error: LLMCallError) -> FanOutOutcome:
         return cls(

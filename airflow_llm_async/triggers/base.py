@@ -18,6 +18,8 @@ ENDS = ("resume", "here", "on_success")
 class LLMTrigger(BaseTrigger):
     """A trigger whose kwargs are JSON and never hold a secret (they are stored in plain text)."""
 
+    end: str  # one of ENDS, set by each trigger's __init__
+
     @classmethod
     def classpath(cls) -> str:
         return f"{cls.__module__}.{cls.__qualname__}"
@@ -28,21 +30,27 @@ class LLMTrigger(BaseTrigger):
     def kwargs(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def ends_here(self, end: str, ok: bool) -> bool:
+    def ends_here(self, ok: bool) -> bool:
         """Whether to end the task in the triggerer rather than resume it on a worker."""
-        return compat.can_end_task_here(self) and (end == "here" or (end == "on_success" and ok))
+        return compat.can_end_task_here(self) and (self.end == "here" or (self.end == "on_success" and ok))
+
+    async def push_task_xcoms(
+        self, outcome: Outcome | FanOutOutcome, output_key: str, *, mapped_length: int | None = None
+    ) -> None:
+        """Push the XComs a worker would have pushed."""
+        await compat.push_xcoms(
+            self.task_instance, task_xcoms(outcome, output_key), mapped_length=mapped_length
+        )
 
     async def end_task(
         self, outcome: Outcome | FanOutOutcome, output_key: str, *, mapped_length: int | None = None
     ) -> TaskSuccessEvent | TaskFailedEvent:
-        """Push the XComs a worker would have pushed, then end the task here."""
-        await compat.push_xcoms(
-            self.task_instance, task_xcoms(outcome, output_key), mapped_length=mapped_length
-        )
+        """Push the task's XComs, then end the task here."""
+        await self.push_task_xcoms(outcome, output_key, mapped_length=mapped_length)
         if outcome.ok:
             return TaskSuccessEvent()
         # No worker will resume to raise this: the task log (triggerer part) is where it shows.
-        self.log.error(outcome.message if isinstance(outcome, FanOutOutcome) else outcome.describe())
+        self.log.error(outcome.describe())
         return TaskFailedEvent()
 
 

@@ -111,7 +111,7 @@ class ChatCompletionTrigger(LLMTrigger):
             len(outcome.attempts),
             outcome.latency_s,
         )
-        if self.ends_here(self.end, outcome.ok):
+        if self.ends_here(outcome.ok):
             yield await self.end_task(outcome, self.output_key)
         else:
             yield TriggerEvent(outcome.to_json())

@@ -13,7 +13,7 @@ from airflow.triggers.base import TriggerEvent
 
 from airflow_llm_async import compat, driver, progress
 from airflow_llm_async.core import fanout
-from airflow_llm_async.core.outcome import CallSpec, FanOutOutcome, task_xcoms
+from airflow_llm_async.core.outcome import CallSpec, FanOutOutcome
 from airflow_llm_async.core.protocol import LLMCallError
 from airflow_llm_async.hooks.llm import LLMConfigError
 from airflow_llm_async.triggers.base import LLMTrigger, check_end, legacy_end, legacy_spec
@@ -111,16 +111,12 @@ class FanOutTrigger(LLMTrigger):
         if not compat.can_end_task_here(self):  # the task resumes and pushes its XComs
             yield TriggerEvent({**outcome.to_json(), "stored": False})
             return
-        if self.ends_here(self.end, outcome.ok):
+        if self.ends_here(outcome.ok):
             if outcome.ok:
                 self.log.info(outcome.message)
             event = await self.end_task(outcome, self.output_key, mapped_length=self._mapped_length(outcome))
         else:
-            await compat.push_xcoms(
-                self.task_instance,
-                task_xcoms(outcome, self.output_key),
-                mapped_length=self._mapped_length(outcome),
-            )
+            await self.push_task_xcoms(outcome, self.output_key, mapped_length=self._mapped_length(outcome))
             # The XComs are stored: the event carries only what the resumed task needs to end.
             event = TriggerEvent({**outcome.to_json(), "results": [], "meta": {}, "stored": True})
         if outcome.ok and self._progress is not None:
