@@ -5,7 +5,11 @@ re-created from ``serialize()`` as the triggerer does, and driven with ``async f
 ``triggers``: N ``ChatCompletionTrigger``s (what N LLMOperator tasks put in the triggerer), started
 one by one, yielding to the loop between creations, as the triggerer's ``create_triggers`` does.
 
-Prints one JSON line: wall and CPU time of the calls, event-loop lag (a task sleeping 10 ms and
+Like for like: both variants build their operators and serialize the triggers' kwargs to JSON
+*before* the measured window (a worker or the scheduler does that, not the triggerer). The window
+covers what the triggerer does: ``json.loads`` the kwargs, create the trigger(s), run them.
+
+Prints one JSON line: wall and CPU time of that window, event-loop lag (a task sleeping 10 ms and
 recording how late it wakes), answers received. Started by ``python -m bench.fanout``.
 """
 
@@ -29,56 +33,66 @@ def prompts(n: int) -> list[str]:
     return [f"Summarize item {i} in one sentence." for i in range(n)]
 
 
-def fan_out_trigger(n: int, conn_id: str):
+def fan_out_kwargs(n: int, conn_id: str) -> list[str]:
+    """One FanOutTrigger's kwargs as JSON, built as ``LLMFanOutOperator.execute`` builds them."""
     from airflow_llm_async.operators.fanout import LLMFanOutOperator
-    from airflow_llm_async.triggers.fanout import FanOutTrigger
 
     op = LLMFanOutOperator(
         task_id="fan_out", prompts=prompts(n), llm_conn_id=conn_id, max_tokens=64, start_from_trigger=False
     )
     _, kwargs = op.build_trigger().serialize()
-    return FanOutTrigger(**json.loads(json.dumps(kwargs)))
+    return [json.dumps(kwargs)]
 
 
-def chat_triggers(n: int, conn_id: str) -> list:
+def chat_kwargs(n: int, conn_id: str) -> list[str]:
+    """N ChatCompletionTriggers' kwargs as JSON, one per LLMOperator task."""
     from airflow_llm_async.operators.llm import LLMOperator
-    from airflow_llm_async.triggers.chat import ChatCompletionTrigger
 
     made = []
     for i, prompt in enumerate(prompts(n)):
         op = LLMOperator(task_id=f"llm_{i}", prompt=prompt, llm_conn_id=conn_id, max_tokens=64)
         _, kwargs = op.build_trigger().serialize()
-        made.append(ChatCompletionTrigger(**json.loads(json.dumps(kwargs))))
+        made.append(json.dumps(kwargs))
     return made
 
 
-async def answers_of_fan_out(n: int, conn_id: str) -> int:
-    (event,) = [e async for e in fan_out_trigger(n, conn_id).run()]
+async def answers_of_fan_out(serialized: list[str]) -> int:
+    from airflow_llm_async.triggers.fanout import FanOutTrigger
+
+    (kwargs,) = serialized
+    (event,) = [e async for e in FanOutTrigger(**json.loads(kwargs)).run()]
     return sum(text is not None for text in event.payload["results"])
 
 
-async def answers_of_triggers(n: int, conn_id: str) -> int:
+async def answers_of_triggers(serialized: list[str]) -> int:
+    from airflow_llm_async.triggers.chat import ChatCompletionTrigger
+
     async def one(trigger) -> bool:
         (event,) = [e async for e in trigger.run()]
         return event.payload["status"] == "success"
 
     tasks = []
-    for trigger in chat_triggers(n, conn_id):
-        tasks.append(asyncio.create_task(one(trigger)))
+    for kwargs in serialized:
+        tasks.append(asyncio.create_task(one(ChatCompletionTrigger(**json.loads(kwargs)))))
         await asyncio.sleep(0)
     return sum(await asyncio.gather(*tasks))
 
 
 async def measure(variant: str, n: int) -> dict:
-    run = answers_of_fan_out if variant == "fanout" else answers_of_triggers
-    await run(20, WARMUP_CONN_ID)  # sessions, imports, the connection lookup: not measured
+    if variant == "fanout":
+        build, run = fan_out_kwargs, answers_of_fan_out
+    else:
+        build, run = chat_kwargs, answers_of_triggers
+    await run(build(20, WARMUP_CONN_ID))  # sessions, imports, the connection lookup: not measured
+    serialized = build(n, CONN_ID)  # the operators: built outside the window, for both variants
+    gc.collect()
     lag_at: list[tuple[float, float]] = []
     stop = asyncio.Event()
     gc_pauses = GCPauses()
     gc.callbacks.append(gc_pauses)
     sampler = asyncio.create_task(sample_lag(lag_at, stop))
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    answered = await run(n, CONN_ID)
+    answered = await run(serialized)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     stop.set()
     await sampler
