@@ -246,7 +246,7 @@ def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -
     """The completion in a reply to :class:`Send`; LLMCallError (with the answer's headers) otherwise."""
     if isinstance(reply, Answer):
         try:
-            return protocol.parse_completion(reply.status, reply.body, reply.headers)
+            return protocol.parse_completion(reply.status, reply.body, reply.headers, endpoint.secrets)
         except LLMCallError as exc:
             exc.headers = reply.headers
             raise
@@ -261,7 +261,8 @@ def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -
             f"{endpoint.max_response_bytes}); if such answers are expected, raise that extra",
         )
     if isinstance(reply, NoAnswer) and reply.kind == "connection":
-        raise LLMCallError("connection", f"cannot reach {endpoint.base_url}: {reply.detail}")
+        detail = protocol.redact(reply.detail, endpoint.secrets)
+        raise LLMCallError("connection", f"cannot reach {endpoint.base_url}: {detail}")
     if isinstance(reply, NoAnswer) and reply.kind == "timeout":
         error = LLMCallError("timeout", f"no complete answer within {timeout:.1f} s")
         raise _deadline_error(error) if capped else error

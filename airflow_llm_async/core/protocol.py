@@ -7,8 +7,9 @@ matching message text), so the trigger and the sync path share one set of rules.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,14 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Chat answers are kilobytes; a body past this is a broken or hostile server (connection extra
 # max_response_bytes raises it).
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+# What the server sends back (error bodies, answers) can echo the request's key and headers; they
+# are replaced by this before the text is stored or logged. Shorter values are not secrets (Airflow's
+# masker skips them too: [logging] min_length_masked_secret).
+REDACTED = "***"
+MIN_SECRET_LENGTH = 5
+# Server text kept in an error message: enough to diagnose, bounded for XCom and logs.
+MAX_SERVER_TEXT = 1000
 
 # Statuses worth another try on the same model: timeouts, conflicts, rate limits, server errors.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -41,8 +50,8 @@ class Endpoint:
     conn_id: str
     base_url: str = DEFAULT_BASE_URL
     api_key: str = field(default="", repr=False)
-    organization: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    organization: str | None = field(default=None, repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # may hold keys (api-key: ...)
     timeout: float = 600.0
     default_model: str | None = None
     max_concurrency: int | None = None
@@ -54,6 +63,15 @@ class Endpoint:
     rate_limit_backend: str | None = field(default=None, repr=False)
     # USD per million tokens by model: the defaults, the prices file, the connection's `prices` extra.
     prices: Mapping[str, Price] = field(default_factory=lambda: DEFAULT_PRICES, repr=False)
+
+    @functools.cached_property
+    def secrets(self) -> tuple[str, ...]:
+        """The texts to redact from what the server sends back: the key, organization and header values."""
+        values = {self.api_key, self.organization or "", *self.headers.values()}
+        # As sent, and as a JSON string would carry them (an echoed request body escapes quotes).
+        values |= {json.dumps(value)[1:-1] for value in values}
+        # Longest first, so a secret that contains another is replaced whole.
+        return tuple(sorted((v for v in values if len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True))
 
     @property
     def chat_url(self) -> str:
@@ -136,10 +154,30 @@ def build_payload(request: dict[str, Any], model: str) -> bytes:
     return json.dumps({**request, "model": model}, ensure_ascii=False).encode()
 
 
-def classify_status(status: int, body: bytes) -> LLMCallError:
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret replaced by ``***``."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _server_text(text: str, secrets: Sequence[str], limit: int = MAX_SERVER_TEXT) -> str:
+    """Text the server chose, fit to store: redacted first (so no cut leaves part of a key), then cut."""
+    text = redact(text, secrets)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _body_start(body: bytes, secrets: Sequence[str], limit: int) -> str:
+    # Decoded past the limit, so a secret that straddles the cut is still recognised and redacted.
+    return _server_text(body[: limit + 4096].decode("utf-8", "replace").strip(), secrets, limit)
+
+
+def classify_status(status: int, body: bytes, secrets: Sequence[str] = ()) -> LLMCallError:
     """Turn a non-2xx answer into an :class:`LLMCallError` carrying the API's own message."""
     error = _error_fields(body)
-    api_message = error.get("message") or body[:300].decode("utf-8", "replace").strip() or "no body"
+    message = error.get("message")
+    api_message = _server_text(str(message), secrets) if message else _body_start(body, secrets, 300)
     code = error.get("code") or error.get("type")
     if status == 429:
         kind = "rate_limit"
@@ -147,54 +185,66 @@ def classify_status(status: int, body: bytes) -> LLMCallError:
         kind = "server"
     else:
         kind = "client"
-    message = f"HTTP {status}: {api_message}"
+    message = f"HTTP {status}: {api_message or 'no body'}"
     if kind == "client":
         hint = _CLIENT_ERROR_HINTS.get(status)
         if hint:
             message = f"{message} ({hint})"
-    return LLMCallError(kind, message, status=status, code=str(code) if code is not None else None)
+    code_text = _server_text(str(code), secrets, 100) if code is not None else None
+    return LLMCallError(kind, message, status=status, code=code_text)
 
 
-def redirect_error(status: int, headers: Mapping[str, str] | None) -> LLMCallError:
+def redirect_error(
+    status: int, headers: Mapping[str, str] | None, secrets: Sequence[str] = ()
+) -> LLMCallError:
     """A redirect is not followed: it would carry the key, the headers and the prompt to another host."""
     location = next((v for k, v in (headers or {}).items() if k.lower() == "location"), None)
     return LLMCallError(
         "client",
-        f"HTTP {status}: the server redirects to {str(location)[:200]!r}; LLM calls do not follow "
+        f"HTTP {status}: the server redirects to {_server_text(str(location), secrets, 200)!r}; "
+        f"LLM calls do not follow "
         f"redirects (they would send the API key and the prompt there): set the connection's base URL "
         f"(host) to the address that answers",
         status=status,
     )
 
 
-def parse_completion(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Completion:
-    """Parse one HTTP answer; raise :class:`LLMCallError` for anything but a usable completion."""
+def parse_completion(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None, secrets: Sequence[str] = ()
+) -> Completion:
+    """Parse one HTTP answer; raise :class:`LLMCallError` for anything but a usable completion.
+
+    Every text taken from the answer (its content included) has ``secrets`` redacted: a server may echo
+    the request, and what this returns goes to XCom and logs.
+    """
     if 300 <= status < 400:
-        raise redirect_error(status, headers)
+        raise redirect_error(status, headers, secrets)
     if not 200 <= status < 300:
-        raise classify_status(status, body)
+        raise classify_status(status, body, secrets)
     try:
         data = json.loads(body)
     except ValueError:
         raise LLMCallError(
-            "invalid_response", f"HTTP {status}: the answer is not valid JSON: {body[:120]!r}", status=status
+            "invalid_response",
+            f"HTTP {status}: the answer is not valid JSON: {_body_start(body, secrets, 120)!r}",
+            status=status,
         ) from None
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices:
         raise LLMCallError("invalid_response", "the answer has no choices", status=status)
     try:
-        return _completion(data, choices, status)
+        return _completion(data, choices, status, secrets)
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
         # A malformed answer is a failed attempt (retried, then the fallback chain), never a crash.
         raise LLMCallError(
             "invalid_response",
             f"HTTP {status}: the answer does not have the shape of a chat completion "
-            f"({type(exc).__name__}: {str(exc)[:120]})",
+            f"({type(exc).__name__}: {_server_text(str(exc), secrets, 120)})",
             status=status,
         ) from None
 
 
-def _completion(data: dict[str, Any], choices: Any, status: int) -> Completion:
+def _completion(data: dict[str, Any], choices: Any, status: int, secrets: Sequence[str]) -> Completion:
     choice = choices[0]
     message = choice.get("message") or {}
     text = message.get("content")
@@ -206,13 +256,14 @@ def _completion(data: dict[str, Any], choices: Any, status: int) -> Completion:
     if not isinstance(text, str):
         raise LLMCallError("invalid_response", "the answer's content is not text", status=status)
     model = data.get("model") or ""
-    if not isinstance(model, str):
-        raise TypeError(f"model is {type(model).__name__}, not text")
+    finish_reason = choice.get("finish_reason")
+    if not isinstance(model, str) or not isinstance(finish_reason, str | None):
+        raise TypeError("model and finish_reason must be text")
     usage = data.get("usage") or {}
     return Completion(
-        text=text,
-        model=model,
-        finish_reason=choice.get("finish_reason"),
+        text=redact(text, secrets),
+        model=_server_text(model, secrets, 200),
+        finish_reason=finish_reason and _server_text(finish_reason, secrets, 100),
         usage={
             key: _token_count(usage.get(key))
             for key in ("prompt_tokens", "completion_tokens", "total_tokens")

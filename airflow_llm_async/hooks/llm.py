@@ -12,6 +12,7 @@ from typing import Any
 from airflow.sdk import BaseHook, Connection
 from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.sdk.log import amask_secret, mask_secret
 
 from airflow_llm_async import limits
 from airflow_llm_async.core import pricing
@@ -69,18 +70,22 @@ class LLMHook(BaseHook):
     def get_endpoint(self) -> Endpoint:
         """Resolve the connection (sync: in an operator's ``execute`` on a worker)."""
         try:
-            conn = self.get_connection(self.llm_conn_id)
+            endpoint = endpoint_from_connection(self.get_connection(self.llm_conn_id))
         except AirflowNotFoundException:
-            return self._endpoint_without_connection()
-        return endpoint_from_connection(conn)
+            endpoint = self._endpoint_without_connection()
+        mask_secret(list(endpoint.secrets))
+        return endpoint
 
     async def aget_endpoint(self) -> Endpoint:
         """Resolve the connection without blocking the event loop (in the triggerer)."""
         try:
-            conn = await self.aget_connection(self.llm_conn_id)
+            endpoint = endpoint_from_connection(await self.aget_connection(self.llm_conn_id))
         except AirflowNotFoundException:
-            return self._endpoint_without_connection()
-        return endpoint_from_connection(conn)
+            endpoint = self._endpoint_without_connection()
+        # Airflow masks the password and the extra as a whole text, not each header value or the
+        # organization, nor a key from OPENAI_API_KEY: register each with the logs' secret masker.
+        await amask_secret(list(endpoint.secrets))
+        return endpoint
 
     def _endpoint_without_connection(self) -> Endpoint:
         if self.llm_conn_id == self.default_conn_name and os.environ.get("OPENAI_API_KEY"):

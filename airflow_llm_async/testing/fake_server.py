@@ -32,6 +32,8 @@ without a rule of its own). The header wins over the model's rule. A spec is::
   for English ones) long enough to trip only the refusal check;
 * ``short`` - status 200, an answer shorter than 50 characters;
 * ``length`` - status 200, a truncated answer with ``finish_reason`` ``"length"``;
+* ``echo`` - status 500 with a plain-text body that repeats the request line and every request
+  header (``Authorization`` included), as a misconfigured debugging proxy or gateway may send;
 * ``stall`` - never answers, until the client disconnects or the server shuts down;
 * ``none`` - no fault (a header that overrides the model's rule for one request).
 
@@ -89,7 +91,8 @@ FAULT_HEADER = "x-fake-fault"
 LATENCY_HEADER = "x-fake-latency"
 ANY_MODEL = "*"
 ERROR_KINDS = ("400", "401", "404", "429", "500", "502", "503")
-FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "stall", "none")
+FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "echo", "stall",
+               "none")  # fmt: skip
 
 # A fixed creation time keeps /v1/models answers identical from run to run.
 _MODEL_CREATED = 1_700_000_000
@@ -676,6 +679,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(latency)
     if fault in ERROR_KINDS:
         return _error_fault(fault, chat, state.retry_after_ms)
+    if fault == "echo":
+        lines = [f"{request.method} {request.path_qs}", *(f"{k}: {v}" for k, v in request.headers.items())]
+        return web.Response(status=500, text="\n".join(lines))
     if fault is not None:
         return _content_fault(fault, chat)
     return _answer(chat)

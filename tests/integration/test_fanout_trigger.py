@@ -14,7 +14,7 @@ from airflow_llm_async import progress
 from airflow_llm_async.operators.fanout import LLMFanOutOperator, run_fan_out_sync
 from airflow_llm_async.testing.fake_server import LATENCY_HEADER, compose_answer
 from airflow_llm_async.triggers.fanout import FanOutTrigger
-from tests.integration.conftest import point_connection, wait_until
+from tests.integration.conftest import API_KEY, point_connection, wait_until
 
 PROMPTS = [f"Describe the number {i} in one sentence." for i in range(40)]
 TI = SimpleNamespace(dag_id="d", task_id="fan", run_id="r", map_index=-1, try_number=1)
@@ -275,3 +275,17 @@ async def test_a_garbled_answer_fails_its_item_alone_and_the_others_finish(fake_
     failed = items[results.index(None)]
     assert failed["error"]["kind"] == "invalid_response"
     assert "shape of a chat completion" in failed["error"]["message"]
+
+
+async def test_an_item_whose_server_echoes_the_request_is_stored_redacted(fake_llm, xcoms, monkeypatch):
+    point_connection(
+        monkeypatch, "llm_echo", fake_llm.base_url, default_model="gpt-4", timeout=2,
+        headers={"api-key": "gateway-secret-1"},
+    )  # fmt: skip
+    fake_llm.set_fault("gpt-4", "echo*1")
+    events = await events_of(fan_out(PROMPTS[:3], llm_conn_id="llm_echo", max_retries=0, max_failures=1))
+    assert isinstance(events[0], TaskSuccessEvent)
+    assert xcoms.values["return_value"].count(None) == 1
+    stored = json.dumps(xcoms.values)
+    assert "Authorization: Bearer ***" in stored and "api-key: ***" in stored
+    assert API_KEY not in stored and "gateway-secret-1" not in stored

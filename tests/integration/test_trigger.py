@@ -473,3 +473,21 @@ async def test_an_answer_past_max_response_bytes_is_not_read(monkeypatch, body):
     assert payload["status"] == "error" and payload["error"]["kind"] == "invalid_response"
     assert "larger than the connection allows" in payload["error"]["message"]
     assert sent < 5_000_000  # the endless body stopped being read long before its end
+
+
+async def test_a_server_echoing_the_request_leaves_no_secret_in_the_event_or_the_logs(
+    fake_llm, monkeypatch, caplog
+):
+    """A 500 whose body repeats the request headers: the event (llm_meta) and the logs get it redacted."""
+    secrets = ("gateway-secret-1", "org-secret-2")
+    point_connection(
+        monkeypatch, "llm_echo", fake_llm.base_url, organization=secrets[1],
+        headers={"api-key": secrets[0], "x-fake-fault": "echo"}, timeout=2,
+    )  # fmt: skip
+    with caplog.at_level("DEBUG"):
+        payload = await run(trigger(conn_id="llm_echo", models=["gpt-4"], max_retries=1))
+    assert payload["status"] == "error" and outcomes(payload) == [("gpt-4", 500, "error")] * 2
+    assert "Authorization: Bearer ***" in payload["error"]["message"]  # the echo, redacted
+    stored = json.dumps(payload) + caplog.text
+    assert "retry 1 of 1" in caplog.text  # the retry line quotes the server's text
+    assert [s for s in (API_KEY, *secrets) if s in stored] == []

@@ -28,7 +28,8 @@ LONG = "a long enough answer, well past the article's fifty characters minimum"
 
 def endpoint(conn_id: str = "c1", **fields) -> Endpoint:
     fields.setdefault("prices", PRICES)
-    return Endpoint(conn_id=conn_id, api_key="sk-test", timeout=30.0, **fields)
+    fields.setdefault("api_key", "sk-test")
+    return Endpoint(conn_id=conn_id, timeout=30.0, **fields)
 
 
 def answer(text: str = LONG, model: str = "", status: int = 200, usage=(10, 20), **headers) -> Answer:
@@ -403,3 +404,15 @@ def test_an_answer_too_large_to_read_is_an_invalid_response_naming_the_extra():
     error = run.outcome.error
     assert error.kind == "invalid_response" and "Content-Length 5000" in error.message
     assert "max_response_bytes=1000" in error.message
+
+
+def test_what_an_echoing_server_sends_back_reaches_the_outcome_redacted():
+    key = "sk-live-0123456789abcdef"
+    endpoints = {"c1": endpoint(api_key=key, headers={"api-key": "gateway-secret"})}
+    echo = Answer(500, {}, f"Authorization: Bearer {key}; api-key: gateway-secret".encode())
+    replies = [echo, NoAnswer("connection", f"reset ({key})")] * 2
+    run = drive(spec(models=("m1", "m2"), max_retries=1), replies, endpoints)
+    stored = json.dumps(run.outcome.to_json())
+    assert len(run.outcome.attempts) == 4 and run.outcome.status == "error"
+    assert key[:8] not in stored and "gateway-secret" not in stored
+    assert stored.count("***") == 7  # twice per echo, once per connection error, once in the error

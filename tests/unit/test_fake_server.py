@@ -361,6 +361,20 @@ async def test_malformed_body_fails_json_parsing_in_the_client(
         json.loads(text)
 
 
+async def test_echo_fault_repeats_the_request_headers_in_a_500(
+    client: AsyncOpenAI, http: aiohttp.ClientSession
+) -> None:
+    with pytest.raises(openai.InternalServerError):
+        await ask(client, "hello", fault="echo")
+    headers = {"Authorization": f"Bearer {KEY}", "x-fake-fault": "echo", "api-key": "gw-1"}
+    payload = {"model": "gpt-4", "messages": user("hello")}
+    async with http.post("/v1/chat/completions", json=payload, headers=headers) as resp:
+        assert resp.status == 500
+        text = await resp.text()
+    assert text.startswith("POST /v1/chat/completions\n")
+    assert f"Authorization: Bearer {KEY}" in text and "api-key: gw-1" in text
+
+
 async def test_empty_fault_has_no_choices(client: AsyncOpenAI) -> None:
     completion = await ask(client, "hello", fault="empty")
     assert completion.choices == []

@@ -197,3 +197,26 @@ def test_a_line_break_in_a_header_value_is_refused_naming_the_field_not_the_valu
     with pytest.raises(LLMConfigError, match="line break") as info:
         LLMHook("llm_crlf").get_endpoint()
     assert named in str(info.value) and "secret" not in str(info.value) and "Injected" not in str(info.value)
+
+
+@pytest.mark.parametrize("resolve", ["sync", "async"])
+def test_resolving_a_connection_registers_each_secret_with_the_log_masker(monkeypatch, resolve):
+    from airflow.sdk._shared.secrets_masker import redact
+
+    # Airflow masks the extra only as one whole text: the header value and the organization are ours.
+    secrets = [f"sk-{resolve}-key-0001", f"org-{resolve}-mask", f"gw-{resolve}-token"]
+    extra = {"organization": secrets[1], "headers": {"X-Gateway-Token": secrets[2]}}
+    set_conn(monkeypatch, "llm_mask", password=secrets[0], extra=extra)
+    assert redact(" ".join(secrets)) == " ".join(secrets)
+    hook = LLMHook("llm_mask")
+    endpoint = hook.get_endpoint() if resolve == "sync" else asyncio.run(hook.aget_endpoint())
+    assert redact(" ".join(secrets)) == "*** *** ***"
+    assert all(secret not in repr(endpoint) for secret in secrets)
+
+
+def test_a_key_from_the_openai_environment_is_masked_too(monkeypatch):
+    from airflow.sdk._shared.secrets_masker import redact
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    LLMHook().get_endpoint()
+    assert redact("key sk-from-the-environment") == "key ***"

@@ -171,3 +171,77 @@ def test_a_redirect_is_a_client_error_naming_where_it_points(status):
         parse_completion(status, b"", {"Location": "http://elsewhere.example/v1/chat/completions"})
     assert info.value.kind == "client" and not info.value.retryable and info.value.status == status
     assert "elsewhere.example" in info.value.message and "base URL" in info.value.message
+
+
+# ---- a server that echoes the request: nothing it sends back keeps a secret ----------------------
+
+KEY = "sk-live-0123456789abcdef"
+SECRET_ENDPOINT = Endpoint(
+    conn_id="c",
+    api_key=KEY,
+    organization="org-secret-9",
+    headers={"api-key": 'azure"key-77', "X-Team": "ai"},
+)
+
+
+def _leaks(text: str) -> list[str]:
+    """The secrets (or a start of one, 8 characters or more) that ``text`` still holds."""
+    secrets = (KEY, "org-secret-9", 'azure"key-77', 'azure\\"key-77')
+    return [s for s in secrets if s[:8] in text]
+
+
+def test_the_endpoint_knows_its_secrets_and_its_repr_shows_none_of_them():
+    secrets = SECRET_ENDPOINT.secrets
+    assert set(secrets) == {KEY, "org-secret-9", 'azure"key-77', 'azure\\"key-77'}  # "ai" is too short
+    assert _leaks(repr(SECRET_ENDPOINT)) == []
+
+
+@pytest.mark.parametrize(
+    "status, body",
+    [
+        (401, json.dumps({"error": {"message": f"bad key Bearer {KEY} for org-secret-9"}}).encode()),
+        (500, json.dumps({"request": {"headers": {"api-key": 'azure"key-77'}}}).encode()),  # no message
+        (502, f'<pre>Authorization: Bearer {KEY}\napi-key: azure"key-77</pre>'.encode()),
+        (500, ("x" * 285 + f" Bearer {KEY}").encode()),  # the key straddles the 300-character cut
+        (400, json.dumps({"error": {"message": "no", "code": KEY}}).encode()),  # in the code field
+    ],
+)
+def test_an_error_body_echoing_the_request_is_redacted(status, body):
+    error = classify_status(status, body, SECRET_ENDPOINT.secrets)
+    assert _leaks(error.message) == [] and _leaks(str(error.code)) == []
+    assert "***" in error.message + str(error.code)
+    with pytest.raises(LLMCallError) as raised:
+        parse_completion(status, body, {}, SECRET_ENDPOINT.secrets)
+    assert _leaks(json.dumps(raised.value.to_dict())) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        f"not json, Bearer {KEY}".encode(),  # the invalid-JSON message quotes the body
+        _answer(usage={"prompt_tokens": KEY}),  # the malformed-shape message quotes the bad value
+    ],
+)
+def test_an_unusable_answer_echoing_the_key_is_redacted(body):
+    with pytest.raises(LLMCallError) as raised:
+        parse_completion(200, body, {}, SECRET_ENDPOINT.secrets)
+    assert raised.value.kind == "invalid_response"
+    assert _leaks(raised.value.message) == [] and "***" in raised.value.message
+
+
+def test_an_answer_echoing_the_request_is_redacted_in_its_text_model_and_finish_reason():
+    choice = {"message": {"content": f"you sent Bearer {KEY} and org-secret-9"}, "finish_reason": KEY}
+    completion = parse_completion(200, _answer(model=KEY, choices=[choice]), {}, SECRET_ENDPOINT.secrets)
+    assert completion.text == "you sent Bearer *** and ***"
+    assert (completion.model, completion.finish_reason) == ("***", "***")
+
+
+def test_a_redirect_to_a_location_holding_the_key_is_redacted():
+    with pytest.raises(LLMCallError) as raised:
+        parse_completion(302, b"", {"Location": f"http://evil/?k={KEY}"}, SECRET_ENDPOINT.secrets)
+    assert _leaks(raised.value.message) == [] and "k=***" in raised.value.message
+
+
+def test_a_long_server_message_is_cut_to_a_bounded_size():
+    body = json.dumps({"error": {"message": "y" * 100_000}}).encode()
+    assert len(classify_status(500, body).message) < 1100
