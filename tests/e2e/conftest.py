@@ -39,6 +39,8 @@ from tests.e2e.statsd_receiver import StatsdReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-e2e-secret-9d2b7c"
+# The other secrets of connection llm_echo, whose server echoes them back (tests/e2e/dags/e2e_echo.py).
+ECHOED_SECRETS = ("gateway-secret-e2e-41f0", "org-secret-e2e-77a1")
 SHARED_DAG_FOLDERS = [
     ROOT / "example_dags",
     ROOT / "tests/e2e/dags",
@@ -61,7 +63,7 @@ SHARED_ORDER = [
     "test_stack.py",
 ]
 # Reads every log and the whole metadata DB for the API key: after every DAG run on the deployment.
-LAST = "test_example_dags.py::test_the_api_key_appears_in_no_log_and_nowhere_in_the_metadata_db"
+LAST = "test_example_dags.py::test_no_secret_appears_in_any_log_or_table_even_when_the_server_echoes_them"
 
 
 def llm_connection(base_url: str, **extra) -> str:
@@ -177,6 +179,12 @@ def airflow(tmp_path_factory, postgres_template, fake_llm, statsd):
     env = {
         "AIRFLOW_CONN_LLM_DEFAULT": llm_connection(fake_llm.base_url, default_model="gpt-4", timeout=30),
         "AIRFLOW_CONN_LLM_DOWN": llm_connection("http://127.0.0.1:9/v1", timeout=2),
+        "AIRFLOW_CONN_LLM_ECHO": llm_connection(
+            fake_llm.base_url,
+            timeout=30,
+            organization=ECHOED_SECRETS[1],
+            headers={"api-key": ECHOED_SECRETS[0], "x-fake-fault": "echo"},
+        ),
     }
     metrics = {
         "statsd_on": "True",
