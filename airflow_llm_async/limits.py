@@ -73,7 +73,9 @@ class Permit:
 
     async def __aenter__(self) -> Permit:
         limiter = self._limiter
-        if limiter._fast:  # no limits: just count it
+        # No rates, nobody in line and a slot free (almost every call): just count it.
+        cap = limiter._cap
+        if limiter._buckets is None and not limiter._waiting and (cap is None or limiter._in_flight < cap):
             limiter._in_flight += 1
             self.granted_at = limiter._clock()
         else:
@@ -118,7 +120,6 @@ class ConnectionLimiter:
         self._adaptive: AdaptiveRate | None = None
         if self._buckets is not None:
             self._adaptive = AdaptiveRate(1.0, floor=MIN_RATE_FRACTION, increase=RATE_INCREASE)
-        self._fast = self._cap is None and self._buckets is None
 
     @property
     def in_flight(self) -> int:
@@ -251,7 +252,6 @@ class ConnectionLimiter:
 
     def _set_cap(self, cap: int | None) -> None:
         self._cap = cap
-        self._fast = cap is None and self._buckets is None
         self._wake_head()  # a raised cap may let the head of the line through
 
     def _wake_head(self) -> None:

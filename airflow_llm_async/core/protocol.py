@@ -19,6 +19,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Chat answers are kilobytes; a body past this is a broken or hostile server (connection extra
 # max_response_bytes raises it).
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_CONCURRENCY = 1000
 
 # What the server sends back (error bodies, answers) can echo the request's key and headers; they
 # are replaced by this before the text is stored or logged. Shorter values are not secrets (Airflow's
@@ -54,7 +55,9 @@ class Endpoint:
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # may hold keys (api-key: ...)
     timeout: float = 600.0
     default_model: str | None = None
-    max_concurrency: int | None = None
+    # Calls in flight per triggerer process, each on its own socket: a fan-out of thousands of items
+    # must not open thousands of sockets at once. The openai client's pool has the same default.
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_retries: int | None = None

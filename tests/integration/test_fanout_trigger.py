@@ -10,7 +10,9 @@ import pytest
 from airflow.sdk.execution_time.comms import DeleteXCom, GetXCom, SetXCom, XComResult
 from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
-from airflow_llm_async import progress
+from airflow_llm_async import limits, progress
+from airflow_llm_async.core.protocol import DEFAULT_MAX_CONCURRENCY
+from airflow_llm_async.hooks.llm import shared_endpoint
 from airflow_llm_async.operators.fanout import LLMFanOutOperator, run_fan_out_sync
 from airflow_llm_async.testing.fake_server import LATENCY_HEADER, compose_answer
 from airflow_llm_async.triggers.fanout import FanOutTrigger
@@ -289,3 +291,21 @@ async def test_an_item_whose_server_echoes_the_request_is_stored_redacted(fake_l
     stored = json.dumps(xcoms.values)
     assert "Authorization: Bearer ***" in stored and "api-key: ***" in stored
     assert API_KEY not in stored and "gateway-secret-1" not in stored
+
+
+async def test_a_fan_out_past_the_default_concurrency_cap_waits_instead_of_opening_more_sockets(
+    fake_llm, xcoms
+):
+    """A connection without max_concurrency still caps calls in flight (one socket each) at 1,000."""
+    assert DEFAULT_MAX_CONCURRENCY == 1000
+    prompts = [f"item {i}" for i in range(DEFAULT_MAX_CONCURRENCY + 20)]
+    fake_llm.hold()
+    running = asyncio.create_task(events_of(fan_out(prompts, max_retries=0)))
+    limiter = limits.limiter_for(await shared_endpoint("llm_fake"))
+    await wait_until(lambda: limiter.stats()["waiting"] > 0, timeout=30)
+    await wait_until(lambda: fake_llm.stats()["held"] == DEFAULT_MAX_CONCURRENCY, timeout=30)
+    assert limiter.stats()["in_flight"] == DEFAULT_MAX_CONCURRENCY
+    fake_llm.release()
+    events = await running
+    assert isinstance(events[0], TaskSuccessEvent) and None not in xcoms.values["return_value"]
+    assert fake_llm.stats()["requests"] == len(prompts)

@@ -220,3 +220,10 @@ def test_a_key_from_the_openai_environment_is_masked_too(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
     LLMHook().get_endpoint()
     assert redact("key sk-from-the-environment") == "key ***"
+
+
+def test_a_connection_caps_calls_in_flight_at_1000_unless_its_extra_says_otherwise(monkeypatch):
+    set_conn(monkeypatch, "llm_plain", password="k")
+    set_conn(monkeypatch, "llm_wide", password="k", extra={"max_concurrency": 5000})
+    assert LLMHook("llm_plain").get_endpoint().max_concurrency == 1000
+    assert LLMHook("llm_wide").get_endpoint().max_concurrency == 5000
