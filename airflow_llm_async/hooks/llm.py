@@ -70,22 +70,28 @@ class LLMHook(BaseHook):
     def get_endpoint(self) -> Endpoint:
         """Resolve the connection (sync: in an operator's ``execute`` on a worker)."""
         try:
-            endpoint = endpoint_from_connection(self.get_connection(self.llm_conn_id))
+            conn: Connection | None = self.get_connection(self.llm_conn_id)
         except AirflowNotFoundException:
-            endpoint = self._endpoint_without_connection()
+            conn = None
+        endpoint = self._endpoint(conn)
+        # Airflow masks the password and the extra as a whole text, not each header value or the
+        # organization, nor a key from OPENAI_API_KEY: register each with the logs' secret masker.
         mask_secret(list(endpoint.secrets))
         return endpoint
 
     async def aget_endpoint(self) -> Endpoint:
         """Resolve the connection without blocking the event loop (in the triggerer)."""
         try:
-            endpoint = endpoint_from_connection(await self.aget_connection(self.llm_conn_id))
+            conn: Connection | None = await self.aget_connection(self.llm_conn_id)
         except AirflowNotFoundException:
-            endpoint = self._endpoint_without_connection()
-        # Airflow masks the password and the extra as a whole text, not each header value or the
-        # organization, nor a key from OPENAI_API_KEY: register each with the logs' secret masker.
+            conn = None
+        # Off the event loop: building the endpoint may read [llm_async] prices_file.
+        endpoint = await asyncio.to_thread(self._endpoint, conn)
         await amask_secret(list(endpoint.secrets))
         return endpoint
+
+    def _endpoint(self, conn: Connection | None) -> Endpoint:
+        return self._endpoint_without_connection() if conn is None else endpoint_from_connection(conn)
 
     def _endpoint_without_connection(self) -> Endpoint:
         if self.llm_conn_id == self.default_conn_name and os.environ.get("OPENAI_API_KEY"):
@@ -223,10 +229,11 @@ def _price_table(conn_id: str, extra_prices: Any) -> dict[str, Price]:
 
 
 _file_cache: dict[str, tuple[float, dict[str, Price]]] = {}  # path -> (mtime, prices)
+MAX_PRICES_FILE_BYTES = 1024 * 1024
 
 
 def file_prices(path: str | None) -> dict[str, Price]:
-    """The prices in a JSON file, re-read only when the file changes."""
+    """The prices in a JSON file (at most 1 MiB), re-read only when the file changes. Blocking I/O."""
     if not path:
         return {}
     try:
@@ -237,10 +244,16 @@ def file_prices(path: str | None) -> dict[str, Price]:
     if cached is not None and cached[0] == mtime:
         return cached[1]
     try:
-        with open(path, encoding="utf-8") as file:
-            table = json.load(file)
+        with open(path, "rb") as file:
+            text = file.read(MAX_PRICES_FILE_BYTES + 1)
+        table = json.loads(text) if len(text) <= MAX_PRICES_FILE_BYTES else None
     except (OSError, ValueError) as exc:
         raise PriceTableError(f"[llm_async] prices_file {path!r} is not a JSON price table: {exc}") from None
+    if table is None:
+        raise PriceTableError(
+            f"[llm_async] prices_file {path!r} is larger than {MAX_PRICES_FILE_BYTES // 1024} KiB; a price "
+            f"table is a few KB: check that the option names the right file."
+        )
     prices = pricing.parse_prices(table, f"[llm_async] prices_file {path!r}")
     _file_cache[path] = (mtime, prices)
     return prices

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
+import threading
 
 import pytest
 
@@ -119,3 +122,36 @@ def test_the_prompt_estimate_and_the_completion_budget_add_up_to_the_token_estim
     assert completion_budget(request) == 600
     assert estimate_tokens(request) == 704
     assert completion_budget({"messages": []}) == 1000  # no max_tokens: the default budget
+
+
+def test_a_prices_file_past_1_mib_is_refused_unread(tmp_path):
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({f"model-{i}": {"input": 1, "output": 2} for i in range(40_000)}))
+    assert path.stat().st_size > 1024 * 1024
+    with pytest.raises(PriceTableError, match=r"prices_file '.*huge.json' is larger than 1024 KiB"):
+        file_prices(str(path))
+
+
+async def test_the_triggerer_reads_the_prices_file_off_its_event_loop(monkeypatch, tmp_path):
+    """A FIFO stands in for a slow disk: its read blocks until written. The loop must keep running."""
+    fifo = tmp_path / "prices.json"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("AIRFLOW__LLM_ASYNC__PRICES_FILE", str(fifo))
+    set_conn(monkeypatch, "llm_fifo")
+    ticks, ticked = 0, threading.Event()
+
+    def write_when_the_loop_has_ticked() -> int:
+        ticked.wait(timeout=5)  # never set if the read blocks the loop: then write anyway, and fail
+        seen = ticks
+        fifo.write_text(json.dumps({"house-model": {"input": 0.5, "output": 1}}))
+        return seen
+
+    writer = concurrent.futures.ThreadPoolExecutor(1).submit(write_when_the_loop_has_ticked)
+    lookup = asyncio.ensure_future(LLMHook("llm_fifo").aget_endpoint())
+    while not lookup.done() and ticks < 5:
+        await asyncio.sleep(0.01)
+        ticks += 1
+    ticked.set()
+    endpoint = await lookup
+    assert writer.result(timeout=10) == 5  # the loop ticked while the file was being read
+    assert endpoint.prices["house-model"] == Price(0.5, 1.0)
