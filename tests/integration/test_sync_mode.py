@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
@@ -24,10 +26,19 @@ def test_sync_mode_returns_the_same_answer_as_the_trigger_would(dag, threaded_fa
     assert ti.pushed["llm_output"] == text
     meta = ti.pushed["llm_meta"]
     assert meta["model"] == "gpt-4" and meta["attempts"][0]["status"] == 200
-    # Same request, deferred: the trigger the operator defers with holds the same request.
+    # The same task deferred: its trigger sends the same request and the resumed task returns the same.
+    deferred = LLMOperator(task_id="ask2", prompt="分析以下内容的趋势: AI", llm_conn_id="llm_fake")
     with pytest.raises(TaskDeferred) as info:
-        LLMOperator(task_id="ask2", prompt="分析以下内容的趋势: AI", llm_conn_id="llm_fake").execute({})
+        deferred.execute({})
     assert info.value.trigger.call_spec().request == op.build_request()
+    [event] = asyncio.run(_events(info.value.trigger))
+    resumed = RecordingTI()
+    assert deferred.execute_complete({"ti": resumed}, event.payload) == text
+    assert resumed.pushed["llm_meta"]["usage"] == meta["usage"]
+
+
+async def _events(trigger) -> list:
+    return [event async for event in trigger.run()]
 
 
 def test_sync_mode_runs_the_fallback_chain(dag, threaded_fake_llm):

@@ -301,7 +301,16 @@ def test_bad_arguments_fail_at_parse_time_with_the_fix(dag, kwargs, fragment):
 
 
 def test_a_templated_item_is_checked_once_rendered(dag):
-    LLMFanOutOperator(task_id="fan", prompts=["{{ params.topic }}"])
+    # At parse time "{{ params.topic }}" is not judged (a literal "" would be refused: above)...
+    op = LLMFanOutOperator(task_id="fan", prompts=["ok", "{{ params.topic }}"], start_from_trigger=False)
+    op.render_template_fields({"params": {"topic": ""}})
+    assert op.prompts == ["ok", ""]
+    # ...rendered empty, the item fails alone with the reason, and no request is built for it.
+    specs = fanout.item_specs(op.build_trigger().items, op.call_spec(with_messages=False), None)
+    assert isinstance(specs[0], CallSpec)
+    error = specs[1]["meta"]["error"]
+    assert (error["kind"], specs[1]["meta"]["attempts"]) == ("config", 0)
+    assert error["message"].startswith("item 1: Nothing to send")
 
 
 def test_execute_complete_pushes_an_inline_result_and_returns_the_list(dag):
