@@ -294,14 +294,16 @@ async def test_an_item_whose_server_echoes_the_request_is_stored_redacted(fake_l
 
 
 async def test_a_fan_out_past_the_default_concurrency_cap_waits_instead_of_opening_more_sockets(
-    fake_llm, xcoms
+    fake_llm, xcoms, monkeypatch
 ):
     """A connection without max_concurrency still caps calls in flight (one socket each) at 1,000."""
     assert DEFAULT_MAX_CONCURRENCY == 1000
+    # The held calls wait at the server while the rest line up: give them time on a loaded machine.
+    point_connection(monkeypatch, "llm_patient", fake_llm.base_url, default_model="gpt-4", timeout=120)
     prompts = [f"item {i}" for i in range(DEFAULT_MAX_CONCURRENCY + 20)]
     fake_llm.hold()
-    running = asyncio.create_task(events_of(fan_out(prompts, max_retries=0)))
-    limiter = limits.limiter_for(await shared_endpoint("llm_fake"))
+    running = asyncio.create_task(events_of(fan_out(prompts, llm_conn_id="llm_patient", max_retries=0)))
+    limiter = limits.limiter_for(await shared_endpoint("llm_patient"))
     await wait_until(lambda: limiter.stats()["waiting"] > 0, timeout=30)
     await wait_until(lambda: fake_llm.stats()["held"] == DEFAULT_MAX_CONCURRENCY, timeout=30)
     assert limiter.stats()["in_flight"] == DEFAULT_MAX_CONCURRENCY
