@@ -32,6 +32,9 @@ without a rule of its own). The header wins over the model's rule. A spec is::
   for English ones) long enough to trip only the refusal check;
 * ``short`` - status 200, an answer shorter than 50 characters;
 * ``length`` - status 200, a truncated answer with ``finish_reason`` ``"length"``;
+* ``redirect`` - status 307 to ``http://127.0.0.1:9/v1/chat/completions`` (where nothing listens),
+  as a moved or hijacked endpoint may send;
+* ``endless`` - status 200 and a body that never ends (64 KiB chunks until the client hangs up);
 * ``echo`` - status 500 with a plain-text body that repeats the request line and every request
   header (``Authorization`` included), as a misconfigured debugging proxy or gateway may send;
 * ``stall`` - never answers, until the client disconnects or the server shuts down;
@@ -91,8 +94,9 @@ FAULT_HEADER = "x-fake-fault"
 LATENCY_HEADER = "x-fake-latency"
 ANY_MODEL = "*"
 ERROR_KINDS = ("400", "401", "404", "429", "500", "502", "503")
-FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "echo", "stall",
-               "none")  # fmt: skip
+FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "redirect",
+               "endless", "echo", "stall", "none")  # fmt: skip
+REDIRECT_TARGET = "http://127.0.0.1:9/v1/chat/completions"
 
 # A fixed creation time keeps /v1/models answers identical from run to run.
 _MODEL_CREATED = 1_700_000_000
@@ -625,6 +629,22 @@ def _api_endpoint(handler: _Handler) -> _Handler:
     return endpoint
 
 
+async def _endless(request: web.Request, state: _State) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    chunk = b"[" * 65536
+
+    async def write_forever() -> None:
+        while True:
+            await response.write(chunk)
+
+    try:
+        await _park(state, write_forever())
+    except ConnectionError:  # the client hung up, as it should
+        pass
+    return response
+
+
 async def _park(state: _State, awaitable: Awaitable[Any]) -> None:
     """Wait for ``awaitable`` in a way that server shutdown can always interrupt."""
     task = asyncio.current_task()
@@ -679,6 +699,10 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(latency)
     if fault in ERROR_KINDS:
         return _error_fault(fault, chat, state.retry_after_ms)
+    if fault == "redirect":
+        return web.Response(status=307, headers={"Location": REDIRECT_TARGET})
+    if fault == "endless":
+        return await _endless(request, state)
     if fault == "echo":
         lines = [f"{request.method} {request.path_qs}", *(f"{k}: {v}" for k, v in request.headers.items())]
         return web.Response(status=500, text="\n".join(lines))

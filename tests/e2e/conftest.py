@@ -185,6 +185,17 @@ def airflow(tmp_path_factory, postgres_template, fake_llm, statsd):
             organization=ECHOED_SECRETS[1],
             headers={"api-key": ECHOED_SECRETS[0], "x-fake-fault": "echo"},
         ),
+        # Hostile servers (tests/e2e/dags/e2e_hostile.py).
+        **{
+            f"AIRFLOW_CONN_LLM_{name.upper()}": llm_connection(
+                fake_llm.base_url,
+                default_model="gpt-4",
+                timeout=30,
+                max_response_bytes=1048576,
+                headers={"x-fake-fault": fault},
+            )  # fmt: skip
+            for name, fault in (("redirected", "redirect"), ("endless", "endless"), ("garbled", "garbled*1"))
+        },
     }
     metrics = {
         "statsd_on": "True",

@@ -183,6 +183,23 @@ def test_airflow_dags_test_runs_every_mode_in_process(airflow, fake_llm):
     assert states == {"deferrable": "success", "worker_free": "success", "check": "success"}
 
 
+def test_hostile_servers_fail_their_tasks_cleanly_and_the_triggerer_carries_on(airflow, fake_llm):
+    fake_llm.reset()  # re-arms garbled*1
+    run_id, _ = run_dag(airflow, "e2e_hostile")
+    states = airflow.task_states("e2e_hostile", run_id)
+    assert states == {"redirected": "failed", "endless": "failed", "garbled": "success", "after": "success"}
+    expected = {
+        "redirected": "redirects to 'http://127.0.0.1:9/v1/chat/completions'; LLM calls do not follow",
+        "endless": "larger than the connection allows (more than 1048576 bytes",
+    }
+    for task_id, fragment in expected.items():
+        assert fragment in airflow.task_log("e2e_hostile", run_id, task_id), task_id
+    answers = airflow.xcom("e2e_hostile", run_id, "garbled")
+    assert answers.count(None) == 1 and len(answers) == 3  # the wrong shape failed its item alone
+    items = airflow.xcom("e2e_hostile", run_id, "garbled", key="llm_meta")["items"]
+    assert items[answers.index(None)]["error"]["kind"] == "invalid_response"
+
+
 def test_no_secret_appears_in_any_log_or_table_even_when_the_server_echoes_them(airflow, fake_llm):
     """Runs last (conftest.LAST), so it reads the logs of every DAG run on the deployment; its own DAG's
     server echoes the request, so even alone it reads task logs whose text held every secret."""

@@ -21,6 +21,7 @@ from openai import AsyncOpenAI
 
 from airflow_llm_async.testing.fake_server import (
     DEFAULT_MODELS,
+    REDIRECT_TARGET,
     FakeLLMServer,
     create_app,
     estimate_tokens,
@@ -373,6 +374,31 @@ async def test_echo_fault_repeats_the_request_headers_in_a_500(
         text = await resp.text()
     assert text.startswith("POST /v1/chat/completions\n")
     assert f"Authorization: Bearer {KEY}" in text and "api-key: gw-1" in text
+
+
+async def test_redirect_fault_points_elsewhere(http: aiohttp.ClientSession) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "x-fake-fault": "redirect"}
+    payload = {"model": "gpt-4", "messages": user("hello")}
+    async with http.post(
+        "/v1/chat/completions", json=payload, headers=headers, allow_redirects=False
+    ) as resp:
+        assert (resp.status, resp.headers["Location"]) == (307, REDIRECT_TARGET)
+
+
+async def test_endless_fault_streams_until_the_client_hangs_up(
+    http: aiohttp.ClientSession, server: FakeLLMServer
+) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "x-fake-fault": "endless"}
+    payload = {"model": "gpt-4", "messages": user("hello")}
+    read = 0
+    async with http.post("/v1/chat/completions", json=payload, headers=headers) as resp:
+        assert resp.status == 200
+        async for chunk in resp.content.iter_any():
+            read += len(chunk)
+            if read > 4 * 1024 * 1024:
+                break
+    assert read > 4 * 1024 * 1024
+    await until(server, lambda s: s["in_flight"] == 0)  # the hang-up ended the handler
 
 
 async def test_empty_fault_has_no_choices(client: AsyncOpenAI) -> None:
