@@ -20,10 +20,15 @@ from airflow_llm_async.monitor import figures
 from airflow_llm_async.monitor.figures import Call, TriggererJob
 
 
-def read_calls(session: Session, since: float, dag_ids: Collection[str] | None = None) -> list[Call]:
+def read_calls(
+    session: Session, since: float, now: float, dag_ids: Collection[str] | None = None
+) -> list[Call]:
     """Every call recorded by an ``llm_meta`` XCom written since ``since`` (epoch seconds).
 
-    ``dag_ids``: only these DAGs (the dashboard passes the ones its user may read); None: all.
+    The values are untrusted (any DAG author or XCom API user writes them): a value that does not
+    decode is skipped, and :func:`figures.calls_from_xcom` checks the rest and clamps their times to
+    ``since``..``now``. ``dag_ids``: only these DAGs (the dashboard passes the ones its user may read);
+    None: all.
     """
     from airflow.models.xcom import XComModel
 
@@ -39,11 +44,24 @@ def read_calls(session: Session, since: float, dag_ids: Collection[str] | None =
         query = query.where(XComModel.dag_id.in_(list(dag_ids)))
     calls: list[Call] = []
     for row in session.execute(query):
-        value = compat.decode_double_encoded(XComModel.deserialize_value(row))
+        value = decode_value(row)
         calls += figures.calls_from_xcom(
-            row.dag_id, row.run_id, row.task_id, row.map_index, value, row.timestamp.timestamp()
-        )
+            row.dag_id, row.run_id, row.task_id, row.map_index, value, row.timestamp.timestamp(),
+            since=since, now=now,
+        )  # fmt: skip
     return calls
+
+
+def decode_value(row: Any) -> Any:
+    """An XCom row's value as JSON data, or None when it does not decode."""
+    from airflow.models.xcom import XComModel
+
+    try:
+        return compat.decode_double_encoded(XComModel.deserialize_value(row))
+    except Exception:
+        # Anything may be stored: a serde class outside the allow list raises ImportError, a deeply
+        # nested JSON string RecursionError. One such row must not fail every refresh.
+        return None
 
 
 def read_triggerers(session: Session) -> list[TriggererJob]:
@@ -100,7 +118,7 @@ def load_snapshot(
     now = time.time() if now is None else now
     if capacity is None:
         capacity = conf.getint("triggerer", "capacity")
-    calls = read_calls(session, now - window_s, dag_ids)
+    calls = read_calls(session, now - window_s, now, dag_ids)
     jobs: list[TriggererJob] = []
     running: dict[int | None, int] = {}
     llm_running: dict[int | None, int] = {}

@@ -5,22 +5,42 @@ The source of every per-call figure is the ``llm_meta`` XCom each LLM task pushe
 versions, ``cost_usd``, ``started_at``/``finished_at`` (epoch seconds), ``host`` and ``pid``. Older or
 unknown shapes are read as far as they go and skipped otherwise: a monitor never crashes on a value
 it cannot read. The live per-triggerer figures come from the ``job`` and ``trigger`` tables.
+
+An ``llm_meta`` is untrusted input: any DAG author, and any user allowed to write XComs through the
+REST API, decides what it holds. :func:`calls_from_xcom` is the one place a stored value becomes
+:class:`Call` records, for the monitor and the dashboard alike: every field is type- and
+range-checked there, and every time is clamped to the window asked for, so that no value can make a
+refresh slow or its answer large (one ``started_at`` two million days back once made every dashboard
+refresh take 15 s and answer 57 MiB). The figures below rely on that, and the timeline bounds its
+own size besides.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_llm_async.core import fanout
+
 LLM_TRIGGERS_MODULE = "airflow_llm_async.triggers."  # ChatCompletionTrigger, FanOutTrigger, ...
 COMPLETION_RATE_SPAN_S = 60.0  # "completions per minute" counts the calls that ended in the last minute
 TIMELINE_MAX_BUCKETS = 60
+TIMELINE_MAX_SERIES = 20  # processes drawn one by one in the in-flight chart; the others are summed
+OTHER_PROCESSES = "other processes"
 _BUCKET_WIDTHS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 _MAX_NESTING = 3  # how deep a fan-out's list of call metas is looked for
 _NUMBER_TYPES = (int, float)
+
+# Bounds of the values read from an llm_meta: far above any real call, far below what slows a refresh.
+MAX_CALLS_PER_XCOM = fanout.MAX_ITEMS  # a fan-out task holds at most this many calls
+MAX_TEXT = 250  # characters of a model, conn_id or host (Airflow's own ids are at most 250)
+MAX_LATENCY_S = 30 * 86400.0
+MAX_TOKENS = 10**9  # per call
+MAX_COST_USD = 1e6  # per call
+MAX_PID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -39,7 +59,7 @@ class Call:
     completion_tokens: int
     total_tokens: int
     cost_usd: float | None
-    started_at: float | None  # epoch seconds
+    started_at: float | None  # epoch seconds (finished_at - latency_s when the meta has none)
     finished_at: float  # epoch seconds (the XCom's timestamp when the meta has no finished_at)
     host: str | None
     pid: int | None
@@ -99,28 +119,51 @@ def call_metas(value: Any, _depth: int = 0) -> list[Mapping[str, Any]]:
 
 
 def calls_from_xcom(
-    dag_id: str, run_id: str, task_id: str, map_index: int, value: Any, timestamp: float
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    map_index: int,
+    value: Any,
+    timestamp: float,
+    *,
+    since: float,
+    now: float,
 ) -> list[Call]:
-    """Every call recorded by one ``llm_meta`` XCom (``timestamp``: when it was written, epoch seconds)."""
-    return [_call(dag_id, run_id, task_id, map_index, meta, timestamp) for meta in call_metas(value)]
+    """Every call recorded by one ``llm_meta`` XCom, each field checked (see the module's docstring).
+
+    ``timestamp``: when the XCom was written; ``since``..``now``: the window asked for (epoch seconds),
+    which every time of a call is clamped to. At most ``MAX_CALLS_PER_XCOM`` calls.
+    """
+    metas = call_metas(value)[:MAX_CALLS_PER_XCOM]
+    return [_call(dag_id, run_id, task_id, map_index, meta, timestamp, since, now) for meta in metas]
 
 
 def _call(
-    dag_id: str, run_id: str, task_id: str, map_index: int, meta: Mapping[str, Any], timestamp: float
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    map_index: int,
+    meta: Mapping[str, Any],
+    timestamp: float,
+    since: float,
+    now: float,
 ) -> Call:
     # A call's meta lists its attempts; a fan-out item counts them and keeps a failure's in attempt_log.
     attempts = next((v for v in (meta.get("attempts"), meta.get("attempt_log")) if isinstance(v, list)), [])
-    attempts = [a for a in attempts if isinstance(a, Mapping)]
-    model = _text(meta.get("model")) or _text(meta.get("requested_model"))
-    if model is None and attempts:
-        model = _text(attempts[-1].get("model"))
-    conn_id = _text(meta.get("conn_id"))
-    if conn_id is None and attempts:
-        conn_id = _text(attempts[-1].get("conn_id"))
+    last_attempt = next((a for a in reversed(attempts) if isinstance(a, Mapping)), {})
+    model = _text(meta.get("model")) or _text(meta.get("requested_model")) or _text(last_attempt.get("model"))
+    conn_id = _text(meta.get("conn_id")) or _text(last_attempt.get("conn_id"))
     usage = meta.get("usage") if isinstance(meta.get("usage"), Mapping) else {}
     prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
     total = _count(usage.get("total_tokens")) or prompt + completion
+    latency = _bounded(meta.get("latency_s"), MAX_LATENCY_S)
+    # Times are clamped into the window: a call outside it would stretch every figure over time.
     finished_at = _number(meta.get("finished_at"))
+    finished_at = _clamp(timestamp if finished_at is None else finished_at, since, now)
+    started_at = _number(meta.get("started_at"))
+    if started_at is None and latency is not None:
+        started_at = finished_at - latency
+    pid = _bounded(meta.get("pid"), MAX_PID)
     return Call(
         dag_id=dag_id,
         run_id=run_id,
@@ -129,32 +172,49 @@ def _call(
         model=model or "unknown",
         conn_id=conn_id,
         ok="error" not in meta and meta.get("status") != "error",
-        latency_s=_number(meta.get("latency_s")),
+        latency_s=latency,
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
-        cost_usd=_number(meta.get("cost_usd")),
-        started_at=_number(meta.get("started_at")),
-        finished_at=finished_at if finished_at is not None else timestamp,
+        cost_usd=_bounded(meta.get("cost_usd"), MAX_COST_USD),
+        started_at=None if started_at is None else _clamp(started_at, since, finished_at),
+        finished_at=finished_at,
         host=_text(meta.get("host")),
-        pid=int(pid) if (pid := _number(meta.get("pid"))) is not None else None,
+        pid=None if pid is None else int(pid),
     )
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A non-empty string, cut to ``MAX_TEXT`` characters."""
+    return value[:MAX_TEXT] if isinstance(value, str) and value else None
 
 
 def _number(value: Any) -> float | None:
+    """A finite int or float (not a bool, not a string of digits) as a float; None otherwise."""
     # type(), not isinstance(): a bool is not a number here, and this runs ~10 times per call.
-    if type(value) not in _NUMBER_TYPES or not math.isfinite(value):
+    if type(value) not in _NUMBER_TYPES:
         return None
-    return float(value)
+    try:
+        number = float(value)  # an int beyond a float's range (JSON allows it) raises OverflowError
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _bounded(value: Any, high: float) -> float | None:
+    """A number from 0 to ``high``; None (unknown) otherwise."""
+    number = _number(value)
+    return number if number is not None and 0 <= number <= high else None
 
 
 def _count(value: Any) -> int:
-    number = _number(value)
-    return int(number) if number is not None and number >= 0 else 0
+    """Tokens: a number from 0 to ``MAX_TOKENS``; 0 otherwise."""
+    number = _bounded(value, MAX_TOKENS)
+    return 0 if number is None else int(number)
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
 
 
 # ---- aggregates -----------------------------------------------------------------------------------------
@@ -283,25 +343,35 @@ def process_figures(calls: Iterable[Call], now: float) -> list[dict[str, Any]]:
     ]
 
 
-def timeline(calls: Sequence[Call], now: float, max_buckets: int = TIMELINE_MAX_BUCKETS) -> dict[str, Any]:
-    """The figures over time, in equal buckets from the first call to ``now``.
+def timeline(
+    calls: Sequence[Call],
+    now: float,
+    since: float | None = None,
+    max_buckets: int = TIMELINE_MAX_BUCKETS,
+) -> dict[str, Any]:
+    """The figures over time, in equal buckets from the first call (``since`` at the earliest) to ``now``.
 
     ``in_flight[process]``: average calls in flight in each bucket (time-weighted, so a call in flight for
-    half a bucket counts 0.5); ``completions_per_min``: calls that ended in the bucket, as a rate;
+    half a bucket counts 0.5), for the ``TIMELINE_MAX_SERIES`` processes with the most calls, the others
+    summed as ``OTHER_PROCESSES``; ``completions_per_min``: calls that ended in the bucket, as a rate;
     ``latency_p50_s``/``latency_p95_s``: of the calls that ended in the bucket (None when none did).
+    At most ``max_buckets`` + 1 buckets, whatever the calls' times: a time outside is clamped.
     """
     if not calls:
         empty: dict[str, Any] = {"in_flight": {}, "completions_per_min": [], "latency_p50_s": []}
         return {"start": now, "bucket_s": 1, "buckets": 0, **empty, "latency_p95_s": []}
-    first = min(c.start for c in calls)
-    end = max(now, max(c.finished_at for c in calls))
-    width = next((w for w in _BUCKET_WIDTHS_S if (end - first) / w <= max_buckets), _BUCKET_WIDTHS_S[-1])
+    earliest = now - max_buckets * _BUCKET_WIDTHS_S[-1]  # as far back as the widest buckets reach
+    if since is not None:
+        earliest = max(earliest, since)
+    first = min(max(earliest, min(c.start for c in calls)), now)
+    width = next((w for w in _BUCKET_WIDTHS_S if (now - first) / w <= max_buckets), _BUCKET_WIDTHS_S[-1])
     start = math.floor(first / width) * width
-    count = max(1, math.ceil((end - start) / width))
+    count = max(1, math.ceil((now - start) / width))
+    shown = _busiest_processes(calls, TIMELINE_MAX_SERIES)
     in_flight: dict[str, list[float]] = defaultdict(lambda: [0.0] * count)
     ended: list[list[Call]] = [[] for _ in range(count)]
     for call in calls:
-        series = in_flight[call.process]
+        series = in_flight[call.process if call.process in shown else OTHER_PROCESSES]
         begin, finish = call.start, max(call.start, call.finished_at)
         for i in range(max(0, int((begin - start) // width)), min(count, int((finish - start) // width) + 1)):
             low, high = start + i * width, start + (i + 1) * width
@@ -311,11 +381,20 @@ def timeline(calls: Sequence[Call], now: float, max_buckets: int = TIMELINE_MAX_
         "start": start,
         "bucket_s": width,
         "buckets": count,
-        "in_flight": {name: [round(v, 3) for v in series] for name, series in sorted(in_flight.items())},
+        "in_flight": {
+            name: [round(v, 3) for v in in_flight[name]]
+            for name in sorted(in_flight, key=lambda name: (name == OTHER_PROCESSES, name))
+        },
         "completions_per_min": [round(len(group) * 60 / width, 3) for group in ended],
         "latency_p50_s": [percentile([c.latency_s for c in g if c.latency_s is not None], 50) for g in ended],
         "latency_p95_s": [percentile([c.latency_s for c in g if c.latency_s is not None], 95) for g in ended],
     }
+
+
+def _busiest_processes(calls: Iterable[Call], limit: int) -> set[str]:
+    """The ``limit`` processes with the most calls (ties: by name)."""
+    counts = Counter(call.process for call in calls)
+    return set(sorted(counts, key=lambda name: (-counts[name], name))[:limit])
 
 
 def snapshot(
@@ -346,5 +425,5 @@ def snapshot(
         "totals": _sums(calls),
     }
     if with_timeline:
-        figures["timeline"] = timeline(calls, now)
+        figures["timeline"] = timeline(calls, now, since=now - window_s)
     return figures

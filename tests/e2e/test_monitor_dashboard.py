@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -246,6 +247,64 @@ def test_the_dashboard_in_chromium_shows_the_figures_of_the_xcoms(airflow, runs,
     assert totals["cost"] == money(all_costs)
     assert [row[1:3] for row in tables["triggerers"]] == [["127.0.0.1", "yes"]] * 2
     assert charts == 4  # in flight, completions per minute, latency, tokens and cost per run
+
+
+# What any DAG author, or any user allowed to write XComs through the REST API, may store as llm_meta.
+FAR_PAST_DAYS = 2_000_000  # a start this far back once made every refresh take 15 s and answer 57 MiB
+HOSTILE_TEXT = "\x1b]0;owned\x07\x1b[2J\x9b31m" + "m" * 200_000  # sets the title, clears the screen
+
+
+def hostile_metas(now: float) -> list[dict]:
+    return [
+        {
+            "model": HOSTILE_TEXT,
+            "host": HOSTILE_TEXT,
+            "attempts": [{}],
+            "started_at": now - FAR_PAST_DAYS * 86400,
+            "latency_s": -5,
+            "usage": {"prompt_tokens": 1e308, "completion_tokens": "many", "total_tokens": -1},
+            "cost_usd": 1e300,
+            "pid": 10**400,  # valid JSON; no float holds it
+        },
+        {"attempts": [], "started_at": 1e308, "finished_at": -1e308, "latency_s": 1e308, "model": ["x"]},
+        {"usage": {"total_tokens": {"nested": [[[]]]}}, "attempts": "x", "finished_at": now + 1e12},
+    ]
+
+
+@pytest.fixture
+def hostile_xcoms(airflow, runs):
+    """A hostile llm_meta, stored through the REST API on a task of the pipeline's run, then removed."""
+    path = f"dags/{PIPELINE}/dagRuns/{runs[0][PIPELINE]}/taskInstances/extract_data/xcomEntries"
+    airflow.api("POST", path, json={"key": "llm_meta", "value": hostile_metas(time.time()), "map_index": -1})
+    try:
+        yield
+    finally:
+        airflow.api("DELETE", f"{path}/llm_meta")
+
+
+def test_a_hostile_llm_meta_leaves_the_dashboard_small_and_fast(airflow, hostile_xcoms):
+    with httpx.Client(base_url=airflow.base_url, trust_env=False, timeout=120) as client:
+        credentials = {"username": airflow.username, "password": airflow.password}
+        token = client.post("/auth/token", json=credentials).json()["access_token"]
+        started = time.monotonic()
+        # The widest window the page offers (7 days), so the most buckets a window can ask for.
+        resp = client.get(
+            f"{DASHBOARD}api/figures",
+            params={"window_min": 7 * 24 * 60},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        elapsed = time.monotonic() - started
+    assert resp.status_code == 200, resp.text[:3000]
+    # Before the clamp: one such XCom made the answer 57 MiB, and every refresh 15 s.
+    assert len(resp.content) < 1_000_000, len(resp.content)
+    snapshot = resp.json()
+    timeline = snapshot["timeline"]
+    assert timeline["buckets"] <= 61 and timeline["bucket_s"] <= 14400, timeline["bucket_s"]
+    assert timeline["start"] >= snapshot["generated_at"] - 7 * 86400 - timeline["bucket_s"]
+    assert snapshot["totals"]["calls"] == 9 + 3  # the DAGs' calls and the three hostile ones
+    assert snapshot["totals"]["total_tokens"] < 10**6 and snapshot["totals"]["cost_usd"] < 1
+    assert max(len(m["model"]) for m in snapshot["models"]) <= 250
+    assert elapsed < 30, f"{elapsed:.1f} s"  # generous: well under a second here
 
 
 def test_monitor_on_a_db_that_is_not_airflows_says_what_to_fix(tmp_path):

@@ -10,6 +10,7 @@ from airflow_llm_async.monitor import cli, figures, text
 from airflow_llm_async.monitor.figures import Call, TriggererJob
 
 NOW = 1_800_000_000.0
+WINDOW = {"since": NOW - 3600, "now": NOW}  # the window asked for: the last hour
 
 
 def meta(model="gpt-4", prompt=10, completion=20, latency=1.5, **extra) -> dict:
@@ -59,7 +60,7 @@ def call(dag="d", run="r1", model="gpt-4", ok=True, latency=1.0, tokens=30, cost
 
 def test_a_call_meta_with_every_field_becomes_one_call():
     value = meta(cost_usd=0.0015, started_at=NOW - 2, finished_at=NOW - 0.5, host="worker-1", pid=42)
-    [c] = figures.calls_from_xcom("dag", "run", "task", 3, value, timestamp=NOW)
+    [c] = figures.calls_from_xcom("dag", "run", "task", 3, value, timestamp=NOW, **WINDOW)
     assert c == Call("dag", "run", "task", 3, "gpt-4", "llm_default", True, 1.5, 10, 20, 30, 0.0015,
                      NOW - 2, NOW - 0.5, "worker-1", 42)  # fmt: skip
     assert c.process == "worker-1 pid 42"
@@ -67,8 +68,8 @@ def test_a_call_meta_with_every_field_becomes_one_call():
 
 
 def test_an_older_meta_without_cost_times_or_host_uses_the_xcom_timestamp():
-    [c] = figures.calls_from_xcom("dag", "run", "task", -1, meta(latency=2.0), timestamp=NOW)
-    assert (c.cost_usd, c.started_at, c.finished_at, c.host, c.pid) == (None, None, NOW, None, None)
+    [c] = figures.calls_from_xcom("dag", "run", "task", -1, meta(latency=2.0), timestamp=NOW, **WINDOW)
+    assert (c.cost_usd, c.started_at, c.finished_at, c.host, c.pid) == (None, NOW - 2.0, NOW, None, None)
     assert c.start == NOW - 2.0
     assert c.process == "unknown"
 
@@ -82,7 +83,7 @@ def test_a_failed_call_is_a_failure_of_the_model_it_last_tried():
         ],
         "error": {"kind": "client", "status": 404, "code": "model_not_found", "message": "no"},
     }
-    [c] = figures.calls_from_xcom("dag", "run", "task", -1, value, timestamp=NOW)
+    [c] = figures.calls_from_xcom("dag", "run", "task", -1, value, timestamp=NOW, **WINDOW)
     assert (c.model, c.conn_id, c.ok, c.total_tokens, c.latency_s) == ("gpt-3.5-turbo", "b", False, 0, 0.2)
 
 
@@ -98,7 +99,7 @@ def test_a_fan_out_meta_counts_each_item_and_not_its_totals():
         "totals": {"items": 3, "total_tokens": 7, "cost_usd": None},
         "failed_items": [1, 2],
     }  # fmt: skip
-    calls = figures.calls_from_xcom("dag", "run", "fan", -1, value, timestamp=NOW)
+    calls = figures.calls_from_xcom("dag", "run", "fan", -1, value, timestamp=NOW, **WINDOW)
     assert [(c.model, c.ok, c.total_tokens) for c in calls] == [
         ("gpt-4", True, 7),
         ("gpt-3.5-turbo", False, 0),
@@ -107,7 +108,9 @@ def test_a_fan_out_meta_counts_each_item_and_not_its_totals():
 
 
 def test_a_list_of_metas_is_read_item_by_item():
-    calls = figures.calls_from_xcom("d", "r", "t", -1, [meta(), "junk", meta(model="o3")], timestamp=NOW)
+    calls = figures.calls_from_xcom(
+        "d", "r", "t", -1, [meta(), "junk", meta(model="o3")], timestamp=NOW, **WINDOW
+    )
     assert [c.model for c in calls] == ["gpt-4", "o3"]
 
 
@@ -117,7 +120,7 @@ def test_a_list_of_metas_is_read_item_by_item():
      {"items": "not a list"}, {"items": [1, 2, "x"]}],
 )  # fmt: skip
 def test_values_that_are_not_call_metas_are_skipped(value):
-    assert figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW) == []
+    assert figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW, **WINDOW) == []
 
 
 def test_fields_of_the_wrong_type_read_as_unknown_instead_of_crashing():
@@ -132,7 +135,7 @@ def test_fields_of_the_wrong_type_read_as_unknown_instead_of_crashing():
         "host": ["h"],
         "pid": "12",
     }
-    [c] = figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW)
+    [c] = figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW, **WINDOW)
     assert (c.model, c.total_tokens, c.latency_s, c.cost_usd, c.started_at, c.finished_at) == (
         "unknown", 0, None, None, None, NOW
     )  # fmt: skip
@@ -142,8 +145,149 @@ def test_fields_of_the_wrong_type_read_as_unknown_instead_of_crashing():
 def test_total_tokens_missing_from_usage_is_prompt_plus_completion():
     value = meta()
     del value["usage"]["total_tokens"]
-    [c] = figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW)
+    [c] = figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=NOW, **WINDOW)
     assert c.total_tokens == 30
+
+
+# ---- a hostile llm_meta: any DAG author or XCom API user writes one ----------------------------------------
+
+FAR_PAST = NOW - 2_000_000 * 86400  # what made every dashboard refresh take 15 s and answer 57 MiB
+HOSTILE_NUMBERS = [float("nan"), float("inf"), -float("inf"), -1, -1e308, 1e308, 10**400, -(10**400),
+                   "12", "NaN", True, None, [1], {"n": 1}]  # fmt: skip
+
+
+def read(value, timestamp=NOW) -> list[Call]:
+    return figures.calls_from_xcom("d", "r", "t", -1, value, timestamp=timestamp, **WINDOW)
+
+
+def dashboard_json(calls) -> str:
+    """What the dashboard answers for these calls (strict JSON: a NaN or an infinity would raise)."""
+    snap = figures.snapshot(calls, [], {}, {}, capacity=10, now=NOW, window_s=3600, alive_within_s=30,
+                            with_timeline=True)  # fmt: skip
+    assert snap["timeline"]["buckets"] <= figures.TIMELINE_MAX_BUCKETS + 1
+    return json.dumps(snap, allow_nan=False)
+
+
+def assert_sane(c: Call) -> None:
+    assert WINDOW["since"] <= c.finished_at <= NOW
+    assert c.started_at is None or WINDOW["since"] <= c.started_at <= c.finished_at
+    assert WINDOW["since"] - figures.MAX_LATENCY_S <= c.start <= NOW
+    assert c.latency_s is None or 0 <= c.latency_s <= figures.MAX_LATENCY_S
+    for tokens in (c.prompt_tokens, c.completion_tokens):
+        assert type(tokens) is int and 0 <= tokens <= figures.MAX_TOKENS
+    assert type(c.total_tokens) is int and 0 <= c.total_tokens <= 2 * figures.MAX_TOKENS
+    assert c.cost_usd is None or 0 <= c.cost_usd <= figures.MAX_COST_USD
+    assert c.pid is None or 0 <= c.pid <= figures.MAX_PID
+    for string in (c.model, c.conn_id, c.host):
+        assert string is None or len(string) <= figures.MAX_TEXT
+
+
+@pytest.mark.parametrize("when", [FAR_PAST, NOW + 2_000_000 * 86400, 1e308, -1e308, 10**400, 0, -1])
+@pytest.mark.parametrize("field", ["started_at", "finished_at"])
+def test_a_time_outside_the_window_is_clamped_to_it(field, when):
+    [c] = read(meta(**{field: when}))
+    assert_sane(c)
+    assert len(dashboard_json([c])) < 10_000
+
+
+def test_a_call_started_two_million_days_ago_leaves_the_dashboard_small():
+    calls = read([meta(started_at=FAR_PAST, finished_at=NOW - 1, host="h", pid=1), meta(host="h", pid=2)])
+    assert [c.started_at for c in calls] == [WINDOW["since"], NOW - 1.5]
+    out = dashboard_json(calls)
+    assert len(out) < 10_000  # 44 MB and 2,000,001 buckets before the clamp
+    assert json.loads(out)["timeline"]["bucket_s"] == 60  # the hour asked for, in 60 buckets
+
+
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS)
+@pytest.mark.parametrize(
+    "field",
+    ["latency_s", "cost_usd", "pid", "started_at", "finished_at", "prompt_tokens", "completion_tokens",
+     "total_tokens"],
+)  # fmt: skip
+def test_a_number_that_is_not_finite_sane_and_in_range_reads_as_unknown(field, value):
+    record = meta()
+    (record["usage"] if field.endswith("_tokens") else record)[field] = value
+    [c] = read(record)
+    assert_sane(c)
+    dashboard_json([c])
+
+
+def test_numbers_in_range_are_kept():
+    record = meta(
+        prompt=7, completion=9, latency=0.0, cost_usd=0, pid=0, started_at=NOW - 10, finished_at=NOW
+    )
+    [c] = read(record)
+    assert (c.prompt_tokens, c.total_tokens, c.latency_s, c.cost_usd, c.pid) == (7, 16, 0.0, 0.0, 0)
+
+
+def test_huge_strings_are_cut_and_the_answer_stays_small():
+    huge = "\x1b]0;title\x07" + "m" * 1_000_000
+    [c] = read(meta(model=huge, conn_id=huge, host=huge, pid=1))
+    assert_sane(c)
+    assert c.model == huge[: figures.MAX_TEXT]
+    assert len(dashboard_json([c])) < 10_000
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {
+            "model": ["m"],
+            "usage": {"prompt_tokens": {"nested": [1, 2, {"deeper": "x"}]}},
+            "attempts": {"a": 1},
+        },
+        {"usage": [], "attempts": [[], None, 3, "x"], "error": None},
+        {"usage": None, "attempt_log": [{"model": ["x"]}, {"model": {"y": 1}}]},
+        {"attempts": [], "model": b"bytes", "conn_id": 5, "host": {"h": 1}},
+    ],
+)
+def test_nested_junk_reads_as_unknown(value):
+    [c] = read(value)
+    assert_sane(c)
+    assert c.model == "unknown" and c.total_tokens == 0
+    dashboard_json([c])
+
+
+def test_a_deeply_nested_value_is_not_walked_to_the_bottom():
+    value: list = [meta()]
+    for _ in range(10_000):
+        value = [value]
+    assert read(value) == []
+
+
+def test_one_xcom_holds_at_most_as_many_calls_as_a_fan_out_task():
+    value = {"items": [meta(pid=1)] * (figures.MAX_CALLS_PER_XCOM + 5_000)}
+    assert len(read(value)) == figures.MAX_CALLS_PER_XCOM
+
+
+def test_the_in_flight_chart_draws_the_busiest_processes_and_sums_the_others():
+    calls = [c for pid in range(100) for c in read([meta(host="h", pid=pid)] * (2 if pid < 5 else 1))]
+    tl = json.loads(dashboard_json(calls))["timeline"]
+    assert len(tl["in_flight"]) == figures.TIMELINE_MAX_SERIES + 1
+    assert {f"h pid {pid}" for pid in range(5)} <= set(tl["in_flight"])  # two calls each
+    assert list(tl["in_flight"])[-1] == figures.OTHER_PROCESSES
+
+
+def test_the_timeline_is_bounded_even_for_calls_not_read_through_calls_from_xcom():
+    tl = figures.timeline([call(start=FAR_PAST, end=NOW + 1e12), call(start=-1e308, end=1e308)], NOW)
+    assert tl["buckets"] <= figures.TIMELINE_MAX_BUCKETS + 1
+    assert len(json.dumps(tl)) < 10_000
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        '{"__classname__": "os.system", "__version__": 1, "__data__": "x"}',  # serde outside the allow list
+        "[" * 100_000 + "]" * 100_000,  # deeper than the JSON decoder recurses
+        "not json",
+    ],
+)
+def test_a_stored_value_that_does_not_decode_is_skipped(stored):
+    from types import SimpleNamespace
+
+    from airflow_llm_async.monitor import db
+
+    assert db.decode_value(SimpleNamespace(value=stored)) is None
 
 
 @pytest.mark.parametrize(
