@@ -6,12 +6,14 @@ XComs a finished task holds, for a single call and for a fan-out alike; every pl
 task (the triggers, both ``execute_complete``) pushes what it returns.
 
 XCom contract: ``return_value`` = the answer (a fan-out: the list of answers in input order,
-``None`` for a failed item); ``output_key`` holds it too; ``llm_meta`` = the call's details
+``None`` for a failed item), as text, or as the parsed JSON document when the call asked for one
+(``output_type``); ``output_key`` holds it too; ``llm_meta`` = the call's details
 (:meth:`Outcome.meta`), with ``error`` when it failed.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,8 @@ META_KEY = "llm_meta"
 RETURN_KEY = "return_value"
 ON_QUALITY_FAILURE = ("fail", "return")
 STATUSES = ("success", "error")
+# What a task returns of an answer: its text, or ("json") the document the text holds.
+OUTPUTS = ("text", "json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,7 @@ class CallSpec:
     quality_retries: int = 0
     on_quality_failure: str = "fail"
     max_cost_usd: float | None = None  # refuse an attempt whose worst case would take the call past it
+    output: str = "text"  # one of OUTPUTS
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +53,7 @@ class CallSpec:
             "quality_retries": self.quality_retries,
             "on_quality_failure": self.on_quality_failure,
             "max_cost_usd": self.max_cost_usd,
+            "output": self.output,
         }
 
     @classmethod
@@ -58,6 +64,8 @@ class CallSpec:
             raise ValueError(f"a call needs a chain of (conn_id, model) pairs, got {data.get('chain')!r}")
         if data.get("on_quality_failure", "fail") not in ON_QUALITY_FAILURE:
             raise ValueError(f"on_quality_failure must be one of {list(ON_QUALITY_FAILURE)}")
+        if data.get("output", "text") not in OUTPUTS:
+            raise ValueError(f"output must be one of {list(OUTPUTS)}, got {data.get('output')!r}")
         return cls(
             request=dict(data.get("request") or {}),
             chain=chain,
@@ -67,6 +75,7 @@ class CallSpec:
             quality_retries=data.get("quality_retries", 0),
             on_quality_failure=data.get("on_quality_failure", "fail"),
             max_cost_usd=data.get("max_cost_usd"),
+            output=data.get("output", "text"),
         )
 
     @classmethod
@@ -268,19 +277,30 @@ class FanOutOutcome:
         )
 
 
-def task_xcoms(outcome: Outcome | FanOutOutcome, output_key: str) -> dict[str, Any]:
+def task_xcoms(outcome: Outcome | FanOutOutcome, output_key: str, output: str = "text") -> dict[str, Any]:
     """The XComs a finished task holds, by key. ``return_value`` is the answer; a failed call has none."""
     if isinstance(outcome, FanOutOutcome):
-        value: Any = list(outcome.results)  # a failed fan-out keeps its partial list too
+        # A failed fan-out keeps its partial list too.
+        value: Any = [answer_value(text, output) for text in outcome.results]
         xcoms = {RETURN_KEY: value, META_KEY: dict(outcome.meta)}
     elif outcome.ok:
-        value = outcome.text
+        value = answer_value(outcome.text, output)
         xcoms = {RETURN_KEY: value, META_KEY: outcome.meta()}
     else:
         return {META_KEY: outcome.meta()}
     if output_key != RETURN_KEY:
         xcoms[output_key] = value
     return xcoms
+
+
+def answer_value(text: str | None, output: str) -> Any:
+    """An answer as the task returns it: its text, or (``output="json"``) the document it holds."""
+    if output != "json" or text is None:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:  # an answer returned although it failed the checks (on_quality_failure="return")
+        return text
 
 
 def _status_of(payload: Any) -> str:

@@ -142,7 +142,7 @@ class LLMFanOutOperator(LLMOperator):
     def end_task(self, context: Context, outcome: FanOutOutcome, *, stored: bool) -> list[str | None] | None:
         ti = context["ti"]
         if not stored:
-            xcoms = task_xcoms(outcome, self.output_key)
+            xcoms = task_xcoms(outcome, self.output_key, self.answer_output())
             push_xcoms(context, xcoms)
             if not outcome.ok:  # a failed task returns nothing: its partial list is pushed here
                 ti.xcom_push(key="return_value", value=xcoms["return_value"])

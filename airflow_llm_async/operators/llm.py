@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Sequence
 from configparser import ConfigParser
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import StartTriggerArgs
 
 from airflow_llm_async import compat, driver
+from airflow_llm_async.core import structured
 from airflow_llm_async.core.outcome import (
     ON_QUALITY_FAILURE,
     RETURN_KEY,
@@ -39,8 +41,9 @@ class LLMOperator(BaseOperator):
     """
     Ask an OpenAI-compatible chat model; the call waits in the triggerer, not on a worker slot.
 
-    Pushes the answer text as ``return_value`` and under ``output_key``, and call details
-    (model, usage, finish_reason, latency_s, attempts, quality, fallback_used) under ``llm_meta``.
+    Pushes the answer text (with ``output_type``: the parsed JSON document) as ``return_value``
+    and under ``output_key``, and call details (model, usage, finish_reason, latency_s, attempts,
+    quality, fallback_used) under ``llm_meta``.
 
     :param prompt: the user message (Jinja-templated).
     :param model: the model; default: the connection's ``default_model`` extra.
@@ -54,6 +57,11 @@ class LLMOperator(BaseOperator):
     :param fallback_models: models to try in order when the model fails after its retries.
     :param fallback_conn_ids: connections (other providers or regions) to try in order when every
         model failed on ``llm_conn_id``; each is tried with ``model`` and ``fallback_models``.
+    :param output_type: a typed answer: a pydantic model class or a JSON Schema dict. The request asks
+        for that schema (``response_format`` ``json_schema``, strict when the schema allows it), the
+        answer must match it (else it is asked again per ``quality_retries``, then the fallback chain
+        moves on), and the task returns the parsed document (a dict). For a server without
+        ``json_schema`` support, also pass ``response_format={"type": "json_object"}``.
     :param response_format: passed through, e.g. ``{"type": "json_object"}``.
     :param extra_body: more request fields passed through as they are (e.g. ``seed``, ``top_p``).
     :param max_retries: retries per model on 408/409/429/5xx/timeouts (default: the connection's, else 2).
@@ -91,6 +99,7 @@ class LLMOperator(BaseOperator):
         llm_conn_id: str = LLMHook.default_conn_name,
         fallback_models: Sequence[str] | None = None,
         fallback_conn_ids: Sequence[str] | None = None,
+        output_type: type | dict[str, Any] | None = None,
         response_format: dict[str, Any] | None = None,
         extra_body: dict[str, Any] | None = None,
         max_retries: int | None = None,
@@ -119,6 +128,7 @@ class LLMOperator(BaseOperator):
         self.llm_conn_id = llm_conn_id
         self.fallback_models = list(fallback_models or [])
         self.fallback_conn_ids = list(fallback_conn_ids or [])
+        self.output_type = output_type
         self.response_format = response_format
         self.extra_body = dict(extra_body or {})
         self.max_retries = max_retries
@@ -164,6 +174,7 @@ class LLMOperator(BaseOperator):
             )
         if self.response_format is not None and not isinstance(self.response_format, dict):
             raise ValueError(f"{where}: response_format must be a dict such as {{'type': 'json_object'}}.")
+        self.output_schema = self._output_schema(where)
         reserved = sorted({"model", "messages"} & set(self.extra_body))
         if reserved:
             raise ValueError(f"{where}: extra_body must not set {reserved}; use the operator's parameters.")
@@ -190,6 +201,19 @@ class LLMOperator(BaseOperator):
         if self.timeout is not None and _seconds(self.timeout) <= 0:
             raise ValueError(f"{where}: timeout must be positive, got {self.timeout!r}.")
 
+    def _output_schema(self, where: str) -> dict[str, Any] | None:
+        """``output_type`` as a JSON Schema (plain JSON: it travels in trigger kwargs)."""
+        if self.output_type is None:
+            return None
+        try:
+            schema = structured.schema_of(self.output_type)
+            QualitySpec(json_schema=schema)  # a valid JSON Schema
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: bad output_type: {exc}") from None
+        if isinstance(self.quality, dict) and self.quality.get("json_schema") is not None:
+            raise ValueError(f"{where}: give the schema once: as output_type, or as quality's json_schema.")
+        return schema
+
     def _validate_input(self, where: str) -> None:
         if self.prompt is None and self.messages is None:
             raise ValueError(
@@ -205,6 +229,8 @@ class LLMOperator(BaseOperator):
         request["max_tokens"] = self.max_tokens
         if self.response_format is not None:
             request["response_format"] = self.response_format
+        elif self.output_schema is not None:
+            request["response_format"] = structured.response_format(self.output_schema)
         return request
 
     def _rendered_messages(self) -> list[dict[str, Any]]:
@@ -238,11 +264,22 @@ class LLMOperator(BaseOperator):
             [self.model, *self.fallback_models],
             deadline=deadline,
             max_retries=self.max_retries,
-            quality=QualitySpec.from_dict(self.quality),
+            quality=self._quality_spec(),
             quality_retries=self.quality_retries,
             on_quality_failure=self.on_quality_failure,
             max_cost_usd=self.max_cost_usd,
+            output=self.answer_output(),
         )
+
+    def answer_output(self) -> str:
+        """What the task returns of the answer (``core.outcome.OUTPUTS``): its text, or its JSON."""
+        return "text" if self.output_schema is None else "json"
+
+    def _quality_spec(self) -> QualitySpec:
+        quality = QualitySpec.from_dict(self.quality)
+        if self.output_schema is None:
+            return quality
+        return replace(quality, json_schema=self.output_schema)
 
     def _deadline(self) -> float | None:
         """A wall-clock deadline from now: it holds while the task is deferred."""
@@ -272,7 +309,7 @@ class LLMOperator(BaseOperator):
             messages=self.messages,
         ).kwargs()
 
-    def execute(self, context: Context) -> str:
+    def execute(self, context: Context) -> Any:
         if self.deferrable:
             self.defer(
                 trigger=self.build_trigger(), method_name="execute_complete", timeout=self._deferral_timeout()
@@ -281,13 +318,14 @@ class LLMOperator(BaseOperator):
         outcome = driver.complete_sync(self.call_spec(deadline=self._deadline()))
         return self.execute_complete(context, outcome.to_json())
 
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> str:
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
         """Resume after the trigger fired: push the answer, or fail with the API's own message."""
         return self.end_task(context, read_event(self, Outcome, event))
 
-    def end_task(self, context: Context, outcome: Outcome) -> str:
+    def end_task(self, context: Context, outcome: Outcome) -> Any:
         """Push the task's XComs (the answer as the return value), or fail with what went wrong."""
-        push_xcoms(context, task_xcoms(outcome, self.output_key))
+        xcoms = task_xcoms(outcome, self.output_key, self.answer_output())
+        push_xcoms(context, xcoms)
         if not outcome.ok:
             fail_task(outcome.describe(), outcome.error)
         self.log.info(
@@ -299,7 +337,7 @@ class LLMOperator(BaseOperator):
             ", fallback" if outcome.fallback_used else "",
             outcome.text,
         )
-        return outcome.text
+        return xcoms[RETURN_KEY]
 
 
 def default_deferrable() -> bool:

@@ -368,10 +368,22 @@ def _refusal_text(chinese: bool) -> str:
     )
 
 
-def _sample_for_schema(schema: Any, text: str, depth: int = 0) -> Any:
-    """A value matching a simple JSON schema (objects, arrays, scalars, enums); strings get the answer."""
+def _sample_for_schema(schema: Any, text: str, depth: int = 0, root: Any = None) -> Any:
+    """A value matching a JSON schema (objects, arrays, scalars, enums, local $refs and anyOf/oneOf, as
+    pydantic writes them); strings get the answer."""
+    root = schema if root is None else root
     if not isinstance(schema, dict) or depth > 8:
         return text
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return _sample_for_schema(target, text, depth + 1, root)
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if isinstance(options, list) and options:
+        chosen = next((o for o in options if isinstance(o, dict) and o.get("type") != "null"), options[0])
+        return _sample_for_schema(chosen, text, depth + 1, root)
     if schema.get("enum"):
         return schema["enum"][0]
     if "const" in schema:
@@ -381,9 +393,9 @@ def _sample_for_schema(schema: Any, text: str, depth: int = 0) -> Any:
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object":
         properties = schema.get("properties") or {}
-        return {name: _sample_for_schema(sub, text, depth + 1) for name, sub in properties.items()}
+        return {name: _sample_for_schema(sub, text, depth + 1, root) for name, sub in properties.items()}
     if kind == "array":
-        return [_sample_for_schema(schema.get("items"), text, depth + 1)]
+        return [_sample_for_schema(schema.get("items"), text, depth + 1, root)]
     if kind in ("integer", "number"):
         return len(text)
     if kind == "boolean":

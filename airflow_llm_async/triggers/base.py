@@ -19,6 +19,7 @@ class LLMTrigger(BaseTrigger):
     """A trigger whose kwargs are JSON and never hold a secret (they are stored in plain text)."""
 
     end: str  # one of ENDS, set by each trigger's __init__
+    spec: dict[str, Any]  # the call (CallSpec.to_json()), set by each trigger's __init__
 
     @classmethod
     def classpath(cls) -> str:
@@ -38,9 +39,8 @@ class LLMTrigger(BaseTrigger):
         self, outcome: Outcome | FanOutOutcome, output_key: str, *, mapped_length: int | None = None
     ) -> None:
         """Push the XComs a worker would have pushed."""
-        await compat.push_xcoms(
-            self.task_instance, task_xcoms(outcome, output_key), mapped_length=mapped_length
-        )
+        xcoms = task_xcoms(outcome, output_key, self.spec.get("output", "text"))
+        await compat.push_xcoms(self.task_instance, xcoms, mapped_length=mapped_length)
 
     async def end_task(
         self, outcome: Outcome | FanOutOutcome, output_key: str, *, mapped_length: int | None = None

@@ -18,6 +18,7 @@ import aiohttp
 import openai
 import pytest
 from openai import AsyncOpenAI
+from pydantic import BaseModel
 
 from airflow_llm_async.testing.fake_server import (
     DEFAULT_MODELS,
@@ -222,6 +223,26 @@ async def test_json_response_formats_return_json(client: AsyncOpenAI) -> None:
     data = json.loads(structured.choices[0].message.content)
     assert set(data) == {"summary", "score", "ok"}
     assert (type(data["summary"]), type(data["score"]), type(data["ok"])) == (str, int, bool)
+
+
+class _Entity(BaseModel):
+    name: str
+    mentions: int
+
+
+class _Entities(BaseModel):
+    entities: list[_Entity]
+    note: str | None
+
+
+async def test_the_openai_clients_structured_parse_gets_a_typed_answer(client: AsyncOpenAI) -> None:
+    """Nested pydantic models ($defs, $ref) and optional fields (anyOf with null), as the SDK sends them."""
+    completion = await client.chat.completions.parse(
+        model="gpt-4", messages=user("List the entities in: Ada met Alan."), response_format=_Entities
+    )
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, _Entities) and isinstance(parsed.entities[0], _Entity)
+    assert parsed.entities[0].name and parsed.entities[0].mentions > 0
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -213,6 +213,7 @@ def test_worker_free_is_the_default_and_the_templates_travel_unrendered(dag):
             "quality_retries": 0,
             "on_quality_failure": "fail",
             "max_cost_usd": None,
+            "output": "text",
         },
         "items": None,
         "prompts": "{{ ti.xcom_pull(task_ids='up', map_indexes=-1) }}",

@@ -69,6 +69,7 @@ def test_execute_defers_to_a_trigger_holding_only_json_safe_kwargs(dag):
             "quality_retries": 0,
             "on_quality_failure": "fail",
             "max_cost_usd": 0.25,
+            "output": "text",
         },
         "end": "on_success",  # a success ends the task in the triggerer: no resume, no 3.3.2 race
         "output_key": "llm_output",
@@ -452,6 +453,7 @@ def test_worker_free_mode_fixes_unrendered_trigger_kwargs_at_parse_time(dag):
             "quality_retries": 0,
             "on_quality_failure": "fail",
             "max_cost_usd": None,
+            "output": "text",
         },
         "end": "here",
         "output_key": "analysis",
