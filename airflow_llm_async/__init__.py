@@ -34,6 +34,10 @@ def get_provider_info() -> dict:
                 ],
             },
         ],
+        "task-decorators": [
+            {"name": "llm_deferred", "class-name": "airflow_llm_async.decorators.llm.llm_deferred_task"},
+            {"name": "llm_fanout", "class-name": "airflow_llm_async.decorators.llm.llm_fanout_task"},
+        ],
         "config": {
             "llm_async": {
                 "description": "Options for airflow-llm-async operators.",
