@@ -60,7 +60,7 @@ def monitor(args: argparse.Namespace) -> int:
             # The message names the table or the server, never the connection's password.
             print(
                 f"airflow-llm monitor: cannot read the metadata DB ({type(exc).__name__}: "
-                f"{getattr(exc, 'orig', None) or exc}); point AIRFLOW_HOME or "
+                f"{text.printable(str(getattr(exc, 'orig', None) or exc))}); point AIRFLOW_HOME or "
                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN at the deployment's DB (migrated: airflow db migrate)",
                 file=sys.stderr,
                 flush=True,

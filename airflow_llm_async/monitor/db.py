@@ -79,22 +79,30 @@ def read_triggerers(session: Session) -> list[TriggererJob]:
     ]
 
 
-def read_trigger_counts(session: Session) -> tuple[dict[int | None, int], dict[int | None, int]]:
-    """Triggers per triggerer id (None: not picked up yet): all of them, and our LLM calls."""
+def read_trigger_counts(
+    session: Session, dag_ids: Collection[str] | None = None
+) -> tuple[dict[int | None, int], dict[int | None, int]]:
+    """Triggers per triggerer id (None: not picked up yet), all of them and our LLM calls.
+
+    ``dag_ids``: only the triggers of these DAGs' task instances (see :func:`figures.trigger_counts`).
+    """
+    from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import Trigger
 
-    running: dict[int | None, int] = {}
-    llm_running: dict[int | None, int] = {}
     rows = session.execute(
-        select(Trigger.triggerer_id, Trigger.classpath, func.count()).group_by(
-            Trigger.triggerer_id, Trigger.classpath
-        )
+        select(Trigger.triggerer_id, Trigger.classpath, TaskInstance.dag_id, func.count())
+        .select_from(Trigger)
+        .outerjoin(TaskInstance, TaskInstance.trigger_id == Trigger.id)
+        .group_by(Trigger.triggerer_id, Trigger.classpath, TaskInstance.dag_id)
     )
-    for triggerer_id, classpath, count in rows:
-        running[triggerer_id] = running.get(triggerer_id, 0) + count
-        if figures.is_llm_trigger(classpath):
-            llm_running[triggerer_id] = llm_running.get(triggerer_id, 0) + count
-    return running, llm_running
+    return figures.trigger_counts(rows, dag_ids)
+
+
+def reads_every_dag(session: Session, dag_ids: Collection[str]) -> bool:
+    """Whether ``dag_ids`` holds every DAG of the deployment (an admin's readable DAGs do)."""
+    from airflow.models.dag import DagModel
+
+    return set(session.scalars(select(DagModel.dag_id))) <= set(dag_ids)
 
 
 def load_snapshot(
@@ -111,7 +119,9 @@ def load_snapshot(
 
     ``capacity``: of each triggerer; None reads ``[triggerer] capacity`` (a triggerer started with
     ``--capacity`` overrides it, and the DB does not record that). ``with_triggerers=False`` leaves the
-    job and trigger tables out (for a user who may not see jobs).
+    job and trigger tables out (for a user who may not see jobs). ``dag_ids``: only the calls of these
+    DAGs and, unless they are every DAG, only the triggers of these DAGs, without the capacity left
+    (it would tell how many triggers the other DAGs run).
     """
     from airflow.configuration import conf
 
@@ -122,9 +132,11 @@ def load_snapshot(
     jobs: list[TriggererJob] = []
     running: dict[int | None, int] = {}
     llm_running: dict[int | None, int] = {}
+    all_triggers = False
     if with_triggerers:
         jobs = read_triggerers(session)
-        running, llm_running = read_trigger_counts(session)
+        all_triggers = dag_ids is None or reads_every_dag(session, dag_ids)
+        running, llm_running = read_trigger_counts(session, None if all_triggers else dag_ids)
     return figures.snapshot(
         calls,
         jobs,
@@ -135,4 +147,5 @@ def load_snapshot(
         window_s=window_s,
         alive_within_s=conf.getfloat("triggerer", "triggerer_health_check_threshold"),
         with_timeline=with_timeline,
+        all_triggers=all_triggers,
     )

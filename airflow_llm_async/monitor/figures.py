@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,27 @@ class TriggererJob:
 def is_llm_trigger(classpath: str | None) -> bool:
     """A trigger of ours (a ``trigger`` row's ``classpath``): an LLM call or a fan-out of calls."""
     return bool(classpath) and classpath.startswith(LLM_TRIGGERS_MODULE)
+
+
+def trigger_counts(
+    rows: Iterable[tuple[int | None, str | None, str | None, int]], dag_ids: Collection[str] | None
+) -> tuple[dict[int | None, int], dict[int | None, int]]:
+    """Triggers per triggerer id (None: not picked up yet), all of them and our LLM calls.
+
+    ``rows``: ``(triggerer_id, classpath, dag_id, count)``, the dag_id of the trigger's task instance
+    (None for a trigger of no task, such as an asset watcher). ``dag_ids``: count only the triggers of
+    these DAGs (the ones a dashboard user may read: the counts of the others would tell them how busy
+    DAGs they may not see are); None: every trigger.
+    """
+    running: dict[int | None, int] = {}
+    llm_running: dict[int | None, int] = {}
+    for triggerer_id, classpath, dag_id, count in rows:
+        if dag_ids is not None and dag_id not in dag_ids:
+            continue
+        running[triggerer_id] = running.get(triggerer_id, 0) + count
+        if is_llm_trigger(classpath):
+            llm_running[triggerer_id] = llm_running.get(triggerer_id, 0) + count
+    return running, llm_running
 
 
 # ---- reading llm_meta ---------------------------------------------------------------------------------
@@ -292,12 +313,14 @@ def triggerer_figures(
     calls: Sequence[Call],
     now: float,
     alive_within_s: float,
+    all_triggers: bool = True,
 ) -> list[dict[str, Any]]:
     """Per running triggerer job: triggers it runs (all, and ours), capacity left, completions per minute.
 
     Completions come from the calls' ``host``: the DB does not say which of several triggerers on one host
     ran a call, so there ``completions_per_min`` is the host's (and ``host_shared`` is true); the
-    ``processes`` figures have them per process.
+    ``processes`` figures have them per process. ``all_triggers=False``: ``running`` counts only some
+    triggers (those of the DAGs a user may read), so the capacity left is not known (None).
     """
     jobs = sorted(jobs, key=lambda j: j.id)
     hosts = defaultdict(int)
@@ -317,7 +340,7 @@ def triggerer_figures(
                 "triggers_running": running.get(job.id, 0),
                 "llm_triggers_running": llm_running.get(job.id, 0),
                 "capacity": capacity,
-                "capacity_left": capacity - running.get(job.id, 0),
+                "capacity_left": capacity - running.get(job.id, 0) if all_triggers else None,
                 "completions_per_min": completions_per_min(host_calls, now),
                 "host_shared": hosts[job.hostname] > 1,
             }
@@ -408,17 +431,22 @@ def snapshot(
     window_s: float,
     alive_within_s: float,
     with_timeline: bool = False,
+    all_triggers: bool = True,
 ) -> dict[str, Any]:
     """Every figure, as the JSON that ``airflow-llm monitor --json`` prints and the dashboard draws.
 
     ``running``/``llm_running``: triggers per triggerer id (all, and ours); the key None counts the
-    triggers no triggerer has picked up yet.
+    triggers no triggerer has picked up yet. ``all_triggers=False``: they count only the triggers of
+    the DAGs a user may read (see :func:`trigger_counts`).
     """
     figures = {
         "generated_at": now,
         "window_s": window_s,
-        "triggerers": triggerer_figures(jobs, running, llm_running, capacity, calls, now, alive_within_s),
+        "triggerers": triggerer_figures(
+            jobs, running, llm_running, capacity, calls, now, alive_within_s, all_triggers
+        ),
         "unassigned_triggers": running.get(None, 0),
+        "all_triggers_counted": all_triggers,
         "processes": process_figures(calls, now),
         "models": model_figures(calls),
         "runs": run_figures(calls),

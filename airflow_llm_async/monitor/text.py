@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+# C0 controls (ESC among them), DEL and C1 controls: a terminal acts on them. Model names, errors, DAG
+# and run ids, hosts come from servers and DAG authors: printed raw, they set the terminal's title,
+# clear the screen or hide a row.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character shown as an escape (``\\x1b``) instead of acting."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
-    """Left-aligned columns, two spaces apart."""
-    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    """Left-aligned columns, two spaces apart; every cell is :func:`printable`."""
+    cells = [[printable(str(h)) for h in headers], *[[_cell(v) for v in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return [indent + line.rstrip() for line in lines]
@@ -22,7 +33,7 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.2f}"
-    return str(value)
+    return printable(str(value))
 
 
 def money(value: float | None) -> str:
@@ -62,7 +73,7 @@ def _triggerers(triggerers: list[dict[str, Any]], unassigned: int) -> list[str]:
                 *(
                     t["triggers_running"],
                     t["llm_triggers_running"],
-                    f"{t['capacity_left']} of {t['capacity']}",
+                    "-" if t["capacity_left"] is None else f"{t['capacity_left']} of {t['capacity']}",
                 ),
                 f"{t['completions_per_min']}{' (host)' if t['host_shared'] else ''}",
             ]

@@ -48,9 +48,21 @@ def monitor_json(airflow) -> dict:
     return json.loads(result.stdout)
 
 
+# The snapshot the dashboard computes for a user who may read only the DAG named by each argument.
+READABLE_ONLY = """
+import json, sys
+from airflow.utils.session import create_session
+from airflow_llm_async.monitor import db
+with create_session() as session:
+    snapshots = {dag: db.load_snapshot(session, window_s=3600, dag_ids={dag}) for dag in sys.argv[1:]}
+print(json.dumps(snapshots))
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(airflow, fake_llm):
-    """The DAGs' runs, {dag_id: run_id}, and the monitor's snapshot while the five summaries were held."""
+    """The DAGs' runs, {dag_id: run_id}, and while the five summaries were held: the monitor's snapshot,
+    and the dashboard's for a user who may read only one DAG, {dag_id: snapshot}."""
     fake_llm.reset()
     for dag_id in (PIPELINE, WORKER_FREE):
         airflow.wait_for_dag(dag_id)
@@ -65,7 +77,17 @@ def runs(airflow, fake_llm):
             "five summaries in flight",
             lambda: f"{fake_llm.stats()}\n{airflow.describe_run(PIPELINE, run_ids[PIPELINE])}",
         )
+        readable_only = subprocess.Popen(
+            [sys.executable, "-c", READABLE_ONLY, PIPELINE, WORKER_FREE],
+            env=airflow.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         held = monitor_json(airflow)
+        out, err = readable_only.communicate(timeout=120)
+        assert readable_only.returncode == 0, err[-3000:]
+        held_readable_only = json.loads(out.splitlines()[-1])
     finally:
         fake_llm.release()
     run_ids[WORKER_FREE] = airflow.trigger(WORKER_FREE)
@@ -73,7 +95,7 @@ def runs(airflow, fake_llm):
     for dag_id, run_id in run_ids.items():
         state = airflow.wait_for_run(dag_id, run_id, timeout=300)
         assert state == expected_states[dag_id], airflow.describe_run(dag_id, run_id)
-    return run_ids, held
+    return run_ids, held, held_readable_only
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +138,7 @@ def cost(costs: list[float]) -> float | None:
 
 
 def test_monitor_shows_the_calls_in_flight_on_the_triggerer(runs):
-    _, held = runs
+    _, held, _ = runs
     triggerers = held["triggerers"]  # the shared deployment runs two
     assert len(triggerers) == 2
     assert all(t["alive"] and t["hostname"] == "127.0.0.1" for t in triggerers), triggerers
@@ -127,8 +149,22 @@ def test_monitor_shows_the_calls_in_flight_on_the_triggerer(runs):
     assert held["unassigned_triggers"] == 0
 
 
+def test_a_user_who_may_read_one_dag_counts_only_its_triggers(runs):
+    _, held, readable_only = runs
+    assert held["all_triggers_counted"] is True  # the monitor reads the whole DB: every trigger
+    pipeline, other = readable_only[PIPELINE], readable_only[WORKER_FREE]
+    assert sum(t["triggers_running"] for t in pipeline["triggerers"]) == 5
+    assert sum(t["llm_triggers_running"] for t in pipeline["triggerers"]) == 5
+    # The five held summaries are the pipeline's: a user of the other DAG sees none of them, nor how
+    # many there are through the capacity left.
+    assert [(t["triggers_running"], t["llm_triggers_running"]) for t in other["triggerers"]] == [(0, 0)] * 2
+    for snapshot in (pipeline, other):
+        assert snapshot["all_triggers_counted"] is False
+        assert [t["capacity_left"] for t in snapshot["triggerers"]] == [None, None]
+
+
 def test_monitor_once_json_shows_the_calls_tokens_and_cost_the_xcoms_record(airflow, runs, expected):
-    run_ids, _ = runs
+    run_ids, _, _ = runs
     snapshot = monitor_json(airflow)
 
     shown = {(m["dag_id"], m["model"]): m for m in snapshot["models"]}
@@ -305,6 +341,18 @@ def test_a_hostile_llm_meta_leaves_the_dashboard_small_and_fast(airflow, hostile
     assert snapshot["totals"]["total_tokens"] < 10**6 and snapshot["totals"]["cost_usd"] < 1
     assert max(len(m["model"]) for m in snapshot["models"]) <= 250
     assert elapsed < 30, f"{elapsed:.1f} s"  # generous: well under a second here
+    # An admin reads every DAG: every trigger is counted, and the capacity left shown.
+    assert snapshot["all_triggers_counted"] is True
+    assert all(t["capacity_left"] is not None for t in snapshot["triggerers"])
+
+    # The terminal shows the hostile model and host escaped: no title set, no screen cleared.
+    result = subprocess.run(
+        [AIRFLOW_LLM, "monitor", "--once"], env=airflow.env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    controls = {ch for ch in result.stdout if ch != "\n" and (ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F)}
+    assert controls == set(), controls
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m" in result.stdout
 
 
 def test_monitor_on_a_db_that_is_not_airflows_says_what_to_fix(tmp_path):

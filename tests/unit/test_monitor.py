@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -389,6 +390,47 @@ def test_triggerer_figures_count_triggers_capacity_and_recent_completions():
     assert (rows[2]["triggers_running"], rows[2]["llm_triggers_running"]) == (0, 0)
 
 
+CHAT = "airflow_llm_async.triggers.chat.ChatCompletionTrigger"
+OTHER = "airflow.providers.standard.triggers.temporal.DateTimeTrigger"
+# (triggerer_id, classpath, dag_id of the trigger's task instance, count), as db.read_trigger_counts reads
+TRIGGER_ROWS = [
+    (1, CHAT, "mine", 3),
+    (1, CHAT, "secret", 40),
+    (1, OTHER, "mine", 1),
+    (1, OTHER, None, 7),  # a trigger of no task instance (an asset watcher)
+    (2, OTHER, "secret", 5),
+    (None, CHAT, "mine", 2),  # not picked up yet
+    (None, CHAT, "secret", 9),
+]
+
+
+def test_trigger_counts_of_every_dag():
+    running, llm_running = figures.trigger_counts(TRIGGER_ROWS, None)
+    assert running == {1: 51, 2: 5, None: 11}
+    assert llm_running == {1: 43, None: 11}
+
+
+def test_trigger_counts_of_the_dags_a_user_may_read_leave_the_others_out():
+    running, llm_running = figures.trigger_counts(TRIGGER_ROWS, {"mine", "unused"})
+    assert running == {1: 4, None: 2}
+    assert llm_running == {1: 3, None: 2}
+    assert figures.trigger_counts(TRIGGER_ROWS, set()) == ({}, {})
+
+
+def test_the_capacity_left_is_unknown_when_only_some_triggers_are_counted():
+    running, llm_running = figures.trigger_counts(TRIGGER_ROWS, {"mine"})
+    jobs = [TriggererJob(1, "h1", "running", NOW), TriggererJob(2, "h2", "running", NOW)]
+    snap = figures.snapshot([], jobs, running, llm_running, capacity=100, now=NOW, window_s=600,
+                            alive_within_s=30, all_triggers=False)  # fmt: skip
+    rows = snap["triggerers"]
+    assert [(r["triggers_running"], r["llm_triggers_running"], r["capacity_left"]) for r in rows] == [
+        (4, 3, None),
+        (0, 0, None),
+    ]
+    assert (snap["unassigned_triggers"], snap["all_triggers_counted"]) == (2, False)
+    assert "1   h1    yes    0.00         4         3    -" in text.render(snap)
+
+
 def test_process_figures_per_host_and_pid():
     calls = [call(pid=1, end=NOW - 1), call(pid=1, end=NOW - 90), call(pid=2, end=NOW - 2)]
     calls.append(call(host=None, pid=None))
@@ -442,7 +484,7 @@ def test_snapshot_is_json_and_counts_unassigned_triggers():
         with_timeline=True,
     )
     assert json.loads(json.dumps(snap)) == snap
-    assert snap["unassigned_triggers"] == 5
+    assert (snap["unassigned_triggers"], snap["all_triggers_counted"]) == (5, True)
     assert (snap["totals"]["calls"], snap["totals"]["failures"], snap["totals"]["cost_usd"]) == (2, 1, 0.25)
     assert snap["triggerers"][0]["capacity_left"] == 8
     assert "timeline" in snap
@@ -474,6 +516,37 @@ def test_text_of_an_empty_deployment():
     out = text.render(snap)
     assert "(no triggerer running)" in out and "(no LLM calls in this window)" in out
     assert "Total: 0 calls, 0 failed, 0 tokens, $-" in out
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("gpt-4o", "gpt-4o"),
+        ("模型 ü é", "模型 ü é"),
+        ("\x1b]0;owned\x07", "\\x1b]0;owned\\x07"),  # sets the terminal's title
+        ("\x1b[2J\x1b[H", "\\x1b[2J\\x1b[H"),  # clears the screen
+        ("\x9b31m", "\\x9b31m"),  # C1 CSI
+        ("a\x00b\x7fc\x85d", "a\\x00b\\x7fc\\x85d"),
+        ("line\r\nnext\ttab", "line\\x0d\\x0anext\\x09tab"),
+    ],
+)
+def test_control_characters_are_shown_escaped(raw, shown):
+    assert text.printable(raw) == shown
+
+
+def is_control(ch: str) -> bool:
+    return ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F
+
+
+def test_text_output_has_no_control_character_whatever_the_servers_and_dags_wrote():
+    hostile = "\x1b]0;owned\x07\x1b[2J\x9b31m\x7f"
+    calls = read(meta(model=hostile, host=hostile, pid=1, error={"message": hostile}))
+    calls = [dataclasses.replace(c, dag_id=hostile, run_id=hostile) for c in calls]
+    snap = figures.snapshot(calls, [TriggererJob(1, hostile, "running", NOW)], {1: 1}, {1: 1}, capacity=10,
+                            now=NOW, window_s=3600, alive_within_s=30)  # fmt: skip
+    out = text.render(snap)
+    assert [ch for ch in out if is_control(ch) and ch != "\n"] == []
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\x7f" in out
 
 
 @pytest.mark.parametrize(
