@@ -178,6 +178,9 @@ class LLMOperator(BaseOperator):
         reserved = sorted({"model", "messages"} & set(self.extra_body))
         if reserved:
             raise ValueError(f"{where}: extra_body must not set {reserved}; use the operator's parameters.")
+        if self.extra_body.get("stream"):
+            # A streamed answer is not one JSON document: each attempt would fail and be paid for.
+            raise ValueError(f"{where}: extra_body must not set stream: the call reads one whole answer.")
         if self.max_retries is not None and not _is_count(self.max_retries):
             raise ValueError(f"{where}: max_retries must be an integer >= 0, got {self.max_retries!r}.")
         if self.on_quality_failure not in ON_QUALITY_FAILURE:
@@ -198,8 +201,14 @@ class LLMOperator(BaseOperator):
             raise ValueError(
                 f"{where}: max_cost_usd must be a positive number of US dollars, got {self.max_cost_usd!r}."
             )
-        if self.timeout is not None and _seconds(self.timeout) <= 0:
-            raise ValueError(f"{where}: timeout must be positive, got {self.timeout!r}.")
+        if self.timeout is not None and (
+            not isinstance(self.timeout, timedelta | int | float)
+            or isinstance(self.timeout, bool)
+            or _seconds(self.timeout) <= 0
+        ):
+            raise ValueError(
+                f"{where}: timeout must be positive seconds or a timedelta, got {self.timeout!r}."
+            )
 
     def _output_schema(self, where: str) -> dict[str, Any] | None:
         """``output_type`` as a JSON Schema (plain JSON: it travels in trigger kwargs)."""

@@ -237,6 +237,11 @@ def test_an_undefined_template_variable_is_an_error_not_an_empty_prompt(dag):
         ({"prompt": "x", "quality_retries": -2}, "quality_retries must be an integer"),
         ({"prompt": "x", "quality": {"min_len": 3}}, "bad `quality` spec: unknown quality rule"),
         ({"prompt": "x", "timeout": 0}, "timeout must be positive"),
+        (
+            {"prompt": "x", "timeout": "thirty"},
+            "timeout must be positive seconds or a timedelta, got 'thirty'",
+        ),
+        ({"prompt": "x", "extra_body": {"stream": True}}, "extra_body must not set stream"),
     ],
 )
 def test_bad_arguments_fail_at_parse_time_with_the_fix(dag, kwargs, fragment):
