@@ -4,8 +4,10 @@
 ``worker_slots_<mode>_<n>.py``; the file reads its mode and N from its own name. One DAG per file
 keeps the comparison fair: a worker that parses its task's file builds only that DAG.
 
-Every mode uses the same layout, N plain tasks (not ``.expand()``: mapped tasks lose the
-per-instance StartTriggerArgs, so they cannot start from the triggerer).
+The operator modes use one layout, N plain ``LLMOperator`` tasks (not ``.expand()``: mapped tasks
+lose the per-instance StartTriggerArgs, so they cannot start from the triggerer). The TaskFlow modes
+map one decorated function over N articles, as users write it (docs/taskflow.md): under common.ai's
+``@task.llm`` (the call runs on the worker, through pydantic-ai) or our ``@task.llm_deferred``.
 """
 
 from __future__ import annotations
@@ -14,20 +16,37 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from airflow.sdk import DAG
+from airflow.sdk import DAG, task
 
 from airflow_llm_async.operators.llm import LLMOperator
 
+MAX_TOKENS = 64
+SYSTEM_PROMPT = "Summarize in one sentence."
 MODE_KWARGS = {
     "sync": {"deferrable": False},
     "deferrable": {"deferrable": True, "start_from_trigger": False},
     "worker_free": {"deferrable": True, "start_from_trigger": True},
 }
-_NAME = re.compile(r"worker_slots_(?P<mode>sync|deferrable|worker_free)_(?P<n>\d+)")
+# The same call under each decorator: model gpt-4 (the `llm` connection's default_model; the
+# `pydanticai` connection's `openai-chat:gpt-4`), one system prompt, at most 64 tokens.
+TASKFLOW_DECORATORS = {
+    "taskflow_common_ai": lambda: task.llm(
+        llm_conn_id="pydanticai_default",
+        system_prompt=SYSTEM_PROMPT,
+        model_settings={"max_tokens": MAX_TOKENS},
+    ),
+    "taskflow_deferred": lambda: task.llm_deferred(system_prompt=SYSTEM_PROMPT, max_tokens=MAX_TOKENS),
+}
+_NAME = re.compile(rf"worker_slots_(?P<mode>{'|'.join([*MODE_KWARGS, *TASKFLOW_DECORATORS])})_(?P<n>\d+)")
+
+
+def summarize(article: str) -> str:
+    return f"Summarize: {article}"
+
 
 _match = _NAME.fullmatch(Path(__file__).stem)
 if _match:
-    _n = int(_match["n"])
+    _mode, _n = _match["mode"], int(_match["n"])
     with DAG(
         dag_id=Path(__file__).stem,
         schedule=None,
@@ -39,10 +58,14 @@ if _match:
         default_args={"retries": 0},
         tags=["bench"],
     ) as dag:
-        for i in range(_n):
-            LLMOperator(
-                task_id=f"llm_{i:03d}",
-                prompt=f"Summarize item {i} in one sentence.",
-                max_tokens=64,
-                **MODE_KWARGS[_match["mode"]],
-            )
+        if _mode in TASKFLOW_DECORATORS:
+            articles = [f"Article {i}: the committee met and agreed on item {i}." for i in range(_n)]
+            TASKFLOW_DECORATORS[_mode]()(summarize).expand(article=articles)
+        else:
+            for i in range(_n):
+                LLMOperator(
+                    task_id=f"llm_{i:03d}",
+                    prompt=f"Summarize item {i} in one sentence.",
+                    max_tokens=MAX_TOKENS,
+                    **MODE_KWARGS[_mode],
+                )
