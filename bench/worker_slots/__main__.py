@@ -16,15 +16,15 @@ The ``taskflow`` suite, one decorated function mapped over N articles (``summari
   waits in the triggerer.
 
 Per mode: the DAG run's wall time (its start_date to end_date in the REST API), the most LLM task
-instances ``running`` at once (= worker slots held; sampled every 0.25 s), the worker-slot-seconds
-(instances ``queued`` or ``running`` x time, summed over the samples), how many were ever queued for
-a worker (``queued_when`` set), and the most calls waiting at the fake server at once. All modes of the suite
-run in the same invocation, after an unreported warm-up run of each, so the ratios to the suite's
-first mode hold on a shared machine even when absolute times do not.
+instances ``running`` at once (= worker slots held; sampled every 0.25 s), worker-slot-seconds (slots
+busy, min(slots, queued + running), x time, summed over the samples; and ``running`` alone), how many
+were ever queued for a worker (``queued_when`` set), and the most calls waiting at the fake server at
+once. All modes of the suite run in the same invocation, after an unreported warm-up run of each, so
+the ratios to the suite's first mode hold on a shared machine even when absolute times do not.
 
     .venv/bin/python -m bench.worker_slots                              # N = 50, ~4 min
     .venv/bin/python -m bench.worker_slots --plot --sizes 10,25,50      # + docs/worker_slots.png, ~7 min
-    .venv/bin/python -m bench.worker_slots --suite taskflow --sizes 20,50   # ~6 min
+    .venv/bin/python -m bench.worker_slots --suite taskflow --sizes 20,50   # ~7 min
 
 Targets, operators: worker-free >= 10x faster than sync at the same worker slots, faster than
 deferrable, and no worker slot used by its LLM tasks. TaskFlow: ``@task.llm_deferred`` faster than
@@ -83,10 +83,9 @@ class Result:
     state: str
     wall_s: float
     max_running: int  # most LLM task instances in `running` at one sample: worker slots held
-    # LLM task instances `queued` or `running`, x seconds, summed over the samples: worker-slot-seconds.
-    # Queued counts: the scheduler queues a task only into a free executor slot, and the task process
-    # starts (forks, parses the DAG file) while the instance is still queued.
-    slot_s: float
+    # Worker-slot-seconds, each a sum over the samples of a count x the seconds to the next sample:
+    slot_s: float  # slots busy with LLM tasks: min(slots, queued + running)
+    running_s: float  # LLM task instances in `running`: their task processes alone
     ever_queued: int  # LLM task instances with queued_when set: handed to the executor at least once
     succeeded: int
     requests: int  # calls the fake server answered
@@ -169,16 +168,21 @@ def measure(stack: AirflowStack, fake: FakeServerProcess, mode: str, n: int, lat
     fake.reset()
     races_before = race_lines(stack)
     max_running = 0
-    slot_s = 0.0
-    last = (time.monotonic(), 0)  # the previous sample: when, and how many were running
+    slot_s = running_s = 0.0
+    last = (time.monotonic(), 0, 0)  # the previous sample: when, slots busy, instances running
 
     def sample(_run: dict) -> None:
-        nonlocal max_running, slot_s, last
+        nonlocal max_running, slot_s, running_s, last
         states = [ti["state"] for ti in stack.task_instances(name, run_id)]
+        running = states.count("running")
+        # Airflow 3.3 queues every ready instance at once; the executor hands them to its slots. A slot
+        # is busy while an instance runs and while a queued one's process starts (before `running`).
+        busy = min(PARALLELISM, running + states.count("queued"))
         now = time.monotonic()
-        slot_s += last[1] * (now - last[0])  # the previous count held until this sample
-        last = (now, states.count("queued") + states.count("running"))
-        max_running = max(max_running, states.count("running"))
+        slot_s += last[1] * (now - last[0])  # the previous counts held until this sample
+        running_s += last[2] * (now - last[0])
+        last = (now, busy, running)
+        max_running = max(max_running, running)
 
     run_id = stack.trigger(name)
     # Generous bound: sync on a loaded 2-core machine can take ~(latency + 3) s per task and slot.
@@ -194,6 +198,7 @@ def measure(stack: AirflowStack, fake: FakeServerProcess, mode: str, n: int, lat
         wall_s=wall_seconds(stack.dag_run(name, run_id)),
         max_running=max_running,
         slot_s=slot_s,
+        running_s=running_s,
         ever_queued=sum(ti["queued_when"] is not None for ti in tis),
         succeeded=sum(ti["state"] == "success" for ti in tis),
         requests=server["requests"],
@@ -242,7 +247,8 @@ def taskflow_targets(before: Result, after: Result) -> list[tuple[str, bool]]:
         ),
         (
             f"@task.llm_deferred holds worker slots less: {after.slot_s:.1f} / {before.slot_s:.1f} "
-            f"slot-seconds = {slots:.2f} after/before",
+            f"slot-seconds = {slots:.2f} after/before ({after.running_s:.1f} / {before.running_s:.1f} "
+            f"running = {after.running_s / max(before.running_s, 1e-9):.2f})",
             slots < 1,
         ),
     ]
@@ -251,7 +257,15 @@ def taskflow_targets(before: Result, after: Result) -> list[tuple[str, bool]]:
 def report(results: dict[str, Result]) -> list[tuple[str, bool]]:
     """Print the table of one N and its targets; return the targets."""
     baseline = next(iter(results.values()))
-    headers = ["mode", "N", "wall s", "max slots in use", "slot-seconds", "ever queued on a worker"]
+    headers = [
+        "mode",
+        "N",
+        "wall s",
+        "max slots in use",
+        "slot-s busy",
+        "slot-s running",
+        "ever queued on a worker",
+    ]
     headers += [f"speed-up vs {baseline.mode}", "calls in flight", "succeeded", "resume races"]
     rows = [
         [
@@ -260,6 +274,7 @@ def report(results: dict[str, Result]) -> list[tuple[str, bool]]:
             f"{r.wall_s:.1f}",
             str(r.max_running),
             f"{r.slot_s:.1f}",
+            f"{r.running_s:.1f}",
             str(r.ever_queued),
             f"{baseline.wall_s / r.wall_s:.1f}x",
             f"max {r.max_in_flight}",
