@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -70,9 +71,12 @@ def main() -> int:
 
             state = stack.wait_for_run(DAG_ID, run_id, timeout=600, on_poll=progress)
             report(stack, run_id, state)
-            if args.keep:
-                say(f"kept {home}")
-            return 0 if state == "success" else 1
+    # Every process has stopped: the home can go, unless asked for or needed to see what failed.
+    if args.keep or state != "success":
+        say(f"kept {home}")
+    else:
+        shutil.rmtree(home, ignore_errors=True)
+    return 0 if state == "success" else 1
 
 
 def report(stack: AirflowStack, run_id: str, state: str) -> None:

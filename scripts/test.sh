@@ -16,7 +16,7 @@ for arg in "$@"; do
     if [ "$arg" = "--fast" ]; then fast=1; else args+=("$arg"); fi
 done
 
-bash scripts/setup.sh
+if [ "$fast" -eq 1 ]; then bash scripts/setup.sh; else bash scripts/setup.sh --browser; fi
 setup_s=$(($(date +%s) - started))
 
 # With PYTHONDONTWRITEBYTECODE set, every Python process (pytest, the doc blocks' `airflow` commands,

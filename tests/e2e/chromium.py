@@ -35,7 +35,9 @@ def chromium_binary() -> str:
         path = name if os.path.isabs(name) and os.access(name, os.X_OK) else shutil.which(name)
         if path:
             return path
-    raise RuntimeError("Chromium is not installed: `bash scripts/setup.sh` installs Debian's chromium")
+    raise RuntimeError(
+        "Chromium is not installed: `bash scripts/setup.sh --browser` installs Debian's chromium"
+    )
 
 
 class BrowserError(RuntimeError):
