@@ -29,13 +29,15 @@ _ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
 ]
 _HELP = "Show LLM calls (per DAG and model) and triggerers (in flight, capacity left) from the metadata DB"
+# The module docstring, as a terminal shows it: reST's ``literal`` marks are noise in --help.
+_DESCRIPTION = (__doc__ or "").replace("``", "")
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``airflow-llm`` console script."""
     parser = argparse.ArgumentParser(prog="airflow-llm", description="Tools of airflow-llm-async.")
     commands = parser.add_subparsers(dest="command", required=True)
-    monitor_parser = commands.add_parser("monitor", help=_HELP, description=__doc__)
+    monitor_parser = commands.add_parser("monitor", help=_HELP, description=_DESCRIPTION)
     for flags, kwargs in _ARGUMENTS:
         monitor_parser.add_argument(*flags, **kwargs)
     args = parser.parse_args(argv)
@@ -116,7 +118,7 @@ def get_cli_commands() -> list:
                     help=_HELP,
                     func=_airflow_command,
                     args=[Arg(flags, **kwargs) for flags, kwargs in _ARGUMENTS],
-                    description=__doc__,
+                    description=_DESCRIPTION,
                 )
             ],
         )

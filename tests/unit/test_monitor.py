@@ -560,3 +560,12 @@ def test_text_output_has_no_control_character_whatever_the_servers_and_dags_wrot
 def test_bad_options_say_what_to_fix(args, message, capsys):
     assert cli.main(["monitor", *args]) == 2
     assert capsys.readouterr().err.strip() == f"airflow-llm monitor: {message}"
+
+
+def test_the_help_reads_as_text_not_rest(capsys):
+    from airflow_llm_async.monitor import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["monitor", "--help"])
+    shown = capsys.readouterr().out
+    assert "airflow-llm monitor (also airflow llm monitor)" in shown and "``" not in shown
