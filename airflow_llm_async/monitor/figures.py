@@ -108,6 +108,10 @@ def trigger_counts(
     for triggerer_id, classpath, dag_id, count in rows:
         if dag_ids is not None and dag_id not in dag_ids:
             continue
+        if triggerer_id is None and dag_id is None:
+            # No triggerer runs it and no task waits on it: left behind (`airflow dags test` runs its
+            # triggers in process), and deleted by the next triggerer. Nothing is waiting.
+            continue
         running[triggerer_id] = running.get(triggerer_id, 0) + count
         if is_llm_trigger(classpath):
             llm_running[triggerer_id] = llm_running.get(triggerer_id, 0) + count
