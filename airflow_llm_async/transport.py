@@ -8,23 +8,69 @@ only be used on the loop that created it (sync mode runs each call in a fresh lo
 
 :func:`post_json` maps aiohttp's own errors to the engine's kinds (``timeout``, ``connection``),
 so nothing else needs to know which HTTP library is underneath.
+
+Pooled connections and servers that close them: uvicorn (LiteLLM, vLLM) gives an idle keep-alive
+connection up after 5 s. The pool drops its own first (:data:`KEEPALIVE_S`), and a request that
+still meets a closed one (a server with a shorter timeout, or the close crossing the request on the
+wire) is sent again once, at once, on a new connection, and does not count as an attempt: it failed
+before any answer byte, so it did not reach the model (unless the server died reading it: see
+:func:`post_json`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import logging
 import ssl
+import time
 import weakref
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 
 from airflow_llm_async.core.engine import Answer, NoAnswer
 
+log = logging.getLogger(__name__)
+
+# Idle seconds a pooled connection is kept: under the 5 s after which uvicorn (LiteLLM, vLLM) and
+# the openai client's httpx give one up, so the pool lets go first instead of sending a request
+# into a connection the server is closing.
+KEEPALIVE_S = 4.0
+
 _sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
     weakref.WeakKeyDictionary()
 )
+# Per loop, a session that never reuses a connection: where a request refused by a stale one goes.
+_fresh_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
+    weakref.WeakKeyDictionary()
+)
+# Whether the current task's last request went out on a pooled connection (set by _Connector).
+_reused: contextvars.ContextVar[bool] = contextvars.ContextVar("llm_connection_reused", default=False)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """A TCPConnector that tells its caller whether a request's connection served an earlier one.
+
+    Cheaper than a TraceConfig, whose half-dozen events are awaited on every request: here one set
+    lookup per request and one weak reference per new connection (about 1 µs per call in all).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._served: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        reused = protocol in self._served
+        if not reused:
+            self._served.add(protocol)
+        # aiohttp awaits connect() in the requesting task, so post_json reads this back there.
+        _reused.set(reused)
+        return connection
 
 
 @functools.cache
@@ -38,24 +84,33 @@ def shared_session() -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
     session = _sessions.get(loop)
     if session is None or session.closed:
-        connector = aiohttp.TCPConnector(
-            # No pool-wide cap here: the per-connection limiter decides how many calls go out.
-            limit=0,
-            ssl=_ssl_context(),
-            ttl_dns_cache=300,
-            keepalive_timeout=30,
-        )
-        # Our own timeouts are set per attempt; the session default must not cut them short.
-        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        _sessions[loop] = session
+        # No pool-wide cap here: the per-connection limiter decides how many calls go out.
+        connector = _Connector(limit=0, ssl=_ssl_context(), ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_S)
+        session = _sessions[loop] = _session(connector)
     return session
 
 
+def _fresh_session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    session = _fresh_sessions.get(loop)
+    if session is None or session.closed:
+        connector = _Connector(limit=0, ssl=_ssl_context(), ttl_dns_cache=300, force_close=True)
+        session = _fresh_sessions[loop] = _session(connector)
+    return session
+
+
+def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+    # Our own timeouts are set per attempt; the session default must not cut them short.
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+
+
 async def close_shared_session() -> None:
-    """Close the running loop's session (sync mode calls this before its loop ends)."""
-    session = _sessions.pop(asyncio.get_running_loop(), None)
-    if session is not None and not session.closed:
-        await session.close()
+    """Close the running loop's sessions (sync mode calls this before its loop ends)."""
+    loop = asyncio.get_running_loop()
+    for sessions in (_sessions, _fresh_sessions):
+        session = sessions.pop(loop, None)
+        if session is not None and not session.closed:
+            await session.close()
 
 
 @functools.lru_cache(maxsize=64)
@@ -72,11 +127,43 @@ async def post_json(
     An answer of more than ``max_bytes`` (decompressed) is not read: one endless or inflating body
     must not take the triggerer's memory, and every call in it, down.
     """
+    started = time.monotonic()
+    try:
+        return await _post(shared_session(), url, headers, body, time_limit, max_bytes)
+    except _StaleConnection as stale:
+        # Sent again once, at once, on a new connection, and not an attempt: the server had closed the
+        # pooled one, so the request did not reach the model. At least once, though: a server that read
+        # it and died before answering a byte looks the same, and then the model runs it twice.
+        log.debug("a pooled connection to %s was closed (%s); sending again on a new one", url, stale)
+    time_left = time_limit - (time.monotonic() - started)
+    if time_left <= 0:
+        return NoAnswer("timeout")
+    try:
+        return await _post(_fresh_session(), url, headers, body, time_left, max_bytes)
+    except _StaleConnection as exc:  # a fresh connection is never pooled: only if aiohttp changes
+        return NoAnswer("connection", str(exc))
+
+
+class _StaleConnection(Exception):
+    """The request failed on a pooled connection before any answer byte arrived."""
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    time_limit: float,
+    max_bytes: int,
+) -> Answer | NoAnswer:
+    answering = False
+    _reused.set(False)  # until connect() says otherwise: a request that fails before it was never sent
     try:
         # No redirects: following one would send the key, the headers and the prompt to another host.
-        async with shared_session().post(
+        async with session.post(
             url, data=body, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
         ) as response:
+            answering = True
             length = response.content_length
             if length is not None and length > max_bytes:
                 return NoAnswer("too_large", f"Content-Length {length}")
@@ -88,7 +175,15 @@ async def post_json(
         return NoAnswer("timeout")
     except aiohttp.ClientError as exc:
         # The exception text names the host and the OS error, never the request headers.
-        return NoAnswer("connection", f"{type(exc).__name__}: {exc}")
+        detail = f"{type(exc).__name__}: {exc}"
+        # A connect error is a new connection's; a reset, a broken pipe or a hang-up on a pooled one
+        # before the answer began is a connection the server had already given up.
+        stale = isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(
+            exc, aiohttp.ClientConnectorError
+        )
+        if stale and not answering and _reused.get():
+            raise _StaleConnection(detail) from None
+        return NoAnswer("connection", detail)
 
 
 async def _read_at_most(stream: aiohttp.StreamReader, max_bytes: int) -> bytes | None:

@@ -49,14 +49,25 @@ every request gives two 503s in total).
 Test-control API (no auth)
 --------------------------
 * ``GET /_fake/stats`` - requests and in_flight (all ``/v1`` requests), max_in_flight, held,
-  by_model (chat requests), by_status, faults_applied. A request cut short by a client
-  disconnect or by shutdown counts as status ``499``.
+  by_model (chat requests), by_status, faults_applied, connections (that carried a request),
+  stale_resets (below). A request cut short by a client disconnect or by shutdown counts as
+  status ``499``.
 * ``GET /_fake/faults`` - the model rules as ``{model: spec}``; ``POST /_fake/faults`` with
   ``{"gpt-4": "503*2", "gpt-3.5-turbo": null}`` sets rules (``null`` clears) and returns them.
 * ``POST /_fake/hold`` - every following chat request waits, after validation and before its
   latency and answer, until ``POST /_fake/release``.
 * ``POST /_fake/reset`` - back to the start-up state: counters, start-up fault rules (re-armed),
   header rule counts, random seed, open gate.
+
+Idle keep-alive connections
+---------------------------
+Like uvicorn (LiteLLM, vLLM), the server gives up a keep-alive connection after ``keepalive_timeout``
+idle seconds (default 5). A request sent on it after that is reset unanswered (stats
+``stale_resets``; it reaches no handler and no counter): what a client meets when its request
+crosses the server's close on the wire. The socket itself is closed ``CLOSE_LAG_S`` (1 s) later,
+so until then a client pool cannot see that the connection is gone: on loopback a real close
+reaches the client at once and the race is hard to hit, here it is hit every time.
+``keepalive_timeout=None`` keeps idle connections open.
 
 Run it standalone with ``airflow-llm-fake-server --port 0`` (or ``python -m
 airflow_llm_async.testing.fake_server``); it prints ``fake LLM server listening on <base_url>``.
@@ -78,6 +89,7 @@ import re
 import signal
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +109,11 @@ ERROR_KINDS = ("400", "401", "404", "429", "500", "502", "503")
 FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "redirect",
                "endless", "echo", "stall", "none")  # fmt: skip
 REDIRECT_TARGET = "http://127.0.0.1:9/v1/chat/completions"
+# uvicorn's default (timeout_keep_alive), which LiteLLM and vLLM serve with.
+DEFAULT_KEEPALIVE_TIMEOUT = 5.0
+# How long after the idle timeout the socket really closes: the window in which a client still
+# reuses the connection and gets it reset (the module docstring says why it is this wide).
+CLOSE_LAG_S = 1.0
 
 # A fixed creation time keeps /v1/models answers identical from run to run.
 _MODEL_CREATED = 1_700_000_000
@@ -179,6 +196,7 @@ class _State:
     seed: int
     retry_after_ms: int
     initial_faults: dict[str, str]
+    keepalive_timeout: float | None = None
     rules: dict[str, FaultRule] = field(default_factory=dict)
     header_rules: dict[str, FaultRule] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
@@ -195,6 +213,10 @@ class _State:
     by_model: Counter[str] = field(default_factory=Counter)
     by_status: Counter[str] = field(default_factory=Counter)
     faults_applied: Counter[str] = field(default_factory=Counter)
+    connections: int = 0
+    stale_resets: int = 0
+    # When each open connection last finished a request (loop time), to tell a stale one when reused.
+    idle_since: weakref.WeakKeyDictionary[Any, float] = field(default_factory=weakref.WeakKeyDictionary)
 
     def reset(self) -> None:
         """Back to the start-up configuration; requests still running keep being counted in flight."""
@@ -204,6 +226,7 @@ class _State:
         self.gate.set()
         self.requests = 0
         self.max_in_flight = self.in_flight
+        self.connections = self.stale_resets = 0
         for counter in (self.by_model, self.by_status, self.faults_applied):
             counter.clear()
 
@@ -225,6 +248,8 @@ class _State:
             "by_model": dict(self.by_model),
             "by_status": dict(self.by_status),
             "faults_applied": dict(self.faults_applied),
+            "connections": self.connections,
+            "stale_resets": self.stale_resets,
         }
 
     def pick_fault(self, header_spec: str | None, model: str) -> str | None:
@@ -811,6 +836,30 @@ async def _access_log(request: web.Request, handler: _Handler) -> web.StreamResp
         logger.info('%s "%s %s" %s %.1fms', request.remote, request.method, request.path, status, elapsed_ms)
 
 
+@web.middleware
+async def _connections(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    # Counts connections, and resets requests on those idle past keepalive_timeout: the server has
+    # given them up (module docstring).
+    state = request.app[STATE]
+    transport = request.transport
+    if transport is None:  # the client is already gone
+        return await handler(request)
+    clock = asyncio.get_running_loop().time
+    idle_since = state.idle_since.pop(transport, None)
+    if idle_since is None:
+        state.connections += 1
+    elif state.keepalive_timeout is not None and clock() - idle_since > state.keepalive_timeout:
+        state.stale_resets += 1
+        state.changed.set()
+        logger.debug("reset a request on a connection idle for %.2f s", clock() - idle_since)
+        transport.abort()  # RST, as a kernel answers data sent to a socket its server closed
+        return web.Response(status=499)  # never sent: the connection is gone
+    try:
+        return await handler(request)
+    finally:
+        state.idle_since[transport] = clock()
+
+
 async def _on_shutdown(app: web.Application) -> None:
     state = app[STATE]
     state.closing = True
@@ -827,8 +876,13 @@ def create_app(
     seed: int = 0,
     access_log: bool = False,
     retry_after_ms: int = DEFAULT_RETRY_AFTER_MS,
+    keepalive_timeout: float | None = DEFAULT_KEEPALIVE_TIMEOUT,
 ) -> web.Application:
-    """The fake server's aiohttp application. Raises ValueError for a bad latency, model list or fault."""
+    """The fake server's aiohttp application. Raises ValueError for a bad latency, model list or fault.
+
+    ``keepalive_timeout`` resets requests on connections idle that long; closing the sockets is the
+    runner's part (:func:`app_runner`).
+    """
     models = tuple(models)
     if not models:
         raise ValueError("the fake server needs at least one model")
@@ -836,6 +890,8 @@ def create_app(
         raise ValueError(f"latency must be a number of seconds >= 0, got {latency!r}")
     if retry_after_ms < 0:
         raise ValueError(f"retry_after_ms must be >= 0, got {retry_after_ms!r}")
+    if keepalive_timeout is not None and not (math.isfinite(keepalive_timeout) and keepalive_timeout > 0):
+        raise ValueError(f"keepalive_timeout must be seconds > 0 or None, got {keepalive_timeout!r}")
     state = _State(
         models=models,
         latency=float(latency),
@@ -843,10 +899,12 @@ def create_app(
         seed=seed,
         retry_after_ms=retry_after_ms,
         initial_faults=dict(faults or {}),
+        keepalive_timeout=keepalive_timeout,
     )
     state.reset()  # parses the fault rules, seeds the RNG and opens the gate
+    middlewares = [_connections, _access_log] if access_log else [_connections]
     # Large prompts are how tests provoke context-length handling: accept bodies up to 64 MiB.
-    app = web.Application(middlewares=[_access_log] if access_log else [], client_max_size=64 * 2**20)
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 2**20)
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _list_models)
@@ -863,6 +921,20 @@ def create_app(
 
 
 # --- embedding --------------------------------------------------------------------------------
+
+
+def app_runner(app: web.Application, *, shutdown_timeout: float = 5.0) -> web.AppRunner:
+    """A runner for :func:`create_app`'s app that also closes idle sockets, CLOSE_LAG_S after the app
+    gives them up (aiohttp's own default keeps them for an hour)."""
+    timeout = app[STATE].keepalive_timeout
+    # handler_cancellation: a client that disconnects ends its request (and a stall) at once.
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=3630 if timeout is None else timeout + CLOSE_LAG_S,
+    )
 
 
 def _loopback_host(host: str) -> str:
@@ -899,6 +971,7 @@ class FakeLLMServer:
         access_log: bool = False,
         retry_after_ms: int = DEFAULT_RETRY_AFTER_MS,
         shutdown_timeout: float = 5.0,
+        keepalive_timeout: float | None = DEFAULT_KEEPALIVE_TIMEOUT,
     ) -> None:
         self.host = _loopback_host(host)
         self.port = port
@@ -910,6 +983,7 @@ class FakeLLMServer:
             seed=seed,
             access_log=access_log,
             retry_after_ms=retry_after_ms,
+            keepalive_timeout=keepalive_timeout,
         )
         self._state = self.app[STATE]
         self._shutdown_timeout = shutdown_timeout
@@ -927,10 +1001,7 @@ class FakeLLMServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("FakeLLMServer can only be started once")
-        # handler_cancellation: a client that disconnects ends its request (and a stall) at once.
-        self._runner = web.AppRunner(
-            self.app, access_log=None, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout
-        )
+        self._runner = app_runner(self.app, shutdown_timeout=self._shutdown_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         try:
@@ -1020,6 +1091,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--retry-after-ms", type=int, default=DEFAULT_RETRY_AFTER_MS, help="retry-after-ms sent with 429s"
     )
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=DEFAULT_KEEPALIVE_TIMEOUT,
+        metavar="SECONDS",
+        help="give up idle keep-alive connections after this long (default 5, as uvicorn); 0: never",
+    )
     parser.add_argument("--access-log", action="store_true", help="log one INFO line per request")
     parser.add_argument(
         "--model",
@@ -1030,6 +1108,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.models = (*DEFAULT_MODELS, *(m for m in args.model if m not in DEFAULT_MODELS))
+    args.keepalive_timeout = args.keepalive_timeout or None  # 0: never give idle connections up
     try:
         _loopback_host(args.host)
         create_app(
@@ -1037,6 +1116,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             models=args.models,
             faults=dict(args.fault),
             retry_after_ms=args.retry_after_ms,
+            keepalive_timeout=args.keepalive_timeout,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -1058,6 +1138,7 @@ async def _serve(args: argparse.Namespace) -> None:
         seed=args.seed,
         access_log=args.access_log,
         retry_after_ms=args.retry_after_ms,
+        keepalive_timeout=args.keepalive_timeout,
     )
     try:
         await server.start()

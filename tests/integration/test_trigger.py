@@ -491,3 +491,64 @@ async def test_a_server_echoing_the_request_leaves_no_secret_in_the_event_or_the
     stored = json.dumps(payload) + caplog.text
     assert "retry 1 of 1" in caplog.text  # the retry line quotes the server's text
     assert [s for s in (API_KEY, *secrets) if s in stored] == []
+
+
+# --- stale pooled connections (issue 12, item 1) ------------------------------------------------
+
+
+async def test_calls_spaced_past_the_servers_idle_timeout_do_not_fail_on_a_closed_connection(monkeypatch):
+    """uvicorn-style servers give idle connections up; a call on a pooled one is resent, not failed.
+
+    The server resets a request on a connection idle past 0.3 s (its close is "in flight" for 1 s),
+    and calls come 0.35 s apart. With max_retries=0 each must still succeed in one attempt: a
+    request reset before any answer byte never reached the model.
+    """
+    from airflow_llm_async.testing.fake_server import FakeLLMServer
+
+    async with FakeLLMServer(api_key=API_KEY, keepalive_timeout=0.3) as server:
+        point_connection(monkeypatch, "llm_idle", server.base_url, timeout=5)
+        payloads = []
+        for _ in range(6):
+            payloads.append(await run(trigger(conn_id="llm_idle", models=["gpt-4"], max_retries=0)))
+            await asyncio.sleep(0.35)
+        stats = server.stats()
+    assert [p["status"] for p in payloads] == ["success"] * 6
+    assert [outcomes(p) for p in payloads] == [[("gpt-4", 200, "ok")]] * 6
+    # The scenario happened: calls 2, 4 and 6 met a closed pooled connection (3 and 5 found none
+    # pooled: the resend's connection is not kept).
+    assert stats["stale_resets"] == 3
+    assert stats["by_status"] == {"200": 6}
+
+
+async def test_the_pool_drops_an_idle_connection_before_a_uvicorn_like_server_does(fake_llm):
+    """The fake server gives idle connections up after 5 s (uvicorn's default); ours go first."""
+    first = await run(trigger(models=["gpt-4"], max_retries=0))
+    await asyncio.sleep(4.3)  # past the pool's keep-alive, short of the server's
+    second = await run(trigger(models=["gpt-4"], max_retries=0))
+    assert (first["status"], second["status"]) == ("success", "success")
+    stats = fake_llm.stats()
+    assert (stats["connections"], stats["stale_resets"]) == (2, 0)  # a new connection, none reset
+
+
+async def test_only_a_pooled_connection_gets_the_resend_and_only_once(monkeypatch):
+    """A server that hangs up on every request after the first: no loop of resends, no resend on a new
+    connection, and the one resend is visible to the server (at least once, as documented)."""
+    seen = 0
+
+    async def hang_up_after_the_first(request: web.Request) -> web.StreamResponse:
+        nonlocal seen
+        seen += 1
+        if seen > 1:
+            request.transport.abort()
+            return web.Response()  # never sent
+        answer = {"model": "gpt-4", "choices": [{"message": {"content": "ok " * 30}, "finish_reason": "x"}]}
+        return web.json_response(answer)
+
+    async with _app_on_loopback(hang_up_after_the_first) as url:
+        point_connection(monkeypatch, "llm_hangup", url, timeout=5)
+        calls = [await run(trigger(conn_id="llm_hangup", models=["gpt-4"], max_retries=0)) for _ in range(3)]
+    assert [c["status"] for c in calls] == ["success", "error", "error"]
+    assert [len(c["meta"]["attempts"]) for c in calls] == [1, 1, 1]
+    assert calls[1]["error"]["kind"] == calls[2]["error"]["kind"] == "connection"
+    # 1 answered; call 2 on the pooled connection, then once more on a new one; call 3 on a new one only
+    assert seen == 4

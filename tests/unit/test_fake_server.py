@@ -717,6 +717,7 @@ def test_only_loopback_addresses_are_accepted(capsys: pytest.CaptureFixture[str]
         ["--fault", "gpt-4"],
         ["--fault", "gpt-4=teapot"],
         ["--latency", "-1"],
+        ["--keepalive-timeout", "-1"],
     ]
     for argv in bad_arguments:
         with pytest.raises(SystemExit) as exited:
@@ -763,3 +764,78 @@ async def test_console_script_serves_until_signalled(signum: int) -> None:
     output = (line.encode() + stdout + stderr).decode()
     assert '"POST /v1/chat/completions" 200' in output and '"POST /v1/chat/completions" 401' in output
     assert secret not in output and wrong not in output
+
+
+# --- idle keep-alive connections ------------------------------------------------------------------
+
+STATS_REQUEST = b"GET /_fake/stats HTTP/1.1\r\nHost: fake\r\n\r\n"
+
+
+async def _ask_for_stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One keep-alive request on a raw connection; its status line, or b"" if the server hung up."""
+    writer.write(STATS_REQUEST)
+    status = await reader.readline()
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    await reader.readexactly(int(headers.get("content-length", 0)))
+    return status
+
+
+async def test_a_request_on_a_connection_idle_past_the_keepalive_timeout_is_reset() -> None:
+    async with FakeLLMServer(keepalive_timeout=0.2) as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        try:
+            assert (await _ask_for_stats(reader, writer)).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.1)  # idle, but within the timeout: still served
+            assert (await _ask_for_stats(reader, writer)).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.3)  # past it: the server has given the connection up
+            try:
+                status = await _ask_for_stats(reader, writer)
+            except ConnectionResetError:
+                status = b""
+            assert status == b""
+        finally:
+            writer.close()
+        stats = server.stats()
+    assert (stats["connections"], stats["stale_resets"]) == (1, 1)
+
+
+async def test_idle_connections_are_closed_a_lag_after_the_keepalive_timeout() -> None:
+    from airflow_llm_async.testing.fake_server import CLOSE_LAG_S
+
+    async with FakeLLMServer(keepalive_timeout=0.2) as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        try:
+            await _ask_for_stats(reader, writer)
+            started = time.monotonic()
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # the server closed the socket
+            idle = time.monotonic() - started
+        finally:
+            writer.close()
+    assert 0.2 + CLOSE_LAG_S - 0.1 <= idle <= 0.2 + CLOSE_LAG_S + 1
+
+
+async def test_without_a_keepalive_timeout_idle_connections_stay_usable() -> None:
+    async with FakeLLMServer(keepalive_timeout=None) as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        try:
+            await _ask_for_stats(reader, writer)
+            await asyncio.sleep(0.3)
+            assert (await _ask_for_stats(reader, writer)).startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
+        assert server.stats()["stale_resets"] == 0
+
+
+def test_the_keepalive_timeout_defaults_to_uvicorns_and_is_checked() -> None:
+    from airflow_llm_async.testing.fake_server import DEFAULT_KEEPALIVE_TIMEOUT, _parse_args
+
+    assert DEFAULT_KEEPALIVE_TIMEOUT == 5.0  # uvicorn's timeout_keep_alive, as LiteLLM and vLLM serve
+    assert _parse_args([]).keepalive_timeout == 5.0
+    assert _parse_args(["--keepalive-timeout", "0"]).keepalive_timeout is None  # never
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="keepalive_timeout"):
+            create_app(keepalive_timeout=bad)
