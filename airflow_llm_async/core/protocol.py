@@ -32,16 +32,43 @@ MAX_SERVER_TEXT = 1000
 # Statuses worth another try on the same model: timeouts, conflicts, rate limits, server errors.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
-# Hints for client errors, keyed by status: what the user should fix.
-_CLIENT_ERROR_HINTS = {
-    400: "the request was rejected; check the prompt length (context window), max_tokens and "
-    "response_format for this model",
-    401: "the API key was rejected; check the password of the LLM connection",
-    403: "the API key may not use this model or endpoint; check the key's permissions",
-    404: "the model or endpoint does not exist; check `model`/`fallback_models` and the connection's "
+# What the user should fix after a client error, by cause.
+_HINTS = {
+    "auth": "the API key was rejected; check the password of the LLM connection",
+    "permission": "the API key may not use this model or endpoint; check the key's permissions",
+    "model": "the model or endpoint does not exist; check `model`/`fallback_models` and the connection's "
     "base URL (host)",
-    422: "the server could not process the request; check the request parameters for this model",
+    "context": "the prompt and max_tokens do not fit the model's context window; shorten the prompt, "
+    "lower max_tokens or choose a model with a larger window",
+    "quota": "the key's budget is used up; raise it at the provider or gateway",
+    "rejected": "the server rejected the request; its message says what to change",
+    "unprocessable": "the server could not process the request; check the request parameters for this model",
 }
+# The cause a status alone names. A bare 400 names none (gateways answer it for a bad key and an unknown
+# model alike), so its hint only points to the server's message.
+_CLIENT_ERROR_HINTS = {400: "rejected", 401: "auth", 403: "permission", 404: "model", 422: "unprocessable"}
+# The causes the error body's `code` (first) or `type` name: OpenAI's codes, the types of Anthropic-style
+# APIs, and those of LiteLLM's proxy (ProxyErrorTypes; with no database, a key that is not its master key
+# gets no_db_connection). Anything else falls back to the status.
+_FIELD_CAUSES = {
+    "invalid_api_key": "auth",
+    "authentication_error": "auth",
+    "auth_error": "auth",
+    "no_db_connection": "auth",
+    "token_not_found_in_db": "auth",
+    "expired_key": "auth",
+    "permission_error": "permission",
+    "key_model_access_denied": "permission",
+    "team_model_access_denied": "permission",
+    "user_model_access_denied": "permission",
+    "org_model_access_denied": "permission",
+    "model_not_found": "model",
+    "not_found_error": "model",
+    "context_length_exceeded": "context",
+    "budget_exceeded": "quota",
+}
+# What a gateway writes where it has no value: LiteLLM's proxy sends str(None).
+_NO_VALUE = frozenset({"", "None", "null"})
 
 
 @dataclass(frozen=True)
@@ -108,12 +135,25 @@ class LLMCallError(Exception):
 
     RETRYABLE_KINDS = frozenset({"rate_limit", "server", "timeout", "connection", "invalid_response"})
 
-    def __init__(self, kind: str, message: str, *, status: int | None = None, code: str | None = None):
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status
+        # The error body's own fields (redacted): code, e.g. model_not_found; type, e.g. auth_error;
+        # param, the request field at fault.
         self.code = code
+        self.type = type_
+        self.param = param
         # The answer's headers, when there was an answer: the retry policy reads retry-after from them.
         self.headers: Mapping[str, str] | None = None
 
@@ -122,14 +162,28 @@ class LLMCallError(Exception):
         return self.kind in self.RETRYABLE_KINDS
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "status": self.status, "code": self.code, "message": self.message}
+        return {
+            "kind": self.kind,
+            "status": self.status,
+            "code": self.code,
+            "type": self.type,
+            "param": self.param,
+            "message": self.message,
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> LLMCallError:
-        """The error an event carries (``to_dict``); ValueError if it is not one."""
+        """The error an event carries (``to_dict``, or an older one without type and param)."""
         if not isinstance(data, Mapping) or not isinstance(data.get("kind"), str):
             raise ValueError(f"an LLM error must be a dict with 'kind' and 'message', got {data!r:.200}")
-        return cls(data["kind"], str(data.get("message")), status=data.get("status"), code=data.get("code"))
+        return cls(
+            data["kind"],
+            str(data.get("message")),
+            status=data.get("status"),
+            code=data.get("code"),
+            type_=data.get("type"),
+            param=data.get("param"),
+        )
 
 
 def build_messages(
@@ -177,11 +231,17 @@ def _body_start(body: bytes, secrets: Sequence[str], limit: int) -> str:
 
 
 def classify_status(status: int, body: bytes, secrets: Sequence[str] = ()) -> LLMCallError:
-    """Turn a non-2xx answer into an :class:`LLMCallError` carrying the API's own message."""
+    """Turn a non-2xx answer into an :class:`LLMCallError` carrying the API's own message and fields.
+
+    A client error's hint comes from the body's ``code`` or ``type`` when they name the cause, else
+    from the status; a ``code`` that only repeats the status (LiteLLM's proxy sends that) is dropped.
+    """
     error = _error_fields(body)
     message = error.get("message")
     api_message = _server_text(str(message), secrets) if message else _body_start(body, secrets, 300)
-    code = error.get("code") or error.get("type")
+    code, type_, param = (_field(error.get(name), secrets) for name in ("code", "type", "param"))
+    if code == str(status):
+        code = None
     if status == 429:
         kind = "rate_limit"
     elif status in RETRYABLE_STATUSES or status >= 500:
@@ -189,12 +249,25 @@ def classify_status(status: int, body: bytes, secrets: Sequence[str] = ()) -> LL
     else:
         kind = "client"
     message = f"HTTP {status}: {api_message or 'no body'}"
-    if kind == "client":
-        hint = _CLIENT_ERROR_HINTS.get(status)
-        if hint:
-            message = f"{message} ({hint})"
-    code_text = _server_text(str(code), secrets, 100) if code is not None else None
-    return LLMCallError(kind, message, status=status, code=code_text)
+    cause = _cause(status, code, type_) if kind == "client" else None
+    if cause:
+        message = f"{message} ({_HINTS[cause]})"
+    return LLMCallError(kind, message, status=status, code=code, type_=type_, param=param)
+
+
+def _cause(status: int, code: str | None, type_: str | None) -> str | None:
+    for field_value in (code, type_):
+        if field_value and field_value.lower() in _FIELD_CAUSES:
+            return _FIELD_CAUSES[field_value.lower()]
+    return _CLIENT_ERROR_HINTS.get(status)
+
+
+def _field(value: Any, secrets: Sequence[str]) -> str | None:
+    """An error body's code, type or param as stored: text, redacted and cut, or None when it has none."""
+    if value is None or isinstance(value, dict | list):
+        return None
+    text = str(value).strip()
+    return None if text in _NO_VALUE else _server_text(text, secrets, 100)
 
 
 def redirect_error(
@@ -294,4 +367,6 @@ def _error_fields(body: bytes) -> dict[str, Any]:
         return error
     if isinstance(error, str):
         return {"message": error}
+    if isinstance(data, dict) and data.get("object") == "error":  # older vLLM: the fields at the top
+        return data
     return {}

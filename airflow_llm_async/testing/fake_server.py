@@ -24,6 +24,9 @@ without a rule of its own). The header wins over the model's rule. A spec is::
 * ``429`` - rate limited, with ``retry-after`` (seconds) and ``retry-after-ms`` headers;
 * ``500``, ``502``, ``503`` - server errors; ``401`` - invalid API key; ``404`` - model not found;
   ``400`` - context length exceeded;
+* ``400auth``, ``400model`` - a rejected key and an unknown model the way LiteLLM's proxy answers
+  them: status 400, ``"code": "400"`` (the status again), and only ``type`` telling them apart
+  (``no_db_connection`` for the key; the string ``"None"`` for the model, ``param`` too);
 * ``malformed`` - status 200 with a truncated JSON body;
 * ``garbled`` - status 200, valid JSON in the wrong shape (``usage.prompt_tokens: "n/a"``, a
   choice that is a string), as a broken gateway may send;
@@ -105,7 +108,7 @@ DEFAULT_RETRY_AFTER_MS = 200
 FAULT_HEADER = "x-fake-fault"
 LATENCY_HEADER = "x-fake-latency"
 ANY_MODEL = "*"
-ERROR_KINDS = ("400", "401", "404", "429", "500", "502", "503")
+ERROR_KINDS = ("400", "400auth", "400model", "401", "404", "429", "500", "502", "503")
 FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "redirect",
                "endless", "echo", "stall", "none")  # fmt: skip
 REDIRECT_TARGET = "http://127.0.0.1:9/v1/chat/completions"
@@ -592,6 +595,15 @@ def _error_fault(kind: str, chat: _Chat, retry_after_ms: int) -> web.Response:
             f"resulted in {tokens} tokens. Please reduce the length of the messages."
         )
         return _error(400, message, param="messages", code="context_length_exceeded")
+    # LiteLLM's proxy puts the status in `code` and str(None) where it has no type or param.
+    if kind == "400auth":  # a key that is not the master key, and no database to look it up in
+        return _error(400, "No connected db.", type_="no_db_connection", code="400")
+    if kind == "400model":
+        message = (
+            f"{{'error': '/chat/completions: Invalid model name passed in model={chat.model}. Call "
+            f"`/v1/models` to view available models for your key.'}}"
+        )
+        return _error(400, message, type_="None", param="None", code="400")
     messages = {
         "500": "The server had an error while processing your request.",
         "502": "Bad gateway: the upstream server returned an invalid response.",

@@ -530,6 +530,33 @@ async def test_the_pool_drops_an_idle_connection_before_a_uvicorn_like_server_do
     assert (stats["connections"], stats["stale_resets"]) == (2, 0)  # a new connection, none reset
 
 
+# --- a gateway's 400s, told apart by their type (issue 12, item 4) -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "hint", "error_type"),
+    [
+        ("400auth", "the API key was rejected", "no_db_connection"),  # LiteLLM: a wrong key, no key DB
+        ("400model", "its message says what to change", None),  # LiteLLM: an unknown model
+    ],
+)
+async def test_a_gateways_400_gets_the_hint_its_type_names_and_llm_meta_keeps_the_type(
+    fake_llm, supervisor, fault, hint, error_type
+):
+    fake_llm.set_fault("gpt-4", fault)
+    events = await run_events(worker_free(request={}, prompt="x", models=["gpt-4"], max_retries=2))
+    assert len(events) == 1 and isinstance(events[0], TaskFailedEvent)
+    meta = pushed(supervisor)["llm_meta"]
+    assert [(a["status"], a["result"]) for a in meta["attempts"]] == [(400, "error")]  # not retried
+    error = meta["error"]
+    # The code LiteLLM sends is only the status again: not kept. Its "None" type and param are no values.
+    assert (error["kind"], error["status"], error["code"], error["type"], error["param"]) == (
+        "client", 400, None, error_type, None
+    )  # fmt: skip
+    assert hint in error["message"] and "context window" not in error["message"]
+    assert meta["attempts"][0]["reason"] == error  # each attempt's reason carries the fields too
+
+
 async def test_only_a_pooled_connection_gets_the_resend_and_only_once(monkeypatch):
     """A server that hangs up on every request after the first: no loop of resends, no resend on a new
     connection, and the one resend is visible to the server (at least once, as documented)."""

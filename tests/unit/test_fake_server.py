@@ -258,6 +258,9 @@ async def test_the_openai_clients_structured_parse_gets_a_typed_answer(client: A
         ("401", openai.AuthenticationError, 401, "invalid_request_error", "invalid_api_key"),
         ("404", openai.NotFoundError, 404, "invalid_request_error", "model_not_found"),
         ("400", openai.BadRequestError, 400, "invalid_request_error", "context_length_exceeded"),
+        # LiteLLM's proxy: the status again as the code, str(None) where it has no type
+        ("400auth", openai.BadRequestError, 400, "no_db_connection", "400"),
+        ("400model", openai.BadRequestError, 400, "None", "400"),
     ],
 )
 async def test_error_faults_raise_the_matching_openai_exception(

@@ -245,3 +245,102 @@ def test_a_redirect_to_a_location_holding_the_key_is_redacted():
 def test_a_long_server_message_is_cut_to_a_bounded_size():
     body = json.dumps({"error": {"message": "y" * 100_000}}).encode()
     assert len(classify_status(500, body).message) < 1100
+
+
+# --- the error body's fields pick the hint (issue 12, item 4) ------------------------------------
+
+AUTH_HINT = "check the password of the LLM connection"
+MODEL_HINT = "check `model`/`fallback_models`"
+CONTEXT_HINT = "context window"
+PERMISSION_HINT = "may not use this model"
+QUOTA_HINT = "budget is used up"
+GENERIC_HINT = "its message says what to change"
+LITELLM_BAD_MODEL = (
+    "{'error': '/chat/completions: Invalid model name passed in model=gpt-5x. Call `/v1/models` to view "
+    "available models for your key.'}"
+)
+
+
+def _error_body(**fields) -> bytes:
+    return json.dumps({"error": {"message": "refused", **fields}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "hint", "fields"),
+    [
+        # LiteLLM's proxy: a wrong key with no key database; `code` is only the status again
+        (400, _error_body(type="no_db_connection", param=None, code="400"), AUTH_HINT,
+         (None, "no_db_connection", None)),
+        (400, _error_body(type="auth_error", param=None, code="400"), AUTH_HINT, (None, "auth_error", None)),
+        (401, _error_body(type="key_model_access_denied", param="model", code="401"), PERMISSION_HINT,
+         (None, "key_model_access_denied", "model")),
+        (400, _error_body(type="budget_exceeded", param=None, code="400"), QUOTA_HINT,
+         (None, "budget_exceeded", None)),
+        # LiteLLM's proxy, unknown model: nothing structured says so (str(None) fields), so no cause
+        (400, json.dumps({"error": {"message": LITELLM_BAD_MODEL, "type": "None", "param": "None",
+                                    "code": "400"}}).encode(), GENERIC_HINT, (None, None, None)),
+        # OpenAI: the code names the cause, whatever the generic type
+        (400, _error_body(type="invalid_request_error", param="messages", code="context_length_exceeded"),
+         CONTEXT_HINT, ("context_length_exceeded", "invalid_request_error", "messages")),
+        (400, _error_body(type="invalid_request_error", param="model", code="model_not_found"), MODEL_HINT,
+         ("model_not_found", "invalid_request_error", "model")),
+        (401, _error_body(type="invalid_request_error", code="invalid_api_key"), AUTH_HINT,
+         ("invalid_api_key", "invalid_request_error", None)),
+        # Anthropic-style types
+        (404, _error_body(type="not_found_error"), MODEL_HINT, (None, "not_found_error", None)),
+        (400, _error_body(type="authentication_error"), AUTH_HINT, (None, "authentication_error", None)),
+        # vLLM: an integer code equal to the status, a type naming an exception class: no cause
+        (400, json.dumps({"object": "error", "message": "This model's maximum context length is 2048 "
+                          "tokens", "type": "BadRequestError", "param": None, "code": 400}).encode(),
+         GENERIC_HINT, (None, "BadRequestError", None)),
+        (400, b"<html>Bad Request</html>", GENERIC_HINT, (None, None, None)),
+        (422, _error_body(type="invalid_request_error"), "check the request parameters",
+         (None, "invalid_request_error", None)),
+    ],
+)  # fmt: skip
+def test_the_error_bodys_code_and_type_pick_the_hint_and_are_kept(status, body, hint, fields):
+    error = classify_status(status, body)
+    assert error.kind == "client"
+    assert hint in error.message
+    others = {AUTH_HINT, MODEL_HINT, CONTEXT_HINT, PERMISSION_HINT, QUOTA_HINT, GENERIC_HINT} - {hint}
+    assert [other for other in others if other in error.message] == []
+    assert (error.code, error.type, error.param) == fields
+
+
+def test_a_server_error_keeps_its_fields_but_gets_no_hint():
+    # LiteLLM: its key database unreachable is a 503 of the same type as a missing one
+    error = classify_status(503, _error_body(type="no_db_connection", param="None", code="503"))
+    assert (error.kind, error.retryable, error.code, error.type, error.param) == (
+        "server", True, None, "no_db_connection", None
+    )  # fmt: skip
+    assert error.message == "HTTP 503: refused"
+
+
+def test_a_code_is_kept_unless_it_only_repeats_the_status():
+    assert classify_status(400, _error_body(code="400")).code is None
+    assert classify_status(400, _error_body(code=400)).code is None
+    assert classify_status(400, _error_body(code="invalid_value")).code == "invalid_value"
+    assert classify_status(400, _error_body(code=1234)).code == "1234"  # not the status: may mean something
+    assert classify_status(400, _error_body(code={"nested": 1})).code is None
+
+
+def test_the_error_dict_carries_type_and_param_and_old_dicts_still_load():
+    error = classify_status(400, _error_body(type="invalid_request_error", param="messages", code="x"))
+    stored = json.loads(json.dumps(error.to_dict()))
+    assert stored == {
+        "kind": "client", "status": 400, "code": "x", "type": "invalid_request_error", "param": "messages",
+        "message": error.message,
+    }  # fmt: skip
+    again = LLMCallError.from_dict(stored)
+    assert (again.kind, again.status, again.code, again.type, again.param) == (
+        "client", 400, "x", "invalid_request_error", "messages"
+    )  # fmt: skip
+    old = LLMCallError.from_dict({"kind": "client", "status": 404, "code": "model_not_found", "message": "m"})
+    assert (old.code, old.type, old.param) == ("model_not_found", None, None)
+    assert old.to_dict()["type"] is None
+
+
+def test_the_type_and_param_fields_are_redacted_and_bounded():
+    error = classify_status(400, _error_body(type=f"auth {KEY}", param="p" * 500), SECRET_ENDPOINT.secrets)
+    assert KEY not in json.dumps(error.to_dict()) and "***" in error.type
+    assert len(error.param) <= 103
