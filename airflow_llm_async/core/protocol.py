@@ -248,6 +248,8 @@ def classify_status(status: int, body: bytes, secrets: Sequence[str] = ()) -> LL
         kind = "server"
     else:
         kind = "client"
+    # A server's default page for a status ("404: Not Found") says nothing the status does not.
+    api_message = api_message.removeprefix(f"{status}:").strip()
     message = f"HTTP {status}: {api_message or 'no body'}"
     cause = _cause(status, code, type_) if kind == "client" else None
     if cause:

@@ -105,6 +105,12 @@ def test_client_errors_carry_the_api_message_and_a_hint():
     assert "API key" in classify_status(401, b"{}").message
 
 
+def test_a_servers_default_status_page_is_not_repeated_after_the_status():
+    error = classify_status(404, b"404: Not Found")  # aiohttp's and Starlette's page for a bad path
+    assert error.message.startswith("HTTP 404: Not Found (")
+    assert classify_status(500, b"").message == "HTTP 500: no body"
+
+
 def test_classify_status_with_a_non_json_body_keeps_its_start():
     error = classify_status(502, b"<html>Bad gateway</html>")
     assert error.message == "HTTP 502: <html>Bad gateway</html>"
