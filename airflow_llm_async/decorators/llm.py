@@ -30,6 +30,13 @@ from airflow_llm_async.operators.llm import LLMOperator
 class _DecoratedLLMCall(DecoratedOperator):
     """What both decorators share: the function runs on the worker, then the call is deferred."""
 
+    # The function's arguments, and the system prompt; what the function returns is not a template.
+    template_fields: Sequence[str] = (*DecoratedOperator.template_fields, "system_prompt")
+    template_fields_renderers: ClassVar[dict[str, str]] = {
+        **DecoratedOperator.template_fields_renderers,
+        "system_prompt": "md",
+    }
+
     custom_operator_name: str
     _operator: str  # the operator to use instead in worker-free mode
     _asks_for: str  # what the function must return, for the error message
@@ -70,11 +77,6 @@ class _DecoratedLLMCall(DecoratedOperator):
 
 
 class _LLMDeferredOperator(_DecoratedLLMCall, LLMOperator):
-    template_fields: Sequence[str] = (*DecoratedOperator.template_fields, "system_prompt")
-    template_fields_renderers: ClassVar[dict[str, str]] = {
-        **DecoratedOperator.template_fields_renderers,
-        "system_prompt": "md",
-    }
     custom_operator_name = "@task.llm_deferred"
     _operator = "LLMOperator"
     _asks_for = "the prompt (a str) or the messages (a list of role/content dicts)"
@@ -92,11 +94,6 @@ class _LLMDeferredOperator(_DecoratedLLMCall, LLMOperator):
 
 
 class _LLMFanOutDecoratedOperator(_DecoratedLLMCall, LLMFanOutOperator):
-    template_fields: Sequence[str] = (*DecoratedOperator.template_fields, "system_prompt")
-    template_fields_renderers: ClassVar[dict[str, str]] = {
-        **DecoratedOperator.template_fields_renderers,
-        "system_prompt": "md",
-    }
     custom_operator_name = "@task.llm_fanout"
     _operator = "LLMFanOutOperator"
     _asks_for = "a list of items, each a prompt (a str) or a message list"
