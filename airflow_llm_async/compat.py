@@ -112,14 +112,33 @@ def check_worker_free_templates(op: Any) -> None:
 # task's trigger in-process (airflow/sdk/definitions/dag.py _run_task) with ``trigger.task_instance``
 # None, and always resume the task with the event. Instead: without a task instance the trigger fires
 # a plain TriggerEvent with the outcome, and ``execute_complete`` ends the task as after any resume.
-# (Connections stored in the metadata DB cannot be looked up there either: InProcessSupervisorComms
-# has no ``asend``; docs/getting-started.md says to use env-var connections.) It can go when
-# _run_task gives triggers their task instance and handles a BaseTaskEndEvent.
+# It can go when _run_task gives triggers their task instance and handles a BaseTaskEndEvent.
+# Connections stored in the metadata DB are not found there either: the inline trigger's lookup goes
+# through ExecutionAPISecretsBackend.aget_connection, which awaits ``SUPERVISOR_COMMS.asend``, and
+# InProcessSupervisorComms has only a sync ``send``. Instead: when the async lookup finds nothing and
+# the comms cannot answer it, the sync lookup runs in a thread (:func:`get_connection_in_dags_test`).
+# It can go when InProcessSupervisorComms has ``asend`` and the dags-test e2e test's ``llm_db`` task
+# passes without it.
 
 
 def can_end_task_here(trigger: Any) -> bool:
     """Whether the trigger can push XComs and end the task itself (False under dag.test())."""
     return trigger.task_instance is not None
+
+
+async def get_connection_in_dags_test(conn_id: str) -> Any:
+    """Under ``dags test``, the connection its sync lookup finds (or None); None anywhere else."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow.sdk.execution_time import task_runner
+
+    comms = getattr(task_runner, "SUPERVISOR_COMMS", None)
+    if comms is None or hasattr(comms, "asend"):  # a real triggerer or worker: the async lookup said
+        return None
+    try:
+        return await asyncio.to_thread(BaseHook.get_connection, conn_id)
+    except AirflowNotFoundException:
+        return None
 
 
 # --- 5. Mapped tasks keep only the class-level start_trigger_args --------------------------------

@@ -14,7 +14,7 @@ from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowNotFoundException
 from airflow.sdk.log import amask_secret, mask_secret
 
-from airflow_llm_async import limits
+from airflow_llm_async import compat, limits
 from airflow_llm_async.core import pricing
 from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price, PriceTableError
 from airflow_llm_async.core.protocol import DEFAULT_BASE_URL, Endpoint
@@ -84,7 +84,7 @@ class LLMHook(BaseHook):
         try:
             conn: Connection | None = await self.aget_connection(self.llm_conn_id)
         except AirflowNotFoundException:
-            conn = None
+            conn = await compat.get_connection_in_dags_test(self.llm_conn_id)
         # Off the event loop: building the endpoint may read [llm_async] prices_file.
         endpoint = await asyncio.to_thread(self._endpoint, conn)
         await amask_secret(list(endpoint.secrets))

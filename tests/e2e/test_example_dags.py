@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -175,12 +176,20 @@ def test_airflow_dags_test_runs_every_mode_in_process(airflow, fake_llm):
     """`airflow dags test` (dag.test()) ignores start_from_trigger: both LLM tasks must still work."""
     fake_llm.reset()  # no fault another test set on the shared server
     airflow.wait_for_dag("e2e_dag_test")
+    extra = json.dumps({"default_model": "gpt-4"})
+    airflow.airflow("connections", "add", "llm_db", "--conn-type", "llm", "--conn-host", fake_llm.base_url,
+                    "--conn-password", API_KEY, "--conn-extra", extra)  # fmt: skip
     result = airflow.airflow("dags", "test", "e2e_dag_test", check=False, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = airflow.api("GET", "dags/e2e_dag_test/dagRuns")["dag_runs"]
     assert [run["state"] for run in runs] == ["success"]
     states = airflow.task_states("e2e_dag_test", runs[0]["dag_run_id"])
-    assert states == {"deferrable": "success", "worker_free": "success", "check": "success"}
+    assert states == {
+        "deferrable": "success",
+        "worker_free": "success",
+        "check": "success",
+        "db_connection": "success",  # looked up in the metadata DB from dags test's inline trigger
+    }
 
 
 def test_hostile_servers_fail_their_tasks_cleanly_and_the_triggerer_carries_on(airflow, fake_llm):

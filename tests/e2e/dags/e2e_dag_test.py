@@ -13,6 +13,8 @@ with DAG("e2e_dag_test", schedule=None, start_date=datetime(2024, 1, 1), catchup
     worker_free = LLMOperator(
         task_id="worker_free", prompt="Analyze: the same in worker-free mode.", start_from_trigger=True
     )
+    # A connection stored in the metadata DB (the test adds it), not in an environment variable.
+    LLMOperator(task_id="db_connection", prompt="Translate: a stored connection.", llm_conn_id="llm_db")
 
     @task(task_id="check")
     def check(first: str, second: str) -> int:
