@@ -3,7 +3,8 @@
 The semantics follow the official OpenAI client (openai-python ``_should_retry`` and
 ``_calculate_retry_timeout``): a server's ``x-should-retry: true|false`` decides first; otherwise
 408/409/429/5xx, timeouts and connection errors are retried. ``retry-after-ms`` and
-``retry-after`` (seconds or an HTTP date) are honoured when positive; ``0`` (or a bad value)
+``retry-after`` (seconds or an HTTP date) are honoured when positive, and so are the forms a
+gateway forwards from the provider behind it (LiteLLM's ``llm_provider-retry-after``); ``0`` (or a bad value)
 means our own back-off. A server asking for a longer pause than ``max_retry_after`` is not
 waited on: the call moves down its fallback chain instead. The back-off is exponential with
 full jitter (a uniform draw up to the capped delay), so hundreds of triggers hit by the same 429
@@ -83,13 +84,13 @@ def retry_after_seconds(
     if not headers:
         return None
     lowered = {k.lower(): v for k, v in headers.items()}
-    millis = lowered.get("retry-after-ms")
+    millis = _first(lowered, "retry-after-ms")
     if millis is not None:
         try:
             return max(0.0, float(millis) / 1000)
         except ValueError:
             pass
-    value = lowered.get("retry-after")
+    value = _first(lowered, "retry-after")
     if value is None:
         return None
     try:
@@ -103,3 +104,11 @@ def retry_after_seconds(
     if moment is None or moment.tzinfo is None:
         return None
     return max(0.0, moment.timestamp() - now())
+
+
+# A gateway's own header first, then the one it forwards from the provider behind it.
+_FORWARDED_PREFIXES = ("", "llm_provider-")
+
+
+def _first(lowered: Mapping[str, str], name: str) -> str | None:
+    return next((lowered[p + name] for p in _FORWARDED_PREFIXES if p + name in lowered), None)

@@ -42,6 +42,18 @@ def test_retry_after_seconds_is_honoured_whatever_the_header_case():
     assert wait(RetryPolicy(max_retries=5), 3, {"Retry-After": "1.5"}) == 1.5
 
 
+@pytest.mark.parametrize(
+    ("headers", "waited"),
+    [
+        ({"llm_provider-retry-after": "7"}, 7.0),  # LiteLLM's proxy, forwarding the provider's header
+        ({"LLM_Provider-Retry-After-Ms": "1500"}, 1.5),
+        ({"retry-after": "2", "llm_provider-retry-after": "7"}, 2.0),  # the gateway's own wins
+    ],
+)
+def test_a_gateways_forwarded_retry_after_is_honoured(headers, waited):
+    assert wait(RetryPolicy(), 0, headers) == waited
+
+
 def test_retry_after_http_date_is_honoured():
     moment = format_datetime(datetime.fromtimestamp(NOW + 12, tz=UTC), usegmt=True)
     assert wait(RetryPolicy(), 0, {"retry-after": moment}) == pytest.approx(12)
