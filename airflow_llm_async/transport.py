@@ -81,27 +81,26 @@ def _ssl_context() -> ssl.SSLContext:
 
 def shared_session() -> aiohttp.ClientSession:
     """The session of the running event loop, created on first use."""
-    loop = asyncio.get_running_loop()
-    session = _sessions.get(loop)
-    if session is None or session.closed:
-        # No pool-wide cap here: the per-connection limiter decides how many calls go out.
-        connector = _Connector(limit=0, ssl=_ssl_context(), ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_S)
-        session = _sessions[loop] = _session(connector)
-    return session
+    return _session_of(_sessions, keepalive_timeout=KEEPALIVE_S)
 
 
 def _fresh_session() -> aiohttp.ClientSession:
+    """The running loop's session that never reuses a connection."""
+    return _session_of(_fresh_sessions, force_close=True)
+
+
+def _session_of(
+    sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession], **pooling: Any
+) -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
-    session = _fresh_sessions.get(loop)
+    session = sessions.get(loop)
     if session is None or session.closed:
-        connector = _Connector(limit=0, ssl=_ssl_context(), ttl_dns_cache=300, force_close=True)
-        session = _fresh_sessions[loop] = _session(connector)
+        # No pool-wide cap here: the per-connection limiter decides how many calls go out.
+        connector = _Connector(limit=0, ssl=_ssl_context(), ttl_dns_cache=300, **pooling)
+        # Our own timeouts are set per attempt; the session default must not cut them short.
+        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        sessions[loop] = session
     return session
-
-
-def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
-    # Our own timeouts are set per attempt; the session default must not cut them short.
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
 async def close_shared_session() -> None:
