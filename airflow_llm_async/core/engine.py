@@ -354,6 +354,8 @@ class _Call:
             requested_model=model,
             conn_id=conn_id,
             usage=completion.usage,
+            usage_details=completion.usage_details,
+            system_fingerprint=completion.system_fingerprint,
             finish_reason=completion.finish_reason,
             quality_failures=list(failures),
             fallback_used=position > 0,

@@ -140,6 +140,8 @@ class Outcome:
     requested_model: str | None = None
     conn_id: str | None = None
     usage: Mapping[str, int] = field(default_factory=dict)
+    usage_details: Mapping[str, int] = field(default_factory=dict)  # cached_tokens, reasoning_tokens
+    system_fingerprint: str | None = None
     finish_reason: str | None = None
     quality_failures: Sequence[Mapping[str, str]] = ()  # an answer returned although it failed them
     fallback_used: bool = False
@@ -166,6 +168,8 @@ class Outcome:
             "requested_model": self.requested_model,
             "conn_id": self.conn_id,
             "usage": dict(self.usage),
+            "usage_details": dict(self.usage_details),
+            "system_fingerprint": self.system_fingerprint,
             "finish_reason": self.finish_reason,
             "quality": {"passed": not self.quality_failures, "failures": list(self.quality_failures)},
             "fallback_used": self.fallback_used,
@@ -216,6 +220,8 @@ class Outcome:
             requested_model=meta.get("requested_model"),
             conn_id=meta.get("conn_id"),
             usage=meta.get("usage") or {},
+            usage_details=meta.get("usage_details") or {},  # older events have none
+            system_fingerprint=meta.get("system_fingerprint"),
             finish_reason=meta.get("finish_reason"),
             quality_failures=quality.get("failures") or (),
             fallback_used=bool(meta.get("fallback_used")),

@@ -123,6 +123,10 @@ class Completion:
     model: str
     finish_reason: str | None
     usage: dict[str, int]
+    # What the answer's usage details report, only those it reports: cached_tokens (of prompt_tokens)
+    # and reasoning_tokens (of completion_tokens).
+    usage_details: dict[str, int] = field(default_factory=dict)
+    system_fingerprint: str | None = None  # the backend configuration that answered (OpenAI's fp_...)
 
 
 class LLMCallError(Exception):
@@ -338,15 +342,39 @@ def _completion(data: dict[str, Any], choices: Any, status: int, secrets: Sequen
     if not isinstance(model, str) or not isinstance(finish_reason, str | None):
         raise TypeError("model and finish_reason must be text")
     usage = data.get("usage") or {}
+    counts = {
+        key: _token_count(usage.get(key)) for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    fingerprint = data.get("system_fingerprint")
     return Completion(
         text=redact(text, secrets),
         model=_server_text(model, secrets, 200),
         finish_reason=finish_reason and _server_text(finish_reason, secrets, 100),
-        usage={
-            key: _token_count(usage.get(key))
-            for key in ("prompt_tokens", "completion_tokens", "total_tokens")
-        },
+        usage=counts,
+        usage_details=_usage_details(usage, counts["prompt_tokens"]),
+        system_fingerprint=_server_text(fingerprint, secrets, 100) if isinstance(fingerprint, str) else None,
     )
+
+
+# Where a usage detail sits in the answer: (the usage field, the detail's name).
+_USAGE_DETAILS = (
+    ("prompt_tokens_details", "cached_tokens"),
+    ("completion_tokens_details", "reasoning_tokens"),
+)
+
+
+def _usage_details(usage: dict[str, Any], prompt_tokens: int) -> dict[str, int]:
+    """The usage details the answer reports (absent or null: left out, not 0), as token counts."""
+    details = {}
+    for group, name in _USAGE_DETAILS:
+        values = usage.get(group) or {}
+        if not isinstance(values, dict):
+            raise TypeError(f"usage.{group} must be an object")
+        if values.get(name) is not None:
+            details[name] = _token_count(values[name])
+    if details.get("cached_tokens", 0) > prompt_tokens:  # it would price the prompt below zero
+        raise ValueError(f"{details['cached_tokens']} cached tokens of a {prompt_tokens}-token prompt")
+    return details
 
 
 def _token_count(value: Any) -> int:

@@ -72,6 +72,14 @@ so until then a client pool cannot see that the connection is gone: on loopback 
 reaches the client at once and the race is hard to hit, here it is hit every time.
 ``keepalive_timeout=None`` keeps idle connections open.
 
+Usage details
+-------------
+Every answer's ``usage`` carries ``prompt_tokens_details`` and ``completion_tokens_details`` as
+OpenAI's do, and the answer a ``system_fingerprint``. Like OpenAI's prompt caching, a prompt of
+1,024 tokens or more sent again (same model and messages) reports ``cached_tokens``: the prompt's
+tokens rounded down to a multiple of 128. ``reasoning_tokens`` is always 0. ``POST /_fake/reset``
+forgets the prompts seen.
+
 Run it standalone with ``airflow-llm-fake-server --port 0`` (or ``python -m
 airflow_llm_async.testing.fake_server``); it prints ``fake LLM server listening on <base_url>``.
 """
@@ -112,6 +120,8 @@ ERROR_KINDS = ("400", "400auth", "400model", "401", "404", "429", "500", "502", 
 FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "redirect",
                "endless", "echo", "stall", "none")  # fmt: skip
 REDIRECT_TARGET = "http://127.0.0.1:9/v1/chat/completions"
+# OpenAI caches prompts from this length on (platform.openai.com/docs/guides/prompt-caching).
+PROMPT_CACHE_MIN_TOKENS = 1024
 # uvicorn's default (timeout_keep_alive), which LiteLLM and vLLM serve with.
 DEFAULT_KEEPALIVE_TIMEOUT = 5.0
 # How long after the idle timeout the socket really closes: the window in which a client still
@@ -218,6 +228,8 @@ class _State:
     faults_applied: Counter[str] = field(default_factory=Counter)
     connections: int = 0
     stale_resets: int = 0
+    # Digests of the prompts answered, for prompt caching (cached_tokens).
+    prompts_seen: set[str] = field(default_factory=set)
     # When each open connection last finished a request (loop time), to tell a stale one when reused.
     idle_since: weakref.WeakKeyDictionary[Any, float] = field(default_factory=weakref.WeakKeyDictionary)
 
@@ -230,6 +242,7 @@ class _State:
         self.requests = 0
         self.max_in_flight = self.in_flight
         self.connections = self.stale_resets = 0
+        self.prompts_seen.clear()
         for counter in (self.by_model, self.by_status, self.faults_applied):
             counter.clear()
 
@@ -457,6 +470,7 @@ class _Chat:
     prompt_tokens: int
     max_tokens: int | None
     response_format: Any
+    cached_tokens: int = 0  # of prompt_tokens: the start of a prompt this server has seen before
 
 
 def _content_text(message: dict[str, Any]) -> str:
@@ -538,6 +552,15 @@ def _error(
     return web.json_response(body, status=status, headers=headers, dumps=_dumps)
 
 
+def _cached_tokens(state: _State, body: dict[str, Any], prompt_tokens: int) -> int:
+    """OpenAI's prompt caching: a prompt of 1,024 tokens or more sent again (same model and messages)
+    has its start cached, in steps of 128 tokens."""
+    digest = hashlib.sha256(_dumps([body["model"], body["messages"]]).encode()).hexdigest()
+    seen = digest in state.prompts_seen
+    state.prompts_seen.add(digest)
+    return prompt_tokens // 128 * 128 if seen and prompt_tokens >= PROMPT_CACHE_MIN_TOKENS else 0
+
+
 def _model_not_found(model: str) -> web.Response:
     message = f"The model `{model}` does not exist or you do not have access to it."
     return _error(404, message, code="model_not_found")
@@ -561,6 +584,14 @@ def _completion(chat: _Chat, content: str, finish_reason: str, *, with_choice: b
             "prompt_tokens": chat.prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": chat.prompt_tokens + completion_tokens,
+            # As OpenAI details them; this server does no reasoning.
+            "prompt_tokens_details": {"cached_tokens": chat.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
         },
         "system_fingerprint": "fp_fake",
     }
@@ -731,6 +762,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     chat = _parse_chat(body, state.models)
     if isinstance(chat, web.Response):
         return chat
+    chat.cached_tokens = _cached_tokens(state, body, chat.prompt_tokens)
     latency = _parse_latency(request, state.latency)
     if isinstance(latency, web.Response):
         return latency

@@ -579,3 +579,15 @@ async def test_only_a_pooled_connection_gets_the_resend_and_only_once(monkeypatc
     assert calls[1]["error"]["kind"] == calls[2]["error"]["kind"] == "connection"
     # 1 answered; call 2 on the pooled connection, then once more on a new one; call 3 on a new one only
     assert seen == 4
+
+
+async def test_a_long_prompt_sent_again_reports_its_cached_tokens_and_fingerprint_in_llm_meta(fake_llm):
+    """Issue 12, item 5: usage details and system_fingerprint reach llm_meta through the trigger."""
+    request = {
+        "messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 150}]
+    }
+    first, again = [await run(trigger(request, models=["gpt-4o"], max_retries=0)) for _ in range(2)]
+    assert first["meta"]["usage_details"] == {"cached_tokens": 0, "reasoning_tokens": 0}
+    prompt = again["meta"]["usage"]["prompt_tokens"]
+    assert again["meta"]["usage_details"] == {"cached_tokens": prompt // 128 * 128, "reasoning_tokens": 0}
+    assert prompt >= 1024 and again["meta"]["system_fingerprint"] == "fp_fake"

@@ -416,3 +416,31 @@ def test_what_an_echoing_server_sends_back_reaches_the_outcome_redacted():
     assert len(run.outcome.attempts) == 4 and run.outcome.status == "error"
     assert key[:8] not in stored and "gateway-secret" not in stored
     assert stored.count("***") == 7  # twice per echo, once per connection error, once in the error
+
+
+# ---- usage details (issue 12, item 5) ---------------------------------------------------------------
+
+
+def detailed_answer(cached: int, reasoning: int, usage=(1000, 500), model: str = "") -> Answer:
+    body = json.loads(answer(model=model, usage=usage).body)
+    body["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
+    body["usage"]["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    body["system_fingerprint"] = "fp_1"
+    return Answer(200, {}, json.dumps(body).encode())
+
+
+def test_the_answers_usage_details_and_fingerprint_reach_llm_meta_and_survive_the_event():
+    outcome = drive(spec(), [detailed_answer(cached=768, reasoning=128)]).outcome
+    meta = outcome.meta()
+    assert meta["usage"] == {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}
+    assert meta["usage_details"] == {"cached_tokens": 768, "reasoning_tokens": 128}
+    assert meta["system_fingerprint"] == "fp_1"
+    assert Outcome.from_json(json.loads(json.dumps(outcome.to_json()))).meta() == meta
+
+
+def test_an_older_event_without_usage_details_still_reads():
+    payload = drive(spec(), [answer()]).outcome.to_json()
+    del payload["meta"]["usage_details"], payload["meta"]["system_fingerprint"]
+    outcome = Outcome.from_json(payload)
+    assert (outcome.usage_details, outcome.system_fingerprint) == ({}, None)
+    assert outcome.meta()["usage_details"] == {}

@@ -842,3 +842,19 @@ def test_the_keepalive_timeout_defaults_to_uvicorns_and_is_checked() -> None:
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="keepalive_timeout"):
             create_app(keepalive_timeout=bad)
+
+
+async def test_usage_details_are_reported_as_openai_does_and_a_long_prompt_sent_again_is_cached(
+    client: AsyncOpenAI,
+) -> None:
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 150  # > 1,024 tokens
+    first = await ask(client, long_prompt)
+    assert first.system_fingerprint == "fp_fake"
+    assert first.usage.prompt_tokens >= 1024
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert first.usage.completion_tokens_details.reasoning_tokens == 0
+    again = await ask(client, long_prompt)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens // 128 * 128 > 0
+    short = await ask(client, "Hello there")
+    assert (await ask(client, "Hello there")).usage.prompt_tokens_details.cached_tokens == 0
+    assert short.usage.prompt_tokens < 1024

@@ -350,3 +350,63 @@ def test_the_type_and_param_fields_are_redacted_and_bounded():
     error = classify_status(400, _error_body(type=f"auth {KEY}", param="p" * 500), SECRET_ENDPOINT.secrets)
     assert KEY not in json.dumps(error.to_dict()) and "***" in error.type
     assert len(error.param) <= 103
+
+
+# ---- usage details and system_fingerprint (issue 12, item 5) -----------------------------------
+
+_DETAILED_USAGE = {
+    "prompt_tokens": 2006,
+    "completion_tokens": 300,
+    "total_tokens": 2306,
+    "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 192,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+    },
+}
+
+
+def test_cached_and_reasoning_tokens_and_the_system_fingerprint_are_kept():
+    completion = parse_completion(200, _answer(usage=_DETAILED_USAGE, system_fingerprint="fp_50cad350e4"))
+    assert completion.usage == {"prompt_tokens": 2006, "completion_tokens": 300, "total_tokens": 2306}
+    assert completion.usage_details == {"cached_tokens": 1920, "reasoning_tokens": 192}
+    assert completion.system_fingerprint == "fp_50cad350e4"
+
+
+def test_an_answer_without_usage_details_reports_none_rather_than_zero():
+    completion = parse_completion(200, _answer(usage={**_DETAILED_USAGE, "prompt_tokens_details": None,
+                                                      "completion_tokens_details": {}}))  # fmt: skip
+    assert completion.usage_details == {}
+    assert completion.system_fingerprint is None
+    assert parse_completion(200, _answer(usage=None)).usage_details == {}
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"prompt_tokens_details": {"cached_tokens": "n/a"}},
+        {"prompt_tokens_details": {"cached_tokens": -1}},
+        {"prompt_tokens_details": {"cached_tokens": 1.5}},
+        {"prompt_tokens_details": {"cached_tokens": True}},
+        {"prompt_tokens_details": {"cached_tokens": 5000}},  # more than the prompt
+        {"prompt_tokens_details": [1]},
+        {"completion_tokens_details": {"reasoning_tokens": -3}},
+        {"completion_tokens_details": "many"},
+    ],
+)
+def test_malformed_usage_details_are_an_unusable_answer_not_a_crash(details):
+    with pytest.raises(LLMCallError) as info:
+        parse_completion(200, _answer(usage={**_DETAILED_USAGE, **details}))
+    assert info.value.kind == "invalid_response" and "shape of a chat completion" in info.value.message
+
+
+def test_the_system_fingerprint_is_bounded_redacted_text_or_dropped():
+    endpoint = Endpoint(conn_id="c", api_key="sk-secret-key")
+    long = parse_completion(
+        200, _answer(system_fingerprint="fp_" + "x" * 500 + "sk-secret-key"), secrets=endpoint.secrets
+    )
+    assert len(long.system_fingerprint) <= 104 and "sk-secret-key" not in long.system_fingerprint
+    echoed = parse_completion(200, _answer(system_fingerprint="fp_sk-secret-key"), secrets=endpoint.secrets)
+    assert echoed.system_fingerprint == "fp_***"
+    assert parse_completion(200, _answer(system_fingerprint={"a": 1})).system_fingerprint is None
