@@ -292,7 +292,7 @@ class _Call:
         self.started = clock.monotonic()
         self.started_at = clock.now()
         self.spent = 0.0
-        self.priced = True  # False once a model without a known price was tried: the total is unknown
+        self.priced = True  # False once a model without a known price answered with tokens: total unknown
 
     def timeout(self, endpoint: Endpoint) -> tuple[float, bool]:
         """The attempt's time limit, and whether the deadline (not the connection's timeout) set it."""
@@ -322,8 +322,8 @@ class _Call:
         attempt.latency_s = round(self.clock.monotonic() - sent, 3)
         attempt.result, attempt.reason = "error", error.to_dict()
         self.observer.attempt(attempt.conn_id, attempt.model, attempt.latency_s, error.kind)
-        if price is None:  # an attempt without an answer reported no usage, but its price is unknown
-            self.priced = False
+        # No usable answer, so no usage reported: it adds nothing to the cost, whatever the model's price
+        # (``price`` is None for an unpriced model; the total stays known).
 
     def answered(
         self, attempt: Attempt, sent: float, completion: Completion, endpoint: Endpoint, price: Price | None
@@ -333,13 +333,15 @@ class _Call:
         attempt.latency_s = round(self.clock.monotonic() - sent, 3)
         self.observer.attempt(attempt.conn_id, attempt.model, attempt.latency_s, None)
         price = price or pricing.price_of(endpoint.prices, completion.model)
+        usage = completion.usage
         cost = None
-        if price is None:
-            self.priced = False
-        else:
-            usage = completion.usage
+        if price is not None:
             cost = price.cost(usage["prompt_tokens"], usage["completion_tokens"])
             self.spent += cost
+        elif usage["prompt_tokens"] or usage["completion_tokens"]:
+            self.priced = False  # tokens paid for at a price nobody knows: the total is unknown
+        else:
+            cost = 0.0  # no tokens cost nothing at any price
         self.observer.usage(attempt.conn_id, attempt.model, completion.usage, cost)
 
     def success(

@@ -385,7 +385,8 @@ async def test_a_429_storm_ends_with_every_call_answered_and_the_limiter_backed_
 
     async def watch():
         while True:
-            fractions.append(limiter.stats()["rate_fraction"])
+            # The back-off is gpt-4's own (issue 12, item 2): 1.0 once it has fully recovered.
+            fractions.append(limiter.stats()["models"].get("gpt-4", {}).get("rate_fraction", 1.0))
             await asyncio.sleep(0.01)
 
     watcher = asyncio.ensure_future(watch())
@@ -397,7 +398,8 @@ async def test_a_429_storm_ends_with_every_call_answered_and_the_limiter_backed_
     assert max(len(p["meta"]["attempts"]) for p in payloads) <= 3
     assert fake_llm.stats()["by_status"]["429"] == 40
     assert min(fractions) < 1.0  # the 429s cut the allowed rate...
-    assert limiter.stats()["rate_fraction"] > min(fractions)  # ...and the successes let it recover
+    assert fractions[-1] > min(fractions)  # ...and the successes let it recover
+    assert limiter.stats()["rate_fraction"] == 1.0  # the connection's configured rates: never cut
 
 
 async def test_a_garbled_answer_is_retried_then_falls_back_with_one_event(fake_llm):
@@ -591,3 +593,13 @@ async def test_a_long_prompt_sent_again_reports_its_cached_tokens_and_fingerprin
     prompt = again["meta"]["usage"]["prompt_tokens"]
     assert again["meta"]["usage_details"] == {"cached_tokens": prompt // 128 * 128, "reasoning_tokens": 0}
     assert prompt >= 1024 and again["meta"]["system_fingerprint"] == "fp_fake"
+
+
+async def test_a_failed_attempt_on_an_unpriced_model_leaves_the_calls_cost_known(fake_llm):
+    """Issue 12, item 5: fake-model has no price; its 503 reported no tokens, so the cost is gpt-4's."""
+    fake_llm.set_fault("fake-model", "503")
+    payload = await run(trigger(models=["fake-model", "gpt-4"], max_retries=0))
+    assert outcomes(payload) == [("fake-model", 503, "error"), ("gpt-4", 200, "ok")]
+    usage = payload["meta"]["usage"]
+    expected = (usage["prompt_tokens"] * 30.0 + usage["completion_tokens"] * 60.0) / 1e6
+    assert payload["meta"]["cost_usd"] == pytest.approx(expected)

@@ -444,3 +444,24 @@ def test_an_older_event_without_usage_details_still_reads():
     outcome = Outcome.from_json(payload)
     assert (outcome.usage_details, outcome.system_fingerprint) == ({}, None)
     assert outcome.meta()["usage_details"] == {}
+
+
+# ---- cost of unpriced models (issue 12, item 5) ------------------------------------------------------
+
+
+def test_a_failed_attempt_without_an_answer_on_an_unpriced_model_leaves_the_cost_known():
+    run = drive(spec(models=("gpt-unknown", "m1"), max_retries=0), [error(503), answer(usage=(1000, 500))])
+    assert run.results == [("gpt-unknown", 503, "error"), ("m1", 200, "ok")]
+    assert run.outcome.cost_usd == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)
+    failed = drive(spec(models=("gpt-unknown",), max_retries=1), [error(503), error(500)]).outcome
+    assert (failed.status, failed.cost_usd) == ("error", 0.0)
+
+
+def test_only_an_answer_with_usage_on_an_unpriced_model_makes_the_total_unknown():
+    run = drive(
+        spec(models=("gpt-unknown", "m1"), quality=QualitySpec(min_chars=50)), [answer("short"), answer()]
+    )
+    assert run.results == [("gpt-unknown", 200, "quality_failed"), ("m1", 200, "ok")]
+    assert run.outcome.cost_usd is None  # the unpriced answer was paid for, at an unknown price
+    free = drive(spec(models=("gpt-unknown",)), [answer(usage=(0, 0))]).outcome
+    assert free.cost_usd == 0.0  # no tokens cost nothing at any price
