@@ -330,6 +330,8 @@ def _completion(data: dict[str, Any], choices: Any, status: int, secrets: Sequen
     choice = choices[0]
     message = choice.get("message") or {}
     text = message.get("content")
+    if not text and message.get("tool_calls"):
+        raise _tool_calls_error(message["tool_calls"], status, secrets)
     if text is None:
         # A model-side refusal comes back as message.refusal with no content.
         text = message.get("refusal")
@@ -353,6 +355,23 @@ def _completion(data: dict[str, Any], choices: Any, status: int, secrets: Sequen
         usage=counts,
         usage_details=_usage_details(usage, counts["prompt_tokens"]),
         system_fingerprint=_server_text(fingerprint, secrets, 100) if isinstance(fingerprint, str) else None,
+    )
+
+
+def _tool_calls_error(calls: Any, status: int, secrets: Sequence[str]) -> LLMCallError:
+    """An answer of tool calls and no text: nothing to return, and running tools is not this call's job."""
+    names = []
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        names.append(_server_text(name, secrets, 60) if isinstance(name, str) else "?")
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return LLMCallError(
+        "invalid_response",
+        f"HTTP {status}: the model answered with tool calls ({shown or '?'}), which this operator does "
+        "not run; it makes one chat completion and returns its text. Ask for the answer itself: remove "
+        "tools, tool_choice or functions from extra_body, or use a model or gateway that does not add tools",
+        status=status,
     )
 
 

@@ -31,6 +31,9 @@ without a rule of its own). The header wins over the model's rule. A spec is::
 * ``garbled`` - status 200, valid JSON in the wrong shape (``usage.prompt_tokens: "n/a"``, a
   choice that is a string), as a broken gateway may send;
 * ``empty`` - status 200 with ``"choices": []``;
+* ``tool_calls`` - status 200, ``content`` null and one ``tool_calls`` entry (``get_weather``),
+  ``finish_reason`` ``"tool_calls"``: what a model that was given tools (by a gateway, or
+  ``extra_body``) answers instead of text;
 * ``refusal`` - status 200, the answer is an apology ("抱歉...错误..." for Chinese prompts, "Sorry, ..."
   for English ones) long enough to trip only the refusal check;
 * ``short`` - status 200, an answer shorter than 50 characters;
@@ -117,8 +120,8 @@ FAULT_HEADER = "x-fake-fault"
 LATENCY_HEADER = "x-fake-latency"
 ANY_MODEL = "*"
 ERROR_KINDS = ("400", "400auth", "400model", "401", "404", "429", "500", "502", "503")
-FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "refusal", "short", "length", "redirect",
-               "endless", "echo", "stall", "none")  # fmt: skip
+FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "tool_calls", "refusal", "short", "length",
+               "redirect", "endless", "echo", "stall", "none")  # fmt: skip
 REDIRECT_TARGET = "http://127.0.0.1:9/v1/chat/completions"
 # OpenAI caches prompts from this length on (platform.openai.com/docs/guides/prompt-caching).
 PROMPT_CACHE_MIN_TOKENS = 1024
@@ -141,7 +144,7 @@ _MISSING_KEY = (
 _REFUSAL_MARKERS = {"错误": "差错", "抱歉": "遗憾"}  # quoted input must not trip the quality checks
 _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
-_SPEC_RE = re.compile(r"(?P<kind>[a-z0-9]+)(?:\*(?P<count>\d+))?(?:%(?P<percent>\d+(?:\.\d+)?))?")
+_SPEC_RE = re.compile(r"(?P<kind>[a-z0-9_]+)(?:\*(?P<count>\d+))?(?:%(?P<percent>\d+(?:\.\d+)?))?")
 _STOPWORDS = frozenset(
     "this that with from have will would could should there their about what which when where your "
     "into than then them they these those been were also just only some such please text following "
@@ -654,6 +657,12 @@ def _content_fault(kind: str, chat: _Chat) -> web.Response:
         return web.json_response(body, dumps=_dumps)
     if kind == "empty":
         return web.json_response(_completion(chat, "", "stop", with_choice=False), dumps=_dumps)
+    if kind == "tool_calls":
+        body = _completion(chat, "", "tool_calls")
+        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function"}
+        call["function"] = {"name": "get_weather", "arguments": _dumps({"city": chat.user[:40]})}
+        body["choices"][0]["message"].update(content=None, tool_calls=[call])
+        return web.json_response(body, dumps=_dumps)
     if kind == "refusal":
         content, finish_reason = _refusal_text(chinese), "stop"
     elif kind == "short":

@@ -601,3 +601,18 @@ async def test_a_failed_attempt_on_an_unpriced_model_leaves_the_calls_cost_known
     usage = payload["meta"]["usage"]
     expected = (usage["prompt_tokens"] * 30.0 + usage["completion_tokens"] * 60.0) / 1e6
     assert payload["meta"]["cost_usd"] == pytest.approx(expected)
+
+
+async def test_an_answer_of_tool_calls_is_no_success_and_the_chain_moves_on(fake_llm):
+    """Issue 12, item 5: tool calls with "" content were a success with text "" (the calls lost), with null
+    content an error saying only that the answer had no content."""
+    fake_llm.set_fault("gpt-4", "tool_calls")
+    failed = await run(trigger(models=["gpt-4"], max_retries=0))
+    assert failed["status"] == "error" and failed["error"]["kind"] == "invalid_response"
+    assert (
+        "the model answered with tool calls (get_weather), which this operator does not run"
+        in failed["error"]["message"]
+    )
+    fallback = await run(trigger(models=["gpt-4", "gpt-3.5-turbo"], max_retries=1))
+    assert outcomes(fallback) == [("gpt-4", 200, "error")] * 2 + [("gpt-3.5-turbo", 200, "ok")]
+    assert fallback["status"] == "success" and fallback["text"]

@@ -858,3 +858,13 @@ async def test_usage_details_are_reported_as_openai_does_and_a_long_prompt_sent_
     short = await ask(client, "Hello there")
     assert (await ask(client, "Hello there")).usage.prompt_tokens_details.cached_tokens == 0
     assert short.usage.prompt_tokens < 1024
+
+
+async def test_the_tool_calls_fault_answers_as_a_model_calling_a_tool(client: AsyncOpenAI) -> None:
+    completion = await ask(client, "What is the weather in Paris?", fault="tool_calls")
+    [choice] = completion.choices
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
+    [call] = choice.message.tool_calls
+    assert (call.type, call.function.name) == ("function", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "What is the weather in Paris?"}
+    assert call.id.startswith("call_") and completion.usage.completion_tokens == 0

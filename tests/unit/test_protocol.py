@@ -410,3 +410,37 @@ def test_the_system_fingerprint_is_bounded_redacted_text_or_dropped():
     echoed = parse_completion(200, _answer(system_fingerprint="fp_sk-secret-key"), secrets=endpoint.secrets)
     assert echoed.system_fingerprint == "fp_***"
     assert parse_completion(200, _answer(system_fingerprint={"a": 1})).system_fingerprint is None
+
+
+# ---- tool calls (issue 12, item 5) ------------------------------------------------------------------
+
+
+def _tool_call(name: str = "get_weather") -> dict:
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}
+
+
+@pytest.mark.parametrize("content", [None, ""])
+def test_an_answer_of_tool_calls_without_content_is_an_unusable_answer_naming_them(content):
+    message = {"role": "assistant", "content": content, "tool_calls": [_tool_call(), _tool_call("lookup")]}
+    body = _answer(choices=[{"index": 0, "message": message, "finish_reason": "tool_calls"}])
+    with pytest.raises(LLMCallError) as info:
+        parse_completion(200, body)
+    assert info.value.kind == "invalid_response" and info.value.retryable
+    assert "the model answered with tool calls (get_weather, lookup), which this operator does not run" in (
+        info.value.message
+    )
+
+
+def test_tool_call_names_are_redacted_bounded_and_malformed_ones_are_no_crash():
+    endpoint = Endpoint(conn_id="c", api_key="sk-secret-key")
+    calls = [_tool_call("sk-secret-key"), _tool_call("x" * 500), {"function": None}, "garbage"]
+    message = {"role": "assistant", "content": None, "tool_calls": calls}
+    with pytest.raises(LLMCallError) as info:
+        parse_completion(200, _answer(choices=[{"message": message}]), secrets=endpoint.secrets)
+    assert "sk-secret-key" not in info.value.message and len(info.value.message) < 600
+    assert info.value.kind == "invalid_response"
+
+
+def test_content_next_to_tool_calls_is_still_the_answer():
+    message = {"role": "assistant", "content": "It is sunny.", "tool_calls": [_tool_call()]}
+    assert parse_completion(200, _answer(choices=[{"message": message}])).text == "It is sunny."
