@@ -336,7 +336,8 @@ class _Call:
         usage = completion.usage
         cost = None
         if price is not None:
-            cost = price.cost(usage["prompt_tokens"], usage["completion_tokens"])
+            cached = completion.usage_details.get("cached_tokens", 0)
+            cost = price.cost(usage["prompt_tokens"], usage["completion_tokens"], cached)
             self.spent += cost
         elif usage["prompt_tokens"] or usage["completion_tokens"]:
             self.priced = False  # tokens paid for at a price nobody knows: the total is unknown

@@ -1,9 +1,11 @@
 """What a call costs: a price table per model, and the worst case of a call before it is sent.
 
-Prices are US dollars per million tokens, input (prompt) and output (completion). The table a
-connection uses is, from lowest to highest precedence: :data:`DEFAULT_PRICES`, the JSON file
-named by ``[llm_async] prices_file``, and the connection's ``prices`` extra. All three have the
-same shape: ``{"gpt-4o": {"input": 2.5, "output": 10}}``. I/O-free: the hook reads the prices
+Prices are US dollars per million tokens, input (prompt), output (completion) and, optionally,
+cached input (the prompt tokens an answer reports as read from the provider's prompt cache; the
+input price when not given). The table a connection uses is, from lowest to highest precedence:
+:data:`DEFAULT_PRICES`, the JSON file named by ``[llm_async] prices_file``, and the connection's
+``prices`` extra. All three have the same shape:
+``{"gpt-4o": {"input": 2.5, "output": 10, "cached_input": 1.25}}``. I/O-free: the hook reads the prices
 file (``hooks/llm.py``).
 """
 
@@ -19,29 +21,35 @@ class Price(NamedTuple):
 
     input: float
     output: float
+    cached_input: float | None = None  # None: cached prompt tokens cost the input price
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> float:
+        """What the tokens cost; ``cached`` of the ``prompt_tokens`` at the cached input price."""
+        cached = min(cached, prompt_tokens)
+        cached_input = self.input if self.cached_input is None else self.cached_input
+        usd = (prompt_tokens - cached) * self.input + cached * cached_input + completion_tokens * self.output
+        return usd / 1_000_000
 
 
-# OpenAI's list prices (standard tier, no cache or batch discount), as published on
-# platform.openai.com/docs/pricing and reproduced in pricing tables checked in March-June 2026.
+# OpenAI's list prices (standard tier, no batch discount; cached input where the model has prompt
+# caching), as published on platform.openai.com/docs/pricing and reproduced in pricing tables
+# checked in March-June 2026.
 # They change: override them with the connection extra `prices` or `[llm_async] prices_file`.
 DEFAULT_PRICES_AS_OF = "2026-06"
 DEFAULT_PRICES: dict[str, Price] = {
-    "gpt-5": Price(1.25, 10.0),
-    "gpt-5-mini": Price(0.25, 2.0),
-    "gpt-5-nano": Price(0.05, 0.40),
-    "gpt-4.1": Price(2.0, 8.0),
-    "gpt-4.1-mini": Price(0.40, 1.60),
-    "gpt-4.1-nano": Price(0.10, 0.40),
-    "gpt-4o": Price(2.50, 10.0),
-    "gpt-4o-mini": Price(0.15, 0.60),
-    "o1": Price(15.0, 60.0),
-    "o1-mini": Price(1.10, 4.40),
-    "o3": Price(2.0, 8.0),
-    "o3-mini": Price(1.10, 4.40),
-    "o4-mini": Price(1.10, 4.40),
+    "gpt-5": Price(1.25, 10.0, 0.125),
+    "gpt-5-mini": Price(0.25, 2.0, 0.025),
+    "gpt-5-nano": Price(0.05, 0.40, 0.005),
+    "gpt-4.1": Price(2.0, 8.0, 0.50),
+    "gpt-4.1-mini": Price(0.40, 1.60, 0.10),
+    "gpt-4.1-nano": Price(0.10, 0.40, 0.025),
+    "gpt-4o": Price(2.50, 10.0, 1.25),
+    "gpt-4o-mini": Price(0.15, 0.60, 0.075),
+    "o1": Price(15.0, 60.0, 7.50),
+    "o1-mini": Price(1.10, 4.40, 0.55),
+    "o3": Price(2.0, 8.0, 0.50),
+    "o3-mini": Price(1.10, 4.40, 0.55),
+    "o4-mini": Price(1.10, 4.40, 0.275),
     "gpt-4-turbo": Price(10.0, 30.0),
     "gpt-4": Price(30.0, 60.0),
     "gpt-3.5-turbo": Price(0.50, 1.50),
@@ -56,22 +64,30 @@ class PriceTableError(ValueError):
 
 
 def parse_prices(table: Any, where: str) -> dict[str, Price]:
-    """Validate ``{"model": {"input": usd_per_million, "output": usd_per_million}}``."""
-    shape = '{"model": {"input": <USD per 1M prompt tokens>, "output": <USD per 1M completion tokens>}}'
+    """Validate ``{"model": {"input": usd_per_1m, "output": usd_per_1m[, "cached_input": usd_per_1m]}}``."""
+    shape = (
+        '{"model": {"input": <USD per 1M prompt tokens>, "output": <USD per 1M completion tokens>, '
+        '"cached_input": <USD per 1M cached prompt tokens, optional: input>}}'
+    )
     if not isinstance(table, dict):
         raise PriceTableError(f"{where} must be an object {shape}, got a {type(table).__name__}.")
     prices = {}
     for model, entry in table.items():
-        if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
-            raise PriceTableError(f"{where} entry {model!r} must have exactly input and output: {shape}.")
-        values = entry["input"], entry["output"]
+        if not isinstance(entry, dict) or not {"input", "output"} <= set(entry) <= _PRICE_FIELDS:
+            raise PriceTableError(
+                f"{where} entry {model!r} must have input and output, and may have cached_input: {shape}."
+            )
+        values = [entry[name] for name in ("input", "output", "cached_input") if name in entry]
         if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values):
             raise PriceTableError(
-                f"{where} entry {model!r}: input and output must be numbers >= 0 (USD per million tokens), "
-                f"got {entry!r}."
+                f"{where} entry {model!r}: input, output and cached_input must be numbers >= 0 (USD per "
+                f"million tokens), got {entry!r}."
             )
-        prices[str(model)] = Price(float(values[0]), float(values[1]))
+        prices[str(model)] = Price(*(float(v) for v in values))
     return prices
+
+
+_PRICE_FIELDS = frozenset({"input", "output", "cached_input"})
 
 
 def price_of(prices: Mapping[str, Price], model: str | None) -> Price | None:

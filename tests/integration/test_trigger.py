@@ -616,3 +616,16 @@ async def test_an_answer_of_tool_calls_is_no_success_and_the_chain_moves_on(fake
     fallback = await run(trigger(models=["gpt-4", "gpt-3.5-turbo"], max_retries=1))
     assert outcomes(fallback) == [("gpt-4", 200, "error")] * 2 + [("gpt-3.5-turbo", 200, "ok")]
     assert fallback["status"] == "success" and fallback["text"]
+
+
+async def test_cached_prompt_tokens_are_priced_at_the_models_cached_input_price(fake_llm):
+    """Issue 12, item 5: a mostly cached prompt was priced as uncached."""
+    request = {"messages": [{"role": "user", "content": "Summarize the minutes of the meeting. " * 160}]}
+    first, again = [await run(trigger(request, models=["gpt-4o"], max_retries=0)) for _ in range(2)]
+    usage, cached = again["meta"]["usage"], again["meta"]["usage_details"]["cached_tokens"]
+    assert cached > 0.9 * usage["prompt_tokens"]  # gpt-4o: $2.50/M input, $1.25/M cached, $10/M output
+    expected = (
+        (usage["prompt_tokens"] - cached) * 2.5 + cached * 1.25 + usage["completion_tokens"] * 10.0
+    ) / 1e6
+    assert again["meta"]["cost_usd"] == pytest.approx(expected)
+    assert again["meta"]["cost_usd"] < first["meta"]["cost_usd"]

@@ -465,3 +465,11 @@ def test_only_an_answer_with_usage_on_an_unpriced_model_makes_the_total_unknown(
     assert run.outcome.cost_usd is None  # the unpriced answer was paid for, at an unknown price
     free = drive(spec(models=("gpt-unknown",)), [answer(usage=(0, 0))]).outcome
     assert free.cost_usd == 0.0  # no tokens cost nothing at any price
+
+
+def test_cached_prompt_tokens_are_priced_at_the_cached_input_price():
+    prices = {"m1": Price(1.0, 2.0, cached_input=0.25)}
+    run = drive(spec(), [detailed_answer(cached=768, reasoning=0)], {"c1": endpoint(prices=prices)})
+    assert run.outcome.cost_usd == pytest.approx(((1000 - 768) * 1.0 + 768 * 0.25 + 500 * 2.0) / 1e6)
+    uncached = drive(spec(), [detailed_answer(cached=768, reasoning=0)])  # m1 without a cached price
+    assert uncached.outcome.cost_usd == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)

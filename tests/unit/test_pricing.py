@@ -71,9 +71,11 @@ def test_a_changed_prices_file_is_read_again(tmp_path):
     ("table", "message"),
     [
         ([], "must be an object"),
-        ({"m": 3}, "entry 'm' must have exactly input and output"),
-        ({"m": {"input": 1}}, "entry 'm' must have exactly input and output"),
-        ({"m": {"input": 1, "output": 2, "cached": 0.5}}, "exactly input and output"),
+        ({"m": 3}, "entry 'm' must have input and output"),
+        ({"m": {"input": 1}}, "entry 'm' must have input and output"),
+        ({"m": {"input": 1, "output": 2, "cached": 0.5}}, "input and output, and may have cached_input"),
+        ({"m": {"input": 1, "output": 2, "cached_input": -0.5}}, "numbers >= 0"),
+        ({"m": {"input": 1, "output": 2, "cached_input": None}}, "numbers >= 0"),
         ({"m": {"input": -1, "output": 2}}, "numbers >= 0"),
         ({"m": {"input": "2.5", "output": 2}}, "numbers >= 0"),
         ({"m": {"input": True, "output": 2}}, "numbers >= 0"),
@@ -155,3 +157,32 @@ async def test_the_triggerer_reads_the_prices_file_off_its_event_loop(monkeypatc
     endpoint = await lookup
     assert writer.result(timeout=10) == 5  # the loop ticked while the file was being read
     assert endpoint.prices["house-model"] == Price(0.5, 1.0)
+
+
+# ---- cached input (issue 12, item 5) ----------------------------------------------------------------
+
+
+def test_cached_prompt_tokens_cost_the_cached_input_price():
+    price = Price(2.5, 10.0, cached_input=1.25)
+    assert price.cost(2_000, 500, cached=1_920) == pytest.approx((80 * 2.5 + 1_920 * 1.25 + 500 * 10.0) / 1e6)
+    assert price.cost(2_000, 500) == pytest.approx((2_000 * 2.5 + 500 * 10.0) / 1e6)
+
+
+def test_without_a_cached_input_price_cached_tokens_cost_the_input_price():
+    assert Price(2.5, 10.0).cost(2_000, 500, cached=1_920) == Price(2.5, 10.0).cost(2_000, 500)
+    assert Price(2.5, 10.0).cached_input is None
+
+
+def test_a_price_table_may_give_a_cached_input_price():
+    table = pricing.parse_prices(
+        {"m": {"input": 1, "output": 2, "cached_input": 0.25}, "n": {"input": 1, "output": 2}}, "w"
+    )
+    assert table == {"m": Price(1.0, 2.0, 0.25), "n": Price(1.0, 2.0)}
+
+
+def test_the_defaults_know_openais_cached_input_prices():
+    assert DEFAULT_PRICES["gpt-4o"] == Price(2.5, 10.0, 1.25)
+    assert DEFAULT_PRICES["gpt-4o-mini"].cached_input == 0.075
+    assert DEFAULT_PRICES["gpt-4"].cached_input is None  # no prompt caching: the input price applies
+    for model, price in DEFAULT_PRICES.items():
+        assert price.cached_input is None or 0 < price.cached_input < price.input, model
