@@ -334,8 +334,10 @@ class _Call:
         self.observer.attempt(attempt.conn_id, attempt.model, attempt.latency_s, None)
         price = price or pricing.price_of(endpoint.prices, completion.model)
         usage = completion.usage
-        cost = None
-        if price is not None:
+        cost = completion.reported_cost_usd  # the server's own figure (a gateway's), when it gives one
+        if cost is not None:
+            self.spent += cost
+        elif price is not None:
             cached = completion.usage_details.get("cached_tokens", 0)
             cost = price.cost(usage["prompt_tokens"], usage["completion_tokens"], cached)
             self.spent += cost

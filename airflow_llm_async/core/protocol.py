@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,8 @@ class Completion:
     # and reasoning_tokens (of completion_tokens).
     usage_details: dict[str, int] = field(default_factory=dict)
     system_fingerprint: str | None = None  # the backend configuration that answered (OpenAI's fp_...)
+    # What the server says the answer cost, in USD (a gateway's header: LiteLLM's x-litellm-response-cost).
+    reported_cost_usd: float | None = None
 
 
 class LLMCallError(Exception):
@@ -315,7 +318,7 @@ def parse_completion(
     if not choices:
         raise LLMCallError("invalid_response", "the answer has no choices", status=status)
     try:
-        return _completion(data, choices, status, secrets)
+        return _completion(data, choices, status, secrets, headers)
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
         # A malformed answer is a failed attempt (retried, then the fallback chain), never a crash.
         raise LLMCallError(
@@ -326,7 +329,13 @@ def parse_completion(
         ) from None
 
 
-def _completion(data: dict[str, Any], choices: Any, status: int, secrets: Sequence[str]) -> Completion:
+def _completion(
+    data: dict[str, Any],
+    choices: Any,
+    status: int,
+    secrets: Sequence[str],
+    headers: Mapping[str, str] | None = None,
+) -> Completion:
     choice = choices[0]
     message = choice.get("message") or {}
     text = message.get("content")
@@ -355,7 +364,24 @@ def _completion(data: dict[str, Any], choices: Any, status: int, secrets: Sequen
         usage=counts,
         usage_details=_usage_details(usage, counts["prompt_tokens"]),
         system_fingerprint=_server_text(fingerprint, secrets, 100) if isinstance(fingerprint, str) else None,
+        reported_cost_usd=_reported_cost(headers),
     )
+
+
+# The headers in which a gateway reports what an answer cost, in USD.
+COST_HEADERS = ("x-litellm-response-cost",)
+
+
+def _reported_cost(headers: Mapping[str, str] | None) -> float | None:
+    """The cost the server reports for the answer; None when it reports none or nothing usable."""
+    for name, value in (headers or {}).items():
+        if name.lower() in COST_HEADERS:
+            try:
+                cost = float(value)
+            except (TypeError, ValueError):  # LiteLLM sends "None" when it could not price the answer
+                return None
+            return cost if math.isfinite(cost) and cost >= 0 else None
+    return None
 
 
 def _tool_calls_error(calls: Any, status: int, secrets: Sequence[str]) -> LLMCallError:

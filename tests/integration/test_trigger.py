@@ -629,3 +629,24 @@ async def test_cached_prompt_tokens_are_priced_at_the_models_cached_input_price(
     ) / 1e6
     assert again["meta"]["cost_usd"] == pytest.approx(expected)
     assert again["meta"]["cost_usd"] < first["meta"]["cost_usd"]
+
+
+async def test_the_cost_a_gateway_reports_in_its_header_is_the_calls_cost(monkeypatch):
+    """Issue 12, item 5: LiteLLM's proxy reports each answer's cost in x-litellm-response-cost."""
+    costs = iter(["None", "0.00472"])  # LiteLLM sends "None" for an answer it could not price
+
+    async def gateway(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        answer = {
+            "model": body["model"],
+            "choices": [{"message": {"content": "ok " * 30}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 2000, "completion_tokens": 100, "total_tokens": 2100},
+        }
+        return web.json_response(answer, headers={"x-litellm-response-cost": next(costs)})
+
+    async with _app_on_loopback(gateway) as url:
+        point_connection(monkeypatch, "llm_gateway", url, timeout=5)
+        unpriced = await run(trigger(conn_id="llm_gateway", models=["llama-local"], max_retries=0))
+        reported = await run(trigger(conn_id="llm_gateway", models=["llama-local"], max_retries=0))
+    assert unpriced["meta"]["cost_usd"] is None  # tokens, no price, no usable header: unknown
+    assert reported["meta"]["cost_usd"] == pytest.approx(0.00472)  # the gateway's figure, with no price

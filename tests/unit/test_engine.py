@@ -473,3 +473,12 @@ def test_cached_prompt_tokens_are_priced_at_the_cached_input_price():
     assert run.outcome.cost_usd == pytest.approx(((1000 - 768) * 1.0 + 768 * 0.25 + 500 * 2.0) / 1e6)
     uncached = drive(spec(), [detailed_answer(cached=768, reasoning=0)])  # m1 without a cached price
     assert uncached.outcome.cost_usd == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)
+
+
+def test_the_cost_a_gateway_reports_wins_over_the_price_table():
+    run = drive(spec(), [answer(usage=(1000, 500), x_litellm_response_cost="0.00042")])
+    assert run.outcome.cost_usd == pytest.approx(0.00042)
+    unpriced = drive(spec(models=("gpt-unknown",)), [answer(x_litellm_response_cost="0.001")])
+    assert unpriced.outcome.cost_usd == pytest.approx(0.001)  # known although the table has no price
+    dropped = drive(spec(), [answer(usage=(1000, 500), x_litellm_response_cost="None")])
+    assert dropped.outcome.cost_usd == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)

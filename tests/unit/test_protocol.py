@@ -444,3 +444,28 @@ def test_tool_call_names_are_redacted_bounded_and_malformed_ones_are_no_crash():
 def test_content_next_to_tool_calls_is_still_the_answer():
     message = {"role": "assistant", "content": "It is sunny.", "tool_calls": [_tool_call()]}
     assert parse_completion(200, _answer(choices=[{"message": message}])).text == "It is sunny."
+
+
+# ---- the cost a gateway reports (issue 12, item 5) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "cost"),
+    [
+        ({"x-litellm-response-cost": "0.00472"}, 0.00472),
+        ({"X-LiteLLM-Response-Cost": "4.72e-05"}, 4.72e-05),
+        ({"x-litellm-response-cost": "0"}, 0.0),
+        ({"x-litellm-response-cost": "None"}, None),
+        ({"x-litellm-response-cost": ""}, None),
+        ({"x-litellm-response-cost": "-1"}, None),
+        ({"x-litellm-response-cost": "nan"}, None),
+        ({"x-litellm-response-cost": "inf"}, None),
+        ({"x-litellm-response-cost": "1e400"}, None),
+        ({"x-litellm-response-cost": "cheap"}, None),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_the_cost_a_gateway_reports_is_read_or_dropped_never_a_failure(headers, cost):
+    completion = parse_completion(200, _answer(), headers)
+    assert completion.reported_cost_usd == cost
