@@ -110,7 +110,7 @@ async def _send(flow: Flow, step: Send) -> Step | Outcome:
     asked = time.monotonic()
     try:
         wait_limit = None if deadline is None else max(0.0, deadline - time.time())
-        async with limiter.slot(step.estimated_tokens, timeout=wait_limit) as permit:
+        async with limiter.slot(step.estimated_tokens, timeout=wait_limit, model=model) as permit:
             metrics.queued(endpoint.conn_id, model, time.monotonic() - asked, permit.waited)
             metrics.in_flight(endpoint.conn_id, limiter.in_flight)
             # Time spent waiting for the limiter comes off a deadline-bound attempt.
@@ -130,7 +130,7 @@ async def _send(flow: Flow, step: Send) -> Step | Outcome:
                 limiter.on_rate_limited(permit)
             elif step.attempt.result != "error":  # answered (a failed quality gate is still an answer)
                 permit.settle(step.attempt.tokens)
-                limiter.on_success()
+                limiter.on_success(permit)
             return following
     except TimeoutError:  # only the wait for the limiter raises it: the round trip returns its own
         metrics.error(endpoint.conn_id, model, "deadline")

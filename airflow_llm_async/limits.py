@@ -4,15 +4,23 @@ Every call to a connection goes through that connection's :class:`ConnectionLimi
 event loop (the triggerer runs thousands of calls on one loop)::
 
     limiter = limiter_for(endpoint)
-    async with limiter.slot(estimate_tokens(request)) as permit:
+    async with limiter.slot(estimate_tokens(request), model=model) as permit:
         ...  # the HTTP call
         permit.settle(usage["total_tokens"])
+    limiter.on_success(permit)  # or limiter.on_rate_limited(permit) after a 429
 
 The arithmetic (token buckets, AIMD) is I/O-free in :mod:`airflow_llm_async.core.buckets`;
 :class:`ConnectionLimiter` is the thin async layer on top. Waiters line up on one FIFO lock and
 only the head of the line waits for a slot and for tokens, so thousands of waiters cost one timer
 at a time, a rate cut takes effect at once (no pre-booked schedule to unwind), and a cancelled
 waiter holds nothing to give back.
+
+The configured limits are the connection's; the adaptive back-off is per model, because gateways
+and providers rate-limit per model: a 429 cuts only its model's concurrency or rates, in a line of
+that model's own (a :class:`ConnectionLimiter` of its own, created by the 429 and dropped once the
+model has recovered) which its calls pass before the connection's. A model's cut cap counts its
+calls in flight, so the connection counts them per model (a dict increment and decrement per call);
+calls to a model that is not backing off see only an empty-dict check more than that.
 
 Optionally (connection extra ``rate_limit_backend: "redis://..."``) the buckets live in Redis
 and are shared by every triggerer host; the concurrency cap always stays local. See
@@ -27,6 +35,7 @@ import importlib.util
 import logging
 import time
 import weakref
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,16 +61,32 @@ class Permit:
     call) keeps its whole reservation: the provider may well have counted it.
     """
 
-    __slots__ = ("_limiter", "estimated_tokens", "_timeout", "granted_at", "waited", "_reserved", "_actual")
+    __slots__ = (
+        "_limiter",
+        "model",
+        "estimated_tokens",
+        "_timeout",
+        "granted_at",
+        "waited",
+        "_reserved",
+        "_actual",
+        "_line",
+        "_in_line",
+    )
 
-    def __init__(self, limiter: ConnectionLimiter, estimated_tokens: int, timeout: float | None) -> None:
+    def __init__(
+        self, limiter: ConnectionLimiter, model: str | None, estimated_tokens: int, timeout: float | None
+    ) -> None:
         self._limiter = limiter
+        self.model = model
         self.estimated_tokens = estimated_tokens
         self._timeout = timeout
         self.granted_at: float | None = None  # the limiter's clock when the call was let through
         self.waited = False  # held back: behind others in line, for a slot, or for tokens
         self._reserved = False
         self._actual: int | None = None
+        self._line: ConnectionLimiter | None = None  # the model's own line, while the model backs off
+        self._in_line: Permit | None = None  # the place taken in it
 
     def settle(self, actual_total_tokens: int | None) -> None:
         """Record the real usage; the difference to the estimate goes back to (or comes from) the bucket.
@@ -73,10 +98,18 @@ class Permit:
 
     async def __aenter__(self) -> Permit:
         limiter = self._limiter
-        # No rates, nobody in line and a slot free (almost every call): just count it.
+        if limiter._backing_off:  # some model answered 429 lately: is it this one?
+            self._line = limiter._backing_off.get(self.model)
+        # No rates, no back-off, nobody in line and a slot free (almost every call): just count it.
         cap = limiter._cap
-        if limiter._buckets is None and not limiter._waiting and (cap is None or limiter._in_flight < cap):
+        if (
+            limiter._buckets is None
+            and self._line is None
+            and not limiter._waiting
+            and (cap is None or limiter._in_flight < cap)
+        ):
             limiter._in_flight += 1
+            limiter._model_in_flight[self.model] += 1
             self.granted_at = limiter._clock()
         else:
             await limiter._acquire(self)
@@ -111,12 +144,15 @@ class ConnectionLimiter:
         self._gate = asyncio.Lock()
         self._cap = limits.max_concurrency
         self._in_flight = 0  # slots taken: calls let through, and the head of the line while it paces
+        self._model_in_flight: defaultdict[str | None, int] = defaultdict(int)  # the same, per model
         self._pacing = False  # the head of the line holds a slot while it waits for its tokens
         self._waiting = 0
         self._slot_freed: asyncio.Future[None] | None = None  # the head of the line, waiting for a slot
         self._rate_limited = 0
-        # With buckets, AIMD acts on the fraction of their configured rates; without, a 429 creates
-        # an adaptive concurrency cap (see on_rate_limited).
+        # The models backing off after a 429, each with a line of its own (see on_rate_limited).
+        self._backing_off: dict[str | None, ConnectionLimiter] = {}
+        # In a model's line: with buckets, AIMD acts on the fraction of their configured rates;
+        # without, a 429 creates an adaptive concurrency cap (see _cut).
         self._adaptive: AdaptiveRate | None = None
         if self._buckets is not None:
             self._adaptive = AdaptiveRate(1.0, floor=MIN_RATE_FRACTION, increase=RATE_INCREASE)
@@ -126,18 +162,54 @@ class ConnectionLimiter:
         """Calls let through and not yet back (the head of the line pacing for tokens not included)."""
         return self._in_flight - self._pacing
 
-    def slot(self, estimated_tokens: int = 0, *, timeout: float | None = None) -> Permit:
-        """``async with limiter.slot(tokens) as permit``: wait for a slot and tokens, FIFO.
+    def slot(
+        self, estimated_tokens: int = 0, *, timeout: float | None = None, model: str | None = None
+    ) -> Permit:
+        """``async with limiter.slot(tokens, model=model) as permit``: wait for a slot and tokens, FIFO.
 
         ``timeout`` (seconds) bounds the wait; past it :class:`TimeoutError` is raised and nothing is held.
+        A model backing off after a 429 waits in its own line first (see :meth:`on_rate_limited`).
         """
-        return Permit(self, estimated_tokens, timeout)
+        return Permit(self, model, estimated_tokens, timeout)
 
     def on_rate_limited(self, permit: Permit | None = None) -> None:
-        """The provider answered 429: slow down. Pass the call's permit so echoes of a cut are ignored."""
+        """The provider answered 429 for ``permit``'s model: slow that model down, not the connection.
+
+        Pass the call's permit: it names the model, and its send time tells echoes of a cut apart.
+        The first 429 of a model opens its line: a limiter with the connection's configured rates
+        (halved, drained) or, with none configured, a concurrency cap at half of the model's calls in
+        flight. The connection's own cap and buckets stay as configured.
+        """
         self._rate_limited += 1
+        model = permit.model if permit is not None else None
+        line = self._backing_off.get(model)
+        if line is None:
+            limits = self.limits
+            configured = Limits(
+                None if self._buckets is not None else limits.max_concurrency,
+                limits.requests_per_minute,
+                limits.tokens_per_minute,
+            )
+            name = f"{self.conn_id} ({model})"
+            line = self._backing_off[model] = ConnectionLimiter(
+                name, configured, clock=self._clock, sleep=self._sleep
+            )
+        line._rate_limited += 1
+        line._cut(permit.granted_at if permit is not None else None, self._model_in_flight[model])
+
+    def on_success(self, permit: Permit | None = None) -> None:
+        """A call got its answer: let its model's rates (or adaptive cap) recover a little."""
+        backing_off = self._backing_off
+        if not backing_off:  # the hot path: nothing to recover
+            return
+        model = permit.model if permit is not None else None
+        line = backing_off.get(model)
+        if line is not None and not line._recover():
+            del backing_off[model]  # recovered: its calls take the fast path again
+
+    def _cut(self, sent_at: float | None, in_flight: int) -> None:
+        """AIMD of a model's line: cut its rates, or its concurrency cap from the model's ``in_flight``."""
         now = self._clock()
-        sent_at = permit.granted_at if permit is not None else None
         if self._buckets is not None:
             assert self._adaptive is not None
             if self._adaptive.on_rate_limited(now, sent_at):
@@ -149,37 +221,40 @@ class ConnectionLimiter:
                     100 * self._adaptive.value,
                 )
             return
-        # No rates configured: cap concurrency instead, starting from what was in flight when the 429
-        # came. Throughput then follows the cap (cap / latency), with no rate to guess.
+        # No rates configured: cap the model's concurrency instead, starting from its calls in flight
+        # when the 429 came. Throughput then follows the cap (cap / latency), with no rate to guess.
         if self._adaptive is None:
-            ceiling = self.limits.max_concurrency or max(1, self._in_flight)
-            self._adaptive = AdaptiveRate(ceiling, floor=1, increase=1, start=max(1, self._in_flight))
+            ceiling = self.limits.max_concurrency or max(1, in_flight)
+            self._adaptive = AdaptiveRate(ceiling, floor=1, increase=1, start=max(1, in_flight))
         if self._adaptive.on_rate_limited(now, sent_at):
             self._set_cap(max(1, int(self._adaptive.value)))
             log.warning("%s answered 429: concurrency capped at %d", self.conn_id, self._cap)
 
-    def on_success(self) -> None:
-        """A call got its answer: let the rate (or the adaptive cap) recover a little."""
+    def _recover(self) -> bool:
+        """A success in a model's line: recover a little; False once fully recovered."""
         adaptive = self._adaptive
-        if adaptive is None:  # the hot path: nothing to recover
-            return
+        if adaptive is None:
+            return False
         changed = adaptive.on_success()
         if self._buckets is not None:
             if changed:
                 self._buckets.set_throttle(adaptive.value)
-        elif not adaptive.throttled:  # recovered: back to the configured cap (or none: the fast path)
+            return adaptive.throttled
+        if not adaptive.throttled:  # recovered: back to the configured cap
             self._adaptive = None
             self._set_cap(self.limits.max_concurrency)
-        elif changed:
+            return False
+        if changed:
             self._set_cap(int(adaptive.value))
+        return True
 
     def stats(self) -> dict[str, Any]:
         """A snapshot for metrics: calls running, calls waiting, the current (maybe throttled) limits.
 
         Bucket levels go negative while reservations are being paid off.
         """
-        fraction = self._adaptive.value if self._buckets is not None and self._adaptive else 1.0
         rpm, tpm = self.limits.requests_per_minute, self.limits.tokens_per_minute
+        fraction = self._adaptive.value if self._buckets is not None and self._adaptive else 1.0
         stats: dict[str, Any] = {
             "conn_id": self.conn_id,
             "backend": self._buckets.kind if self._buckets is not None else None,
@@ -195,6 +270,12 @@ class ConnectionLimiter:
         }
         if self._buckets is not None:
             stats.update(self._buckets.snapshot())
+        # The models backing off after a 429: their own cut cap or rates.
+        stats["models"] = {}
+        for model, line in self._backing_off.items():
+            line_stats = line.stats()
+            line_stats["in_flight"] = self._model_in_flight[model]
+            stats["models"][model] = {key: line_stats[key] for key in _MODEL_STATS}
         return stats
 
     # -- internals --
@@ -204,12 +285,46 @@ class ConnectionLimiter:
         self._waiting += 1
         try:
             if permit._timeout is None:
-                await self._take_turn(permit)
+                await self._wait_in_lines(permit)
             else:
                 async with asyncio.timeout(permit._timeout):
-                    await self._take_turn(permit)
+                    await self._wait_in_lines(permit)
         finally:
             self._waiting -= 1
+
+    async def _wait_in_lines(self, permit: Permit) -> None:
+        line = permit._line
+        if line is None:
+            await self._take_turn(permit)
+            return
+        # The model backs off: its own line first, FIFO, for its cut cap (on its calls in flight)
+        # and its cut rates, holding nothing of the connection's meanwhile, so that other models'
+        # calls pass it by. Its head then takes its turn in the connection's line, still at the head
+        # of its own: the model's count goes up before the next of its line looks at it.
+        line._waiting += 1
+        permit.waited = permit.waited or line._gate.locked()
+        try:
+            async with line._gate:
+                while line._cap is not None and self._model_in_flight[permit.model] >= line._cap:
+                    permit.waited = True
+                    line._slot_freed = asyncio.get_running_loop().create_future()
+                    try:
+                        await line._slot_freed
+                    finally:
+                        line._slot_freed = None
+                in_line = Permit(line, permit.model, permit.estimated_tokens, None)
+                if line._buckets is not None:
+                    await line._reserve(line._buckets, in_line)
+                    permit.waited = permit.waited or in_line.waited
+                try:
+                    await self._take_turn(permit)
+                except BaseException:  # nothing was sent: the model's line gets its tokens back
+                    if in_line._reserved and line._buckets is not None:
+                        line._buckets.adjust(-1, -in_line.estimated_tokens)
+                    raise
+                permit._in_line = in_line
+        finally:
+            line._waiting -= 1
 
     async def _take_turn(self, permit: Permit) -> None:
         async with self._gate:
@@ -221,11 +336,13 @@ class ConnectionLimiter:
                 finally:
                     self._slot_freed = None
             self._in_flight += 1
+            self._model_in_flight[permit.model] += 1
             try:
                 if self._buckets is not None:
                     await self._reserve(self._buckets, permit)
             except BaseException:
                 self._in_flight -= 1
+                self._model_in_flight[permit.model] -= 1
                 raise
         permit.granted_at = self._clock()
 
@@ -245,10 +362,21 @@ class ConnectionLimiter:
 
     def _release(self, permit: Permit) -> None:
         self._in_flight -= 1
+        self._model_in_flight[permit.model] -= 1
         if self._slot_freed is not None:
             self._wake_head()
-        if permit._reserved and permit._actual is not None and self._buckets is not None:
-            self._buckets.adjust(0, permit._actual - permit.estimated_tokens)
+        actual = permit._actual
+        if permit._reserved and actual is not None and self._buckets is not None:
+            self._buckets.adjust(0, actual - permit.estimated_tokens)
+        if self._backing_off:  # a slot freed for the model's line
+            line = self._backing_off.get(permit.model)
+            if line is not None and line._slot_freed is not None:
+                line._wake_head()
+        in_line = permit._in_line
+        if in_line is not None and in_line._reserved and actual is not None:  # the line's own tokens
+            buckets = in_line._limiter._buckets
+            if buckets is not None:
+                buckets.adjust(0, actual - in_line.estimated_tokens)
 
     def _set_cap(self, cap: int | None) -> None:
         self._cap = cap
@@ -276,6 +404,16 @@ def _make_buckets(conn_id: str, limits: Limits, clock: Callable[[], float]) -> B
         return local
     return limits_redis.RedisBuckets.for_url(limits.backend, conn_id, limits, fallback=local)
 
+
+_MODEL_STATS = (
+    "in_flight",
+    "waiting",
+    "max_concurrency",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "rate_fraction",
+    "rate_limited",
+)
 
 BACKEND_SCHEMES = ("redis://", "rediss://", "unix://")
 

@@ -6,11 +6,15 @@ import asyncio
 import json
 
 import pytest
+from airflow.triggers.base import TriggerEvent
 
-from airflow_llm_async import transport
+from airflow_llm_async import limits, transport
 from airflow_llm_async.core.buckets import Limits
+from airflow_llm_async.hooks.llm import shared_endpoint
 from airflow_llm_async.limits import ConnectionLimiter
 from airflow_llm_async.testing.fake_server import FakeLLMServer
+from tests.integration.conftest import point_connection, wait_until
+from tests.integration.test_fanout_trigger import events_of, fan_out
 
 
 class VirtualTime:
@@ -293,39 +297,45 @@ async def test_429_halves_the_rate_drains_and_successes_restore_it():
     limiter = ConnectionLimiter(
         "c", Limits(requests_per_minute=600, tokens_per_minute=60_000), clock=clock, sleep=clock.sleep
     )
-    async with limiter.slot(10) as permit:
+    async with limiter.slot(10, model="m") as permit:
         clock.now = 5.0
         limiter.on_rate_limited(permit)
-    stats = limiter.stats()
-    assert (stats["requests_per_minute"], stats["tokens_per_minute"]) == (300, 30_000)
-    assert stats["requests_available"] <= 0 and stats["rate_limited"] == 1
+    stats, line = limiter.stats(), limiter._backing_off["m"].stats()
+    assert (stats["models"]["m"]["requests_per_minute"], stats["models"]["m"]["tokens_per_minute"]) == (
+        300,
+        30_000,
+    )
+    assert (
+        line["requests_available"] <= 0 and stats["rate_limited"] == stats["models"]["m"]["rate_limited"] == 1
+    )
     # Paced at the cut rate now: 5 per second, not a burst.
     granted = []
     for _ in range(3):
-        async with limiter.slot(10) as next_permit:
+        async with limiter.slot(10, model="m") as next_permit:
             granted.append(next_permit.granted_at)
     assert granted == pytest.approx([5.2, 5.4, 5.6])
     for _ in range(49):
-        limiter.on_success()
-    assert limiter.stats()["rate_fraction"] == pytest.approx(0.99)
-    limiter.on_success()
-    limiter.on_success()
+        limiter.on_success(permit)
+    assert limiter.stats()["models"]["m"]["rate_fraction"] == pytest.approx(0.99)
+    limiter.on_success(permit)
+    assert limiter.stats()["models"] == {}  # recovered: the model's line is gone
+    limiter.on_success(permit)
     assert limiter.stats()["requests_per_minute"] == 600
 
 
 async def test_a_429_for_a_call_sent_before_the_cut_is_not_a_second_cut():
     clock = VirtualTime()
     limiter = ConnectionLimiter("c", Limits(requests_per_minute=600), clock=clock, sleep=clock.sleep)
-    async with limiter.slot() as old, limiter.slot() as other:
+    async with limiter.slot(model="m") as old, limiter.slot(model="m") as other:
         clock.now = 10.0
         limiter.on_rate_limited(other)
         limiter.on_rate_limited(old)  # sent at 0, before the cut at 10
-    assert limiter.stats()["rate_fraction"] == 0.5
+    assert limiter.stats()["models"]["m"]["rate_fraction"] == 0.5
     assert limiter.stats()["rate_limited"] == 2
-    async with limiter.slot() as fresh:
+    async with limiter.slot(model="m") as fresh:
         pass
     limiter.on_rate_limited(fresh)
-    assert limiter.stats()["rate_fraction"] == 0.25
+    assert limiter.stats()["models"]["m"]["rate_fraction"] == 0.25
 
 
 async def test_429_without_rates_caps_concurrency_then_lifts_the_cap():
@@ -334,14 +344,15 @@ async def test_429_without_rates_caps_concurrency_then_lifts_the_cap():
     releases = [asyncio.Event() for _ in range(8)]
 
     async def hold(event):
-        async with limiter.slot() as permit:
+        async with limiter.slot(model="m") as permit:
             await event.wait()
             return permit
 
     holders = [asyncio.create_task(hold(event)) for event in releases]
     await until(lambda: limiter.stats()["in_flight"] == 8)
-    limiter.on_rate_limited()
-    assert limiter.stats()["max_concurrency"] == 4
+    limiter.on_rate_limited(limiter.slot(model="m"))  # a permit names the model
+    assert limiter.stats()["models"]["m"]["max_concurrency"] == 4
+    assert limiter.stats()["max_concurrency"] is None  # the connection's own cap: as configured
     late = asyncio.create_task(hold(asyncio.Event()))
     await until(lambda: limiter.stats()["waiting"] == 1)
     for event, holder in zip(releases[:4], holders, strict=False):
@@ -354,9 +365,9 @@ async def test_429_without_rates_caps_concurrency_then_lifts_the_cap():
     assert limiter.stats()["in_flight"] == 4
     caps = []
     for _ in range(4):
-        limiter.on_success()
-        caps.append(limiter.stats()["max_concurrency"])
-    assert caps == [5, 6, 7, None]  # back where it was (8 in flight at the 429), then no cap
+        limiter.on_success(holders[0].result())
+        caps.append(limiter.stats()["models"].get("m", {}).get("max_concurrency"))
+    assert caps == [5, 6, 7, None]  # back where it was (8 in flight at the 429), then no back-off
     for event in releases:
         event.set()
     late.cancel()
@@ -368,10 +379,125 @@ async def test_429_with_a_configured_cap_cuts_from_what_was_in_flight():
     limiter = ConnectionLimiter("c", Limits(max_concurrency=100))
     release = asyncio.Event()
     tasks = await hold_slots(limiter, 10, release)
-    limiter.on_rate_limited()
-    assert limiter.stats()["max_concurrency"] == 5
-    for _ in range(200):
+    limiter.on_rate_limited()  # no permit: the calls of no model in particular, as hold_slots makes
+    assert limiter.stats()["models"][None]["max_concurrency"] == 5
+    for _ in range(95):
         limiter.on_success()
-    assert limiter.stats()["max_concurrency"] == 100
+    assert limiter.stats()["models"] == {} and limiter.stats()["max_concurrency"] == 100
     release.set()
     await asyncio.gather(*tasks)
+
+
+# --- back-off per model -----------------------------------------------------------------------
+# Gateways and providers limit per model: a 429 on one model cuts that model's calls, never the
+# calls to another model on the same connection (issue 12, item 2).
+
+
+async def test_429s_on_one_model_leave_another_models_calls_uncapped():
+    limiter = ConnectionLimiter("c", Limits(max_concurrency=100))
+    release, granted = asyncio.Event(), []
+
+    async def call(model: str):
+        async with limiter.slot(1, model=model) as permit:
+            granted.append(permit)
+            await release.wait()
+            return permit
+
+    primary = [asyncio.create_task(call("gpt-4")) for _ in range(10)]
+    await until(lambda: limiter.stats()["in_flight"] == 10)
+    # Each answers 429 (the first cuts; the others were sent before the cut: echoes).
+    for permit in granted:
+        limiter.on_rate_limited(permit)
+    assert limiter.stats()["models"]["gpt-4"]["max_concurrency"] == 5
+    assert limiter.stats()["max_concurrency"] == 100  # the connection's own cap is untouched
+    # Another model's calls all go at once, past the primary's cut cap.
+    fallback = [asyncio.create_task(call("gpt-3.5-turbo")) for _ in range(40)]
+    await until(lambda: limiter.stats()["in_flight"] == 50)
+    assert limiter.stats()["waiting"] == 0
+    # The primary's next calls wait in its own line (10 in flight > its cap of 5), and hold no
+    # other model back: a fallback call behind them in time still goes at once.
+    late_primary = asyncio.create_task(call("gpt-4"))
+    await until(lambda: limiter.stats()["waiting"] == 1)
+    late_fallback = asyncio.create_task(call("gpt-3.5-turbo"))
+    await until(lambda: limiter.stats()["in_flight"] == 51)
+    assert "gpt-3.5-turbo" not in limiter.stats()["models"]
+    release.set()
+    await asyncio.gather(*primary, *fallback, late_primary, late_fallback)
+    assert limiter.stats()["in_flight"] == limiter.stats()["waiting"] == 0
+
+
+async def test_a_models_own_line_caps_it_at_the_cut_and_recovers_to_no_back_off():
+    limiter = ConnectionLimiter("c", Limits(max_concurrency=100))
+    release, granted = asyncio.Event(), []
+    inside = peak = 0
+
+    async def call():
+        nonlocal inside, peak
+        async with limiter.slot(1, model="gpt-4") as permit:
+            granted.append(permit)
+            inside += 1
+            peak = max(peak, inside)
+            await release.wait()
+            inside -= 1
+            return permit
+
+    holders = [asyncio.create_task(call()) for _ in range(8)]
+    await until(lambda: inside == 8)
+    limiter.on_rate_limited(granted[0])  # 8 in flight on the connection: cut to 4
+    release.set()
+    await asyncio.gather(*holders)
+    release.clear()
+    inside = peak = 0
+    tasks = [asyncio.create_task(call()) for _ in range(20)]
+    await until(lambda: limiter.stats()["waiting"] == 16)
+    assert peak == 4
+    release.set()
+    permits = await asyncio.gather(*tasks)
+    assert peak == 4
+    for permit in permits:  # each success lifts the model's cap by one, up to the connection's
+        limiter.on_success(permit)
+    assert limiter.stats()["models"]["gpt-4"]["max_concurrency"] == 24
+    for _ in range(100):
+        limiter.on_success(permits[0])
+    assert "gpt-4" not in limiter.stats()["models"]  # recovered: back on the fast path
+
+
+async def test_a_429_on_one_model_halves_that_models_rate_only():
+    clock = VirtualTime()
+    limiter = ConnectionLimiter("c", Limits(requests_per_minute=600), clock=clock, sleep=clock.sleep)
+    async with limiter.slot(model="gpt-4") as permit:
+        clock.now = 5.0
+        limiter.on_rate_limited(permit)
+    assert limiter.stats()["models"]["gpt-4"]["rate_fraction"] == 0.5
+    assert limiter.stats()["rate_fraction"] == 1.0 and limiter.stats()["requests_per_minute"] == 600
+    granted = {"gpt-4": [], "gpt-3.5-turbo": []}
+    for model in ("gpt-4", "gpt-4", "gpt-3.5-turbo", "gpt-3.5-turbo", "gpt-3.5-turbo"):
+        async with limiter.slot(model=model) as next_permit:
+            granted[model].append(next_permit.granted_at)
+    # gpt-4 is paced at the cut rate (5 per second, its bucket drained); the other model goes at
+    # once from the connection's configured bucket, which gpt-4's calls also draw from.
+    assert granted["gpt-4"] == pytest.approx([5.2, 5.4])
+    assert granted["gpt-3.5-turbo"] == pytest.approx([5.4, 5.4, 5.4])
+
+
+async def test_a_fan_out_whose_primary_is_rate_limited_sends_its_fallbacks_all_at_once(fake_llm, monkeypatch):
+    """The issue's fan-out: every gpt-4 call answers 429, each item falls back to gpt-3.5-turbo."""
+    point_connection(monkeypatch, "llm_rl", fake_llm.base_url, default_model="gpt-4", timeout=30)
+    fake_llm.set_fault("gpt-4", "429")
+    prompts = [f"item {i}" for i in range(40)]
+    fake_llm.hold()
+    made = fan_out(prompts, ti=None, llm_conn_id="llm_rl", fallback_models=["gpt-3.5-turbo"], max_retries=0)
+    running = asyncio.create_task(events_of(made))
+    await wait_until(lambda: fake_llm.stats()["held"] == 40, timeout=30)  # the 40 primary calls
+    fake_llm.release()
+    fake_llm.hold()  # the 40 held go on (and answer 429); what comes next is held: the fallbacks
+    limiter = limits.limiter_for(await shared_endpoint("llm_rl"))
+    await wait_until(lambda: fake_llm.stats()["by_model"].get("gpt-3.5-turbo", 0) >= 20, timeout=30)
+    await asyncio.sleep(0.3)  # time for any further fallback to reach the server
+    stats = fake_llm.stats()
+    assert (stats["held"], stats["by_model"]["gpt-3.5-turbo"], limiter.stats()["waiting"]) == (40, 40, 0)
+    assert limiter.stats()["models"]["gpt-4"]["max_concurrency"] == 20  # the primary alone is cut
+    fake_llm.release()
+    (event,) = await running
+    assert type(event) is TriggerEvent and None not in event.payload["results"]
+    assert event.payload["meta"]["totals"]["fallback_used"] == 40

@@ -382,6 +382,7 @@ def test_stats_of_a_fresh_limiter():
         "rate_limited": 0,
         "requests_available": 10.0,
         "tokens_available": 1000.0,
+        "models": {},  # the models backing off after a 429
     }
     assert ConnectionLimiter("n").stats()["backend"] is None
 
