@@ -240,9 +240,9 @@ class ConnectionLimiter:
             if changed:
                 self._buckets.set_throttle(adaptive.value)
             return adaptive.throttled
-        if not adaptive.throttled:  # recovered: back to the configured cap
+        if not adaptive.throttled:  # recovered: no cap of the model's own, the connection's governs
             self._adaptive = None
-            self._set_cap(self.limits.max_concurrency)
+            self._set_cap(None)  # wakes its line: calls still in it go on to the connection's line
             return False
         if changed:
             self._set_cap(int(adaptive.value))

@@ -501,3 +501,26 @@ async def test_a_fan_out_whose_primary_is_rate_limited_sends_its_fallbacks_all_a
     (event,) = await running
     assert type(event) is TriggerEvent and None not in event.payload["results"]
     assert event.payload["meta"]["totals"]["fallback_used"] == 40
+
+
+async def test_calls_waiting_in_a_models_line_when_it_recovers_are_not_stranded():
+    limiter = ConnectionLimiter("c", Limits(max_concurrency=4))
+    release, granted = asyncio.Event(), []
+
+    async def call():
+        async with limiter.slot(1, model="m") as permit:
+            granted.append(permit)
+            await release.wait()
+
+    holders = [asyncio.create_task(call()) for _ in range(4)]
+    await until(lambda: len(granted) == 4)
+    limiter.on_rate_limited(granted[0])  # 4 in flight: the model's cap is cut to 2
+    late = [asyncio.create_task(call()) for _ in range(3)]
+    await until(lambda: limiter.stats()["waiting"] == 3)
+    limiter.on_success(granted[0])
+    limiter.on_success(granted[0])  # back at the connection's cap of 4: the model's line is gone
+    assert limiter.stats()["models"] == {}
+    release.set()  # the holders leave; those that waited in the model's line still get through
+    async with asyncio.timeout(5):
+        await asyncio.gather(*holders, *late)
+    assert len(granted) == 7 and limiter.stats()["in_flight"] == limiter.stats()["waiting"] == 0
