@@ -19,7 +19,8 @@ DAG_ID = "faults_storm"
 TASKS = 50
 MAX_RETRIES = 10  # as in dags/faults_storm.py
 REFUSALS = 40
-_RATE_CUT = re.compile(r"llm_storm answered 429: rate cut to (\d+)% of the configured limits")
+# The limiter names the connection and the refused model: "llm_storm (gpt-4) answered 429: ...".
+_RATE_CUT = re.compile(r"llm_storm \([^)]+\) answered 429: rate cut to (\d+)% of the configured limits")
 
 
 def test_a_429_storm_ends_with_every_task_answered_within_its_retries(fault_stack, fault_llm, figures):
