@@ -235,15 +235,7 @@ def run_worker(
     argv = [sys.executable, str(BENCH_DIR / "_worker.py"), "--mode", mode, "--base-url", server.base_url]
     argv += ["--calls", str(calls), "--concurrency", str(concurrency), "--timeout", str(timeout)]
     log_path = workdir / f"worker-{mode}-{calls}{'-hold' if hold else ''}.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=worker_env(server.base_url, workdir),
-            text=True,
-        )
+    proc = start_worker(argv, log_path, server, workdir)
     spy = None
     peak: dict[str, Any] = {}
     try:
@@ -288,6 +280,19 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError as exc:
         return f"(cannot read it: {exc})"
+
+
+def start_worker(argv: list[str], log_path: Path, server: FakeServer, workdir: Path) -> subprocess.Popen[str]:
+    """A measured worker process: commands on its stdin, JSON lines on its stdout, its log in ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=worker_env(server.base_url, workdir),
+            text=True,
+        )
 
 
 def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:

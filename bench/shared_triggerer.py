@@ -37,7 +37,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ from _harness import (
     print_table,
     raise_nofile_limit,
     read_json_line,
-    worker_env,
+    start_worker,
 )
 
 VARIANTS = ("alone", "aiohttp", "trigger", "trigger+gc")
@@ -186,15 +185,7 @@ def run_variant(args: argparse.Namespace, server: FakeServer, workdir: Path, var
     argv += ["--neighbours", str(args.neighbours), "--poll", str(args.poll), "--window", str(args.window)]
     argv += ["--gc-gen0", str(args.gc_gen0)]
     log_path = workdir / f"shared-{variant}-{size}.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=worker_env(server.base_url, workdir),
-            text=True,
-        )
+    proc = start_worker(argv, log_path, server, workdir)
     try:
         read_json_line(proc.stdout, 120, "ready message")
         server.reset()
