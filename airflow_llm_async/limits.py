@@ -305,13 +305,7 @@ class ConnectionLimiter:
         permit.waited = permit.waited or line._gate.locked()
         try:
             async with line._gate:
-                while line._cap is not None and self._model_in_flight[permit.model] >= line._cap:
-                    permit.waited = True
-                    line._slot_freed = asyncio.get_running_loop().create_future()
-                    try:
-                        await line._slot_freed
-                    finally:
-                        line._slot_freed = None
+                await line._slot_under_cap(permit, lambda: self._model_in_flight[permit.model])
                 in_line = Permit(line, permit.model, permit.estimated_tokens, None)
                 if line._buckets is not None:
                     await line._reserve(line._buckets, in_line)
@@ -326,15 +320,22 @@ class ConnectionLimiter:
         finally:
             line._waiting -= 1
 
+    async def _slot_under_cap(self, permit: Permit, taken: Callable[[], int]) -> None:
+        """As the head of this line (holding its gate), wait until ``taken()`` is under the cap.
+
+        A release (or a raised cap) wakes the head through ``_slot_freed``.
+        """
+        while self._cap is not None and taken() >= self._cap:
+            permit.waited = True
+            self._slot_freed = asyncio.get_running_loop().create_future()
+            try:
+                await self._slot_freed
+            finally:
+                self._slot_freed = None
+
     async def _take_turn(self, permit: Permit) -> None:
         async with self._gate:
-            while self._cap is not None and self._in_flight >= self._cap:
-                permit.waited = True
-                self._slot_freed = asyncio.get_running_loop().create_future()
-                try:
-                    await self._slot_freed
-                finally:
-                    self._slot_freed = None
+            await self._slot_under_cap(permit, lambda: self._in_flight)
             self._in_flight += 1
             self._model_in_flight[permit.model] += 1
             try:
