@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import pytest
 from airflow.sdk import DAG
-from pydantic import BaseModel
 
 from airflow_llm_async.operators.llm import LLMOperator
 from tests.doubles import RecordingTI
-
-
-class Entity(BaseModel):
-    name: str
-    mentions: int
-
-
-class Entities(BaseModel):
-    entities: list[Entity]
-    language: str
+from tests.schemas import Entities
 
 
 @pytest.fixture

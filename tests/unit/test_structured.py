@@ -13,16 +13,7 @@ from airflow_llm_async.core.outcome import CallSpec, FanOutOutcome, Outcome, ans
 from airflow_llm_async.operators.fanout import LLMFanOutOperator
 from airflow_llm_async.operators.llm import LLMOperator
 from tests.doubles import RecordingTI
-
-
-class Entity(BaseModel):
-    name: str
-    mentions: int
-
-
-class Entities(BaseModel):
-    entities: list[Entity]
-    language: str
+from tests.schemas import Entities, Entity
 
 
 class Loose(BaseModel):
