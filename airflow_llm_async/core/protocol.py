@@ -283,7 +283,7 @@ def redirect_error(
     status: int, headers: Mapping[str, str] | None, secrets: Sequence[str] = ()
 ) -> LLMCallError:
     """A redirect is not followed: it would carry the key, the headers and the prompt to another host."""
-    location = next((v for k, v in (headers or {}).items() if k.lower() == "location"), None)
+    location = _header(headers, ("location",))
     return LLMCallError(
         "client",
         f"HTTP {status}: the server redirects to {_server_text(str(location), secrets, 200)!r}; "
@@ -374,14 +374,19 @@ COST_HEADERS = ("x-litellm-response-cost",)
 
 def _reported_cost(headers: Mapping[str, str] | None) -> float | None:
     """The cost the server reports for the answer; None when it reports none or nothing usable."""
-    for name, value in (headers or {}).items():
-        if name.lower() in COST_HEADERS:
-            try:
-                cost = float(value)
-            except (TypeError, ValueError):  # LiteLLM sends "None" when it could not price the answer
-                return None
-            return cost if math.isfinite(cost) and cost >= 0 else None
-    return None
+    value = _header(headers, COST_HEADERS)
+    if value is None:
+        return None
+    try:
+        cost = float(value)
+    except (TypeError, ValueError):  # LiteLLM sends "None" when it could not price the answer
+        return None
+    return cost if math.isfinite(cost) and cost >= 0 else None
+
+
+def _header(headers: Mapping[str, str] | None, names: Sequence[str]) -> str | None:
+    """The value of the first header named one of ``names`` (lowercase), whatever its case."""
+    return next((value for name, value in (headers or {}).items() if name.lower() in names), None)
 
 
 def _tool_calls_error(calls: Any, status: int, secrets: Sequence[str]) -> LLMCallError:
