@@ -335,11 +335,10 @@ class _Call:
         price = price or pricing.price_of(endpoint.prices, completion.model)
         usage = completion.usage
         cost = completion.reported_cost_usd  # the server's own figure (a gateway's), when it gives one
-        if cost is not None:
-            self.spent += cost
-        elif price is not None:
+        if cost is None and price is not None:
             cached = completion.usage_details.get("cached_tokens", 0)
             cost = price.cost(usage["prompt_tokens"], usage["completion_tokens"], cached)
+        if cost is not None:
             self.spent += cost
         elif usage["prompt_tokens"] or usage["completion_tokens"]:
             self.priced = False  # tokens paid for at a price nobody knows: the total is unknown
