@@ -92,6 +92,7 @@ def to_record(outcome: Outcome) -> Record:
         item.update(
             model=outcome.model,
             usage=dict(outcome.usage),
+            usage_details=dict(outcome.usage_details),  # cached and reasoning tokens, as llm_meta has
             quality={"passed": not outcome.quality_failures, "failures": list(outcome.quality_failures)},
             fallback_used=outcome.fallback_used,
             latency_s=outcome.latency_s,

@@ -135,6 +135,22 @@ def test_the_summary_keeps_input_order_and_adds_up_tokens_cost_and_failures():
     assert summary.meta["failed_items"] == [1]
 
 
+def test_an_items_record_keeps_its_usage_details_as_a_single_calls_llm_meta_does():
+    outcome = ok(usage_details={"cached_tokens": 1024, "reasoning_tokens": 64})
+    record = fanout.to_record(outcome)
+    assert (
+        record["meta"]["usage_details"]
+        == outcome.meta()["usage_details"]
+        == {
+            "cached_tokens": 1024,
+            "reasoning_tokens": 64,
+        }
+    )
+    item = fanout.summarize([record], 0).meta["items"][0]
+    assert item["usage_details"] == {"cached_tokens": 1024, "reasoning_tokens": 64}
+    assert "usage_details" not in fanout.to_record(failed())["meta"]  # no answer, no usage
+
+
 def test_more_failures_than_allowed_fail_with_the_first_errors_named():
     records = [fanout.to_record(failed(message=f"HTTP 503: busy {i}")) for i in range(8)]
     summary = fanout.summarize(records, max_failures=0.5)
