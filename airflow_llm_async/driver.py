@@ -130,7 +130,7 @@ async def _send(flow: Flow, step: Send) -> Step | Outcome:
                 limiter.on_rate_limited(permit)
             elif step.attempt.result != "error":  # answered (a failed quality gate is still an answer)
                 permit.settle(step.attempt.tokens)
-                limiter.on_success(permit)
+                limiter.on_success(permit, getattr(reply, "headers", None))  # x-ratelimit-* pace the model
             return following
     except TimeoutError:  # only the wait for the limiter raises it: the round trip returns its own
         metrics.error(endpoint.conn_id, model, "deadline")

@@ -7,7 +7,7 @@ event loop (the triggerer runs thousands of calls on one loop)::
     async with limiter.slot(estimate_tokens(request), model=model) as permit:
         ...  # the HTTP call
         permit.settle(usage["total_tokens"])
-    limiter.on_success(permit)  # or limiter.on_rate_limited(permit) after a 429
+    limiter.on_success(permit, answer.headers)  # or limiter.on_rate_limited(permit) after a 429
 
 The arithmetic (token buckets, AIMD) is I/O-free in :mod:`airflow_llm_async.core.buckets`;
 :class:`ConnectionLimiter` is the thin async layer on top. Waiters line up on one FIFO lock and
@@ -21,6 +21,13 @@ that model's own (a :class:`ConnectionLimiter` of its own, created by the 429 an
 model has recovered) which its calls pass before the connection's. A model's cut cap counts its
 calls in flight, so the connection counts them per model (a dict increment and decrement per call);
 calls to a model that is not backing off see only an empty-dict check more than that.
+
+The model's line also heeds what the server says is left before the 429: an answer's
+``x-ratelimit-remaining-requests/-tokens`` and ``x-ratelimit-reset-requests/-tokens`` (or the
+``llm_provider-`` forms a gateway forwards). When what is left, spread over the time to the reset,
+spaces the model's calls apart (:class:`~airflow_llm_async.core.buckets.ServerPace`), its calls
+are paced in its line; nothing left holds them until the reset. An answer without those headers
+costs four header look-ups.
 
 Optionally (connection extra ``rate_limit_backend: "redis://..."``) the buckets live in Redis
 and are shared by every triggerer host; the concurrency cap always stays local. See
@@ -36,7 +43,7 @@ import logging
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from airflow_llm_async.core.buckets import (
@@ -47,6 +54,9 @@ from airflow_llm_async.core.buckets import (
     Buckets,
     Limits,
     LocalBuckets,
+    ServerBudget,
+    ServerPace,
+    server_budget,
 )
 
 log = logging.getLogger(__name__)
@@ -156,6 +166,8 @@ class ConnectionLimiter:
         self._adaptive: AdaptiveRate | None = None
         if self._buckets is not None:
             self._adaptive = AdaptiveRate(1.0, floor=MIN_RATE_FRACTION, increase=RATE_INCREASE)
+        # In a model's line: the pace the server's x-ratelimit-* headers set (see on_success).
+        self._pace: ServerPace | None = None
 
     @property
     def in_flight(self) -> int:
@@ -182,6 +194,30 @@ class ConnectionLimiter:
         """
         self._rate_limited += 1
         model = permit.model if permit is not None else None
+        line = self._line(model)
+        line._rate_limited += 1
+        line._cut(permit.granted_at if permit is not None else None, self._model_in_flight[model])
+
+    def on_success(self, permit: Permit | None = None, headers: Mapping[str, str] | None = None) -> None:
+        """A call got its answer: heed what its ``headers`` say is left, let its model recover a little.
+
+        Pass the answer's headers (case-insensitive, as aiohttp's): when their ``x-ratelimit-*``
+        budgets run short, the model's calls are paced until the reset (:meth:`_heed`).
+        """
+        if headers:
+            budget = server_budget(headers)
+            if budget is not None:
+                self._heed(permit, budget)
+        backing_off = self._backing_off
+        if not backing_off:  # the hot path: nothing to recover
+            return
+        model = permit.model if permit is not None else None
+        line = backing_off.get(model)
+        if line is not None and not line._recover():
+            del backing_off[model]  # recovered: its calls take the fast path again
+
+    def _line(self, model: str | None) -> ConnectionLimiter:
+        """The model's own line, opened with the connection's configured limits if it has none."""
         line = self._backing_off.get(model)
         if line is None:
             limits = self.limits
@@ -194,18 +230,29 @@ class ConnectionLimiter:
             line = self._backing_off[model] = ConnectionLimiter(
                 name, configured, clock=self._clock, sleep=self._sleep
             )
-        line._rate_limited += 1
-        line._cut(permit.granted_at if permit is not None else None, self._model_in_flight[model])
+        return line
 
-    def on_success(self, permit: Permit | None = None) -> None:
-        """A call got its answer: let its model's rates (or adaptive cap) recover a little."""
-        backing_off = self._backing_off
-        if not backing_off:  # the hot path: nothing to recover
-            return
+    def _heed(self, permit: Permit | None, budget: ServerBudget) -> None:
+        """An answer said what is left of its model's budgets: pace the model while that is short."""
         model = permit.model if permit is not None else None
-        line = backing_off.get(model)
-        if line is not None and not line._recover():
-            del backing_off[model]  # recovered: its calls take the fast path again
+        tokens = permit.estimated_tokens if permit is not None else 0  # what one call of it costs
+        tight = budget.tight(tokens)
+        line = self._backing_off.get(model)
+        if line is None:
+            if not tight:  # plenty left: the model keeps the fast path
+                return
+            line = self._line(model)
+        if not tight:
+            line._pace = None  # the latest word: plenty left (the line goes once it has recovered)
+            return
+        if line._pace is None:
+            line._pace = ServerPace()
+            log.info(
+                "%s: the server says little is left until its reset (%s): pacing the model's calls",
+                line.conn_id,
+                _describe(budget),
+            )
+        line._pace.update(budget, self._clock())
 
     def _cut(self, sent_at: float | None, in_flight: int) -> None:
         """AIMD of a model's line: cut its rates, or its concurrency cap from the model's ``in_flight``."""
@@ -232,18 +279,19 @@ class ConnectionLimiter:
 
     def _recover(self) -> bool:
         """A success in a model's line: recover a little; False once fully recovered."""
+        paced = self._pace is not None and self._pace.active(self._clock())
         adaptive = self._adaptive
         if adaptive is None:
-            return False
+            return paced
         changed = adaptive.on_success()
         if self._buckets is not None:
             if changed:
                 self._buckets.set_throttle(adaptive.value)
-            return adaptive.throttled
+            return adaptive.throttled or paced
         if not adaptive.throttled:  # recovered: no cap of the model's own, the connection's governs
             self._adaptive = None
             self._set_cap(None)  # wakes its line: calls still in it go on to the connection's line
-            return False
+            return paced
         if changed:
             self._set_cap(int(adaptive.value))
         return True
@@ -276,6 +324,7 @@ class ConnectionLimiter:
             line_stats = line.stats()
             line_stats["in_flight"] = self._model_in_flight[model]
             stats["models"][model] = {key: line_stats[key] for key in _MODEL_STATS}
+            stats["models"][model]["paced"] = line._pace is not None  # by the server's x-ratelimit-*
         return stats
 
     # -- internals --
@@ -307,6 +356,11 @@ class ConnectionLimiter:
             async with line._gate:
                 await line._slot_under_cap(permit, lambda: self._model_in_flight[permit.model])
                 in_line = Permit(line, permit.model, permit.estimated_tokens, None)
+                if line._pace is not None:  # the server said little is left: spread it to the reset
+                    wait = line._pace.reserve(permit.estimated_tokens, line._clock())
+                    if wait > 0:
+                        permit.waited = True
+                        await line._sleep(wait)
                 if line._buckets is not None:
                     await line._reserve(line._buckets, in_line)
                     permit.waited = permit.waited or in_line.waited
@@ -388,6 +442,15 @@ class ConnectionLimiter:
             self._slot_freed.set_result(None)
 
 
+def _describe(budget: ServerBudget) -> str:
+    said = [
+        f"{window.remaining} {name} in {window.reset:g} s"
+        for name, window in (("requests", budget.requests), ("tokens", budget.tokens))
+        if window is not None
+    ]
+    return ", ".join(said)
+
+
 def _make_buckets(conn_id: str, limits: Limits, clock: Callable[[], float]) -> Buckets | None:
     if not (limits.requests_per_minute or limits.tokens_per_minute):
         return None
@@ -419,17 +482,15 @@ _MODEL_STATS = (
 BACKEND_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def check_backend(url: Any) -> str:
-    """Validate a ``rate_limit_backend`` extra and return it; ValueError says what to fix."""
+def check_backend(url: Any, extra: str = "rate_limit_backend") -> str:
+    """Validate a Redis URL extra (``rate_limit_backend``, ``cache_backend``); ValueError says what to fix."""
     if not isinstance(url, str) or not url.startswith(BACKEND_SCHEMES):
         raise ValueError(
-            f"'rate_limit_backend' must be a Redis URL ({', '.join(BACKEND_SCHEMES)}...), "
+            f"'{extra}' must be a Redis URL ({', '.join(BACKEND_SCHEMES)}...), "
             f"e.g. redis://127.0.0.1:6379/0; got {_scheme(url)}"
         )
     if importlib.util.find_spec("redis") is None:
-        raise ValueError(
-            "'rate_limit_backend' needs the redis package: pip install 'airflow-llm-async[redis]'"
-        )
+        raise ValueError(f"'{extra}' needs the redis package: pip install 'airflow-llm-async[redis]'")
     return url
 
 

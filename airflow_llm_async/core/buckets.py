@@ -5,14 +5,19 @@ The clock is always passed in (``now``), so every rule here is tested without sl
 afterwards; :class:`AdaptiveRate` is AIMD: a 429 halves the allowed rate, successes add it back.
 :class:`Buckets` is the interface of a connection's request and token buckets, which
 :class:`LocalBuckets` implements in this process and ``limits_redis.RedisBuckets`` in Redis.
+:func:`server_budget` reads what an answer's ``x-ratelimit-*`` headers say is left of a model's
+budgets, and :class:`ServerPace` spreads it over the time to their resets.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
+
+from airflow_llm_async.core.retry import FORWARDED_PREFIXES
 
 # Buckets hold this many seconds of their rate: a short burst (or one large request) goes at once,
 # while thousands of queued calls do not all land on a provider that enforces its per-minute
@@ -261,3 +266,144 @@ class Limits(NamedTuple):
 
 
 NO_LIMITS = Limits()
+
+
+# --- what the server says is left: x-ratelimit-* headers on an answer -------------------------
+
+# Pace a model only when spreading what is left over the time to its reset spaces its calls at
+# least this far apart; below it (a high tier's 9,999 requests left, reset in 6 ms) the pace would
+# hold nothing back, and the model's calls keep the fast path.
+PACE_MIN_INTERVAL = 0.001
+# A reset further away than this is no window a chat model has; the header is garbage.
+MAX_RESET_SECONDS = 86_400.0
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_PLAIN_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+_COUNT = re.compile(r"\d{1,15}")
+
+
+class ServerWindow(NamedTuple):
+    """One budget as the server reported it: ``remaining`` requests or tokens, full again in ``reset`` s."""
+
+    remaining: int
+    reset: float
+
+
+class ServerBudget(NamedTuple):
+    """What an answer's ``x-ratelimit-*`` headers say is left of the model's budgets (None: not said)."""
+
+    requests: ServerWindow | None
+    tokens: ServerWindow | None
+
+    def tight(self, tokens: int) -> bool:
+        """Would spreading what is left over the time to the reset space calls of ``tokens`` apart?"""
+        return any(
+            window is not None and _spacing(window, cost) >= PACE_MIN_INTERVAL
+            for window, cost in ((self.requests, 1), (self.tokens, tokens))
+        )
+
+
+def _spacing(window: ServerWindow, cost: int) -> float:
+    if cost <= 0 or window.reset <= 0:
+        return 0.0
+    return math.inf if window.remaining <= 0 else window.reset * cost / window.remaining
+
+
+def server_budget(headers: Mapping[str, str]) -> ServerBudget | None:
+    """The budgets an answer's headers report; None when they report none (almost every answer).
+
+    ``headers`` must look names up case-insensitively (aiohttp's do) or have lowercase names. Each
+    budget is read from one source, the gateway's own headers first, then the ones it forwards from
+    the provider behind it (``llm_provider-x-ratelimit-...``), as for ``retry-after``; a source whose
+    remaining count or reset is missing or malformed is skipped.
+    """
+    requests = _window(headers, "requests")
+    tokens = _window(headers, "tokens")
+    if requests is None and tokens is None:
+        return None
+    return ServerBudget(requests, tokens)
+
+
+# Per budget, per source: the names of its remaining and reset headers (built once: every answer asks).
+_BUDGET_HEADERS = {
+    budget: tuple(
+        (f"{prefix}x-ratelimit-remaining-{budget}", f"{prefix}x-ratelimit-reset-{budget}")
+        for prefix in FORWARDED_PREFIXES
+    )
+    for budget in ("requests", "tokens")
+}
+
+
+def _window(headers: Mapping[str, str], budget: str) -> ServerWindow | None:
+    for remaining_name, reset_name in _BUDGET_HEADERS[budget]:
+        remaining = headers.get(remaining_name)
+        if remaining is None:
+            continue
+        reset = parse_duration(headers.get(reset_name))
+        remaining = remaining.strip()
+        if reset is not None and _COUNT.fullmatch(remaining):
+            return ServerWindow(int(remaining), reset)
+    return None
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in OpenAI's reset format (Go's: ``20ms``, ``1s``, ``6m0s``, ``1h2m3.5s``) or plain
+    seconds (``12``, ``0.5``); None for anything else, or beyond a day."""
+    if not isinstance(text, str) or len(text) > 40:
+        return None
+    text = text.strip()
+    if _PLAIN_SECONDS.fullmatch(text):
+        seconds = float(text)
+    else:
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            return None
+        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    return seconds if seconds <= MAX_RESET_SECONDS else None
+
+
+class ServerPace:
+    """Spreads what the server last said is left of a model's budgets over the time to their resets.
+
+    After :meth:`update` (an answer's budgets, at ``now``), a send of ``tokens`` may go once the share
+    of each budget booked since then is no larger than the share of its window gone by; a send that
+    does not fit in what is left waits for the reset. Nothing left: every send waits for the reset.
+    Past its reset a budget holds nothing back (the next answer says what is left of the new one).
+    """
+
+    __slots__ = ("_windows",)
+
+    def __init__(self) -> None:
+        # Per budget: [remaining, reset_at, since (the update's time), booked since then].
+        self._windows: dict[str, list[float]] = {}
+
+    def update(self, budget: ServerBudget, now: float) -> None:
+        """The latest answer's word: what it says replaces what earlier answers said."""
+        for name, window in (("requests", budget.requests), ("tokens", budget.tokens)):
+            if window is not None:
+                self._windows[name] = [window.remaining, now + window.reset, now, 0.0]
+
+    def reserve(self, tokens: int, now: float) -> float:
+        """Book a send of ``tokens``; the seconds to wait before sending it (0.0: go now)."""
+        go = now
+        booked = []
+        for name, cost in (("requests", 1), ("tokens", tokens)):
+            window = self._windows.get(name)
+            if window is None or cost <= 0:
+                continue
+            remaining, reset_at, since, used = window
+            if now >= reset_at:  # its window is over
+                del self._windows[name]
+                continue
+            if used + cost > remaining:
+                go = max(go, reset_at)
+            else:
+                go = max(go, since + (reset_at - since) * used / remaining)
+            booked.append((window, cost))
+        for window, cost in booked:
+            window[3] += cost
+        return go - now
+
+    def active(self, now: float) -> bool:
+        """Does any budget's window still run?"""
+        return any(now < window[1] for window in self._windows.values())

@@ -106,9 +106,10 @@ def retry_after_seconds(
     return max(0.0, moment.timestamp() - now())
 
 
-# A gateway's own header first, then the one it forwards from the provider behind it.
-_FORWARDED_PREFIXES = ("", "llm_provider-")
+# A gateway's own header first, then the one it forwards from the provider behind it (LiteLLM's
+# prefix); the rate-limit headers of an answer are read the same way (core.buckets.server_budget).
+FORWARDED_PREFIXES = ("", "llm_provider-")
 
 
 def _first(lowered: Mapping[str, str], name: str) -> str | None:
-    return next((lowered[p + name] for p in _FORWARDED_PREFIXES if p + name in lowered), None)
+    return next((lowered[p + name] for p in FORWARDED_PREFIXES if p + name in lowered), None)

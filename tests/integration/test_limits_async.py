@@ -524,3 +524,63 @@ async def test_calls_waiting_in_a_models_line_when_it_recovers_are_not_stranded(
     async with asyncio.timeout(5):
         await asyncio.gather(*holders, *late)
     assert len(granted) == 7 and limiter.stats()["in_flight"] == limiter.stats()["waiting"] == 0
+
+
+# --- the server's word: x-ratelimit-* headers on answers -----------------------------------------
+
+
+def budget_headers(remaining_requests: int, reset: str) -> dict[str, str]:
+    return {"x-ratelimit-remaining-requests": str(remaining_requests), "x-ratelimit-reset-requests": reset}
+
+
+async def test_nothing_left_holds_the_models_calls_until_the_reset_and_no_other_models():
+    clock = VirtualTime()
+    limiter = ConnectionLimiter("c", Limits(max_concurrency=10), clock=clock, sleep=clock.sleep)
+    async with limiter.slot(model="gpt-4") as permit:
+        pass
+    limiter.on_success(permit, budget_headers(0, "1.5s"))
+    assert limiter.stats()["models"]["gpt-4"]["paced"] is True
+    async with limiter.slot(model="gpt-3.5-turbo") as other:
+        pass
+    assert other.granted_at == 0.0 and not other.waited  # another model is not held
+    async with limiter.slot(model="gpt-4") as held:
+        pass
+    assert held.granted_at == 1.5 and held.waited  # the reset
+    limiter.on_success(held, budget_headers(5000, "1s"))  # the new window: plenty left
+    assert limiter.stats()["models"] == {}  # back on the fast path
+
+
+async def test_what_is_left_is_spread_over_the_time_to_the_reset():
+    clock = VirtualTime()
+    limiter = ConnectionLimiter("c", clock=clock, sleep=clock.sleep)
+    async with limiter.slot(model="m") as permit:
+        pass
+    limiter.on_success(permit, budget_headers(4, "2s"))
+    granted = []
+    for _ in range(6):
+        async with limiter.slot(model="m") as permit:
+            granted.append(permit.granted_at)
+    assert granted == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.0])  # the 5th waits for the reset
+
+
+async def test_plenty_left_keeps_the_model_on_the_fast_path():
+    limiter = ConnectionLimiter("c")
+    async with limiter.slot(model="m") as permit:
+        pass
+    limiter.on_success(permit, budget_headers(9999, "6ms"))
+    limiter.on_success(permit, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "?"})
+    assert limiter.stats()["models"] == {}
+
+
+async def test_a_429_on_a_paced_model_cuts_it_as_before_and_the_pace_goes_when_it_recovers():
+    clock = VirtualTime()
+    limiter = ConnectionLimiter("c", Limits(max_concurrency=8), clock=clock, sleep=clock.sleep)
+    async with limiter.slot(model="m") as permit:
+        pass
+    limiter.on_success(permit, budget_headers(1, "10s"))
+    limiter.on_rate_limited(permit)  # 0 in flight: its cap is cut to 1
+    assert limiter.stats()["models"]["m"]["max_concurrency"] == 1
+    assert limiter.stats()["models"]["m"]["paced"] is True
+    for _ in range(10):
+        limiter.on_success(permit, budget_headers(5000, "1s"))
+    assert limiter.stats()["models"] == {}

@@ -10,9 +10,21 @@ import math
 import random
 
 import pytest
+from multidict import CIMultiDict
 
 from airflow_llm_async.core import tokens
-from airflow_llm_async.core.buckets import BURST_SECONDS, AdaptiveRate, Limits, LocalBuckets, TokenBucket
+from airflow_llm_async.core.buckets import (
+    BURST_SECONDS,
+    AdaptiveRate,
+    Limits,
+    LocalBuckets,
+    ServerBudget,
+    ServerPace,
+    ServerWindow,
+    TokenBucket,
+    parse_duration,
+    server_budget,
+)
 from airflow_llm_async.core.protocol import Endpoint
 from airflow_llm_async.core.tokens import estimate_tokens
 from airflow_llm_async.limits import ConnectionLimiter, check_backend, limiter_for
@@ -290,6 +302,142 @@ def test_local_buckets_adjust_settles_and_refunds():
     assert buckets.snapshot() == {"requests_available": 9.0, "tokens_available": 70.0}
     buckets.adjust(-1, -30)
     assert buckets.snapshot() == {"requests_available": 10.0, "tokens_available": 100.0}
+
+
+# --- what the server says is left: x-ratelimit-* headers --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("20ms", 0.02),
+        ("1h2m3.5s", 3723.5),
+        ("0s", 0.0),
+        ("1.5µs", 1.5e-6),
+        ("12", 12.0),  # plain seconds, as some servers send
+        (" 0.5 ", 0.5),
+    ],
+)
+def test_reset_durations_in_openais_format_or_plain_seconds(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text", [None, "", "s", "-1s", "1e3", "inf", "nan", "1.s", "2d", "1s 2m", "1s2", "1 s", "25h", "9" * 50]
+)
+def test_a_reset_that_is_no_duration_is_ignored(text):
+    assert parse_duration(text) is None
+
+
+def openai_headers(**overrides) -> CIMultiDict:
+    """An OpenAI answer's rate-limit headers (mixed case, as a server may send them)."""
+    headers = CIMultiDict(
+        {
+            "X-RateLimit-Limit-Requests": "60",
+            "X-RateLimit-Remaining-Requests": "5",
+            "X-RateLimit-Reset-Requests": "2s",
+            "X-RateLimit-Limit-Tokens": "1000",
+            "X-RateLimit-Remaining-Tokens": "400",
+            "X-RateLimit-Reset-Tokens": "1m0s",
+        }
+    )
+    for name, value in overrides.items():
+        headers.popall(name.replace("_", "-"), None)
+        if value is not None:
+            headers[name.replace("_", "-")] = value
+    return headers
+
+
+def test_an_answers_budgets_are_read_from_its_headers():
+    assert server_budget(openai_headers()) == ServerBudget(ServerWindow(5, 2.0), ServerWindow(400, 60.0))
+
+
+def test_an_answer_without_rate_limit_headers_has_no_budget():
+    assert server_budget(CIMultiDict({"content-type": "application/json"})) is None
+    assert server_budget({}) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "budget"),
+    [
+        ({"x_ratelimit_remaining_requests": "lots"}, ServerBudget(None, ServerWindow(400, 60.0))),
+        ({"x_ratelimit_remaining_requests": "-1"}, ServerBudget(None, ServerWindow(400, 60.0))),
+        ({"x_ratelimit_remaining_requests": "4.5"}, ServerBudget(None, ServerWindow(400, 60.0))),
+        ({"x_ratelimit_reset_requests": "soon"}, ServerBudget(None, ServerWindow(400, 60.0))),
+        ({"x_ratelimit_reset_requests": None}, ServerBudget(None, ServerWindow(400, 60.0))),
+        ({"x_ratelimit_remaining_tokens": "", "x_ratelimit_remaining_requests": "x"}, None),
+    ],
+)
+def test_a_malformed_budget_is_ignored_and_the_other_kept(overrides, budget):
+    assert server_budget(openai_headers(**overrides)) == budget
+
+
+def test_a_gateways_own_budget_wins_over_the_one_it_forwards():
+    forwarded = CIMultiDict(
+        {
+            "llm_provider-x-ratelimit-remaining-requests": "0",
+            "llm_provider-x-ratelimit-reset-requests": "20ms",
+            "llm_provider-x-ratelimit-remaining-tokens": "900",
+            "llm_provider-x-ratelimit-reset-tokens": "6s",
+        }
+    )
+    assert server_budget(forwarded) == ServerBudget(ServerWindow(0, 0.02), ServerWindow(900, 6.0))
+    forwarded.update({"x-ratelimit-remaining-requests": "7", "x-ratelimit-reset-requests": "1s"})
+    assert server_budget(forwarded) == ServerBudget(ServerWindow(7, 1.0), ServerWindow(900, 6.0))
+    # The gateway's own count without a reset is no budget: the forwarded pair is read instead.
+    del forwarded["x-ratelimit-reset-requests"]
+    assert server_budget(forwarded).requests == ServerWindow(0, 0.02)
+
+
+@pytest.mark.parametrize(
+    ("budget", "tokens", "tight"),
+    [
+        (ServerBudget(ServerWindow(9999, 0.006), None), 100, False),  # a high tier: 0.6 us apart
+        (ServerBudget(ServerWindow(5, 2.0), None), 100, True),  # 0.4 s apart
+        (ServerBudget(ServerWindow(0, 0.5), None), 0, True),  # nothing left: wait for the reset
+        (ServerBudget(ServerWindow(0, 0.0), None), 0, False),  # nothing left, but reset already
+        (ServerBudget(None, ServerWindow(10**6, 1.0)), 100, False),  # 0.1 ms per call's tokens
+        (ServerBudget(None, ServerWindow(10**6, 1.0)), 10_000, True),  # 10 ms
+        (ServerBudget(None, ServerWindow(50, 1.0)), 0, False),  # a call of no tokens
+    ],
+)
+def test_a_budget_is_tight_when_spreading_it_spaces_calls_a_millisecond_apart(budget, tokens, tight):
+    assert budget.tight(tokens) is tight
+
+
+def test_pace_spreads_what_is_left_over_the_time_to_the_reset():
+    pace = ServerPace()
+    pace.update(ServerBudget(ServerWindow(4, 2.0), None), now=10.0)
+    # Four sends fit before the reset, half a second apart; a fifth waits for the reset.
+    assert [pace.reserve(1, 10.0) for _ in range(5)] == [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def test_pace_with_nothing_left_holds_every_send_until_the_reset_then_lets_go():
+    pace = ServerPace()
+    pace.update(ServerBudget(ServerWindow(0, 1.5), None), now=0.0)
+    assert pace.active(0.0)
+    assert pace.reserve(1, 0.0) == 1.5
+    assert pace.reserve(1, 1.0) == 0.5
+    assert pace.reserve(1, 1.5) == 0.0 and not pace.active(1.5)  # the window is over
+    assert pace.reserve(1, 1.5) == 0.0
+
+
+def test_pace_books_tokens_and_a_send_that_does_not_fit_waits_for_the_tokens_reset():
+    pace = ServerPace()
+    pace.update(ServerBudget(ServerWindow(100, 1.0), ServerWindow(1000, 10.0)), now=0.0)
+    assert pace.reserve(500, 0.0) == 0.0
+    assert pace.reserve(400, 0.0) == pytest.approx(5.0)  # half the tokens booked: half the window
+    assert pace.reserve(200, 5.0) == pytest.approx(5.0)  # 900 + 200 > 1000: the reset, at 10 s
+
+
+def test_the_latest_answer_replaces_what_earlier_ones_said():
+    pace = ServerPace()
+    pace.update(ServerBudget(ServerWindow(0, 30.0), None), now=0.0)
+    pace.update(ServerBudget(ServerWindow(10, 1.0), None), now=0.2)  # a newer answer: 10 left
+    assert pace.reserve(1, 0.2) == 0.0
+    assert pace.reserve(1, 0.2) == pytest.approx(0.1)
 
 
 # --- estimate_tokens --------------------------------------------------------------------------
