@@ -22,6 +22,9 @@ without a rule of its own). The header wins over the model's rule. A spec is::
 ``KIND`` is one of
 
 * ``429`` - rate limited, with ``retry-after`` (seconds) and ``retry-after-ms`` headers;
+* ``429gateway`` - a gateway's per-model rate limit the way LiteLLM's proxy answers it: status 429,
+  ``"code": "429"``, and only ``llm_provider-retry-after`` (whole seconds of ``retry_after_ms``,
+  at least 1): no ``retry-after``;
 * ``500``, ``502``, ``503`` - server errors; ``401`` - invalid API key; ``404`` - model not found;
   ``400`` - context length exceeded;
 * ``400auth``, ``400model`` - a rejected key and an unknown model the way LiteLLM's proxy answers
@@ -64,6 +67,19 @@ Test-control API (no auth)
   latency and answer, until ``POST /_fake/release``.
 * ``POST /_fake/reset`` - back to the start-up state: counters, start-up fault rules (re-armed),
   header rule counts, random seed, open gate.
+
+Rate limits per model
+---------------------
+``rate_limits={"gpt-4": RateLimit(requests=5, tokens=None, window=2.0)}`` gives a model a budget
+per window: the window opens with the model's first request and lasts ``window`` seconds; a request
+counts one request and its prompt tokens plus its ``max_tokens`` (as OpenAI's limiter counts them).
+A request the budget cannot take is answered 429 at once, as OpenAI does: ``type`` ``"requests"``
+or ``"tokens"``, code ``rate_limit_exceeded``, ``retry-after``/``retry-after-ms`` until the
+window ends. With ``rate_limit_headers`` (the default) every answer of the model, 429s included,
+carries OpenAI's ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*``
+(``requests``, and ``tokens`` when limited; the reset in OpenAI's format: ``350ms``, ``1.5s``,
+``1m0s``); ``rate_limit_headers=False`` sends none, as a server that does not report them.
+``POST /_fake/reset`` closes every window.
 
 Idle keep-alive connections
 ---------------------------
@@ -119,7 +135,7 @@ DEFAULT_RETRY_AFTER_MS = 200
 FAULT_HEADER = "x-fake-fault"
 LATENCY_HEADER = "x-fake-latency"
 ANY_MODEL = "*"
-ERROR_KINDS = ("400", "400auth", "400model", "401", "404", "429", "500", "502", "503")
+ERROR_KINDS = ("400", "400auth", "400model", "401", "404", "429", "429gateway", "500", "502", "503")
 FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "tool_calls", "refusal", "short", "length",
                "redirect", "endless", "echo", "stall", "none")  # fmt: skip
 REDIRECT_TARGET = "http://127.0.0.1:9/v1/chat/completions"
@@ -191,6 +207,17 @@ def parse_fault_spec(spec: str) -> FaultRule:
     return FaultRule(spec=spec.strip(), kind=match["kind"], remaining=count, probability=probability)
 
 
+def _check_rate_limits(
+    rate_limits: dict[str, RateLimit] | None, models: tuple[str, ...]
+) -> dict[str, RateLimit]:
+    for model, limit in (rate_limits or {}).items():
+        if model not in models:
+            raise ValueError(f"rate limit for unknown model {model!r}; known models are {list(models)}")
+        if not isinstance(limit, RateLimit):
+            raise ValueError(f"rate limit for {model!r} must be a RateLimit, got {type(limit).__name__}")
+    return dict(rate_limits or {})
+
+
 def _parse_rules(faults: dict[str, str] | None, models: tuple[str, ...]) -> dict[str, FaultRule]:
     rules = {}
     for model, spec in (faults or {}).items():
@@ -199,6 +226,44 @@ def _parse_rules(faults: dict[str, str] | None, models: tuple[str, ...]) -> dict
             raise ValueError(f"fault rule for unknown model {model!r}; known models are {list(models)}")
         rules[model] = parse_fault_spec(spec)
     return rules
+
+
+# --- rate limits ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A model's budget per window (module docstring): requests and/or tokens per ``window`` seconds."""
+
+    requests: int | None = None
+    tokens: int | None = None
+    window: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"RateLimit {name} must be an integer >= 1 or None, got {value!r}")
+        if self.requests is None and self.tokens is None:
+            raise ValueError("a RateLimit needs requests, tokens or both")
+        if not (math.isfinite(self.window) and self.window > 0):
+            raise ValueError(f"RateLimit window must be seconds > 0, got {self.window!r}")
+
+
+@dataclass
+class _Window:
+    ends: float
+    requests: int = 0
+    tokens: int = 0
+
+
+def _duration(seconds: float) -> str:
+    """Seconds the way OpenAI writes a reset: ``350ms``, ``1.5s``, ``1m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
 
 
 # --- server state -----------------------------------------------------------------------------
@@ -213,6 +278,9 @@ class _State:
     retry_after_ms: int
     initial_faults: dict[str, str]
     keepalive_timeout: float | None = None
+    rate_limits: dict[str, RateLimit] = field(default_factory=dict)
+    rate_limit_headers: bool = True
+    windows: dict[str, _Window] = field(default_factory=dict)  # each rate-limited model's open window
     rules: dict[str, FaultRule] = field(default_factory=dict)
     header_rules: dict[str, FaultRule] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
@@ -246,6 +314,7 @@ class _State:
         self.max_in_flight = self.in_flight
         self.connections = self.stale_resets = 0
         self.prompts_seen.clear()
+        self.windows.clear()
         for counter in (self.by_model, self.by_status, self.faults_applied):
             counter.clear()
 
@@ -283,6 +352,55 @@ class _State:
             return None
         self.faults_applied[rule.kind] += 1
         return rule.kind
+
+    def admit(self, chat: _Chat) -> web.Response | None:
+        """Count a request against its model's budget; the 429 when the budget cannot take it."""
+        limit = self.rate_limits.get(chat.model)
+        if limit is None:
+            return None
+        now = time.monotonic()
+        window = self.windows.get(chat.model)
+        if window is None or now >= window.ends:
+            window = self.windows[chat.model] = _Window(now + limit.window)
+        cost = chat.prompt_tokens + (chat.max_tokens or 0)
+        if limit.requests is not None and window.requests >= limit.requests:
+            return self._over_budget(chat.model, "requests", limit.requests, window.requests, 1)
+        if limit.tokens is not None and window.tokens + cost > limit.tokens:
+            return self._over_budget(chat.model, "tokens", limit.tokens, window.tokens, cost)
+        window.requests += 1
+        window.tokens += cost
+        return None
+
+    def budget_headers(self, model: str) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for ``model``'s budget now ({} without a limit or headers)."""
+        limit = self.rate_limits.get(model)
+        if limit is None or not self.rate_limit_headers:
+            return {}
+        now = time.monotonic()
+        window = self.windows.get(model)
+        if window is None or now >= window.ends:  # no window open: all of it is left
+            window = _Window(now)
+        headers = {}
+        for budget, allowed, used in (
+            ("requests", limit.requests, window.requests),
+            ("tokens", limit.tokens, window.tokens),
+        ):
+            if allowed is not None:
+                headers[f"x-ratelimit-limit-{budget}"] = str(allowed)
+                headers[f"x-ratelimit-remaining-{budget}"] = str(max(0, allowed - used))
+                headers[f"x-ratelimit-reset-{budget}"] = _duration(window.ends - now)
+        return headers
+
+    def _over_budget(self, model: str, budget: str, allowed: int, used: int, requested: int) -> web.Response:
+        wait = self.windows[model].ends - time.monotonic()
+        headers = {"retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000))}
+        headers.update(self.budget_headers(model))
+        unit = "RPM" if budget == "requests" else "TPM"
+        message = (
+            f"Rate limit reached for {model} in organization org-fake on {budget} per min ({unit}): "
+            f"Limit {allowed}, Used {used}, Requested {requested}. Please try again in {_duration(wait)}."
+        )
+        return _error(429, message, type_=budget, code="rate_limit_exceeded", headers=headers)
 
 
 STATE = web.AppKey("fake_llm_state", _State)
@@ -618,6 +736,10 @@ def _error_fault(kind: str, chat: _Chat, retry_after_ms: int) -> web.Response:
             f"Rate limit reached for {chat.model} (fake server). Please try again in {retry_after_ms}ms."
         )
         return _error(429, message, type_="rate_limit_error", code="rate_limit_exceeded", headers=headers)
+    if kind == "429gateway":  # LiteLLM's router: the deployment's rpm spent; only the prefixed header
+        headers = {"llm_provider-retry-after": str(max(1, math.ceil(retry_after_ms / 1000)))}
+        message = f"litellm.RateLimitError: Deployment over defined rpm limit for model={chat.model}."
+        return _error(429, message, type_="None", param="None", code="429", headers=headers)
     if kind == "401":
         return _error(401, _INCORRECT_KEY, code="invalid_api_key")
     if kind == "404":
@@ -775,6 +897,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     latency = _parse_latency(request, state.latency)
     if isinstance(latency, web.Response):
         return latency
+    refused = state.admit(chat)  # over the model's rate limit: answered at once, as OpenAI does
+    if refused is not None:
+        return refused
     try:
         fault = state.pick_fault(request.headers.get(FAULT_HEADER), chat.model)
     except ValueError as exc:
@@ -796,9 +921,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     if fault == "echo":
         lines = [f"{request.method} {request.path_qs}", *(f"{k}: {v}" for k, v in request.headers.items())]
         return web.Response(status=500, text="\n".join(lines))
-    if fault is not None:
-        return _content_fault(fault, chat)
-    return _answer(chat)
+    response = _answer(chat) if fault is None else _content_fault(fault, chat)
+    response.headers.update(state.budget_headers(chat.model))
+    return response
 
 
 def _model_object(model: str) -> dict[str, Any]:
@@ -930,6 +1055,8 @@ def create_app(
     access_log: bool = False,
     retry_after_ms: int = DEFAULT_RETRY_AFTER_MS,
     keepalive_timeout: float | None = DEFAULT_KEEPALIVE_TIMEOUT,
+    rate_limits: dict[str, RateLimit] | None = None,
+    rate_limit_headers: bool = True,
 ) -> web.Application:
     """The fake server's aiohttp application. Raises ValueError for a bad latency, model list or fault.
 
@@ -953,6 +1080,8 @@ def create_app(
         retry_after_ms=retry_after_ms,
         initial_faults=dict(faults or {}),
         keepalive_timeout=keepalive_timeout,
+        rate_limits=_check_rate_limits(rate_limits, models),
+        rate_limit_headers=rate_limit_headers,
     )
     state.reset()  # parses the fault rules, seeds the RNG and opens the gate
     middlewares = [_connections, _access_log] if access_log else [_connections]
@@ -1025,6 +1154,8 @@ class FakeLLMServer:
         retry_after_ms: int = DEFAULT_RETRY_AFTER_MS,
         shutdown_timeout: float = 5.0,
         keepalive_timeout: float | None = DEFAULT_KEEPALIVE_TIMEOUT,
+        rate_limits: dict[str, RateLimit] | None = None,
+        rate_limit_headers: bool = True,
     ) -> None:
         self.host = _loopback_host(host)
         self.port = port
@@ -1037,6 +1168,8 @@ class FakeLLMServer:
             access_log=access_log,
             retry_after_ms=retry_after_ms,
             keepalive_timeout=keepalive_timeout,
+            rate_limits=rate_limits,
+            rate_limit_headers=rate_limit_headers,
         )
         self._state = self.app[STATE]
         self._shutdown_timeout = shutdown_timeout

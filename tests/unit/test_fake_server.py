@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import signal
 import sys
@@ -20,10 +21,12 @@ import pytest
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 
+from airflow_llm_async.core.buckets import ServerBudget, ServerWindow, server_budget
 from airflow_llm_async.testing.fake_server import (
     DEFAULT_MODELS,
     REDIRECT_TARGET,
     FakeLLMServer,
+    RateLimit,
     create_app,
     estimate_tokens,
     main,
@@ -252,6 +255,7 @@ async def test_the_openai_clients_structured_parse_gets_a_typed_answer(client: A
     ("spec", "exc_class", "status", "error_type", "code"),
     [
         ("429", openai.RateLimitError, 429, "rate_limit_error", "rate_limit_exceeded"),
+        ("429gateway", openai.RateLimitError, 429, "None", "429"),  # LiteLLM's per-model rpm limit
         ("500", openai.InternalServerError, 500, "server_error", None),
         ("502", openai.InternalServerError, 502, "server_error", None),
         ("503", openai.InternalServerError, 503, "server_error", None),
@@ -478,6 +482,115 @@ async def test_count_modifier_fails_the_first_n_requests_then_answers(
     assert (await ask(client, "hello", model="gpt-4o")).choices  # other models are unaffected
     assert server.stats()["by_status"] == {"503": 2, "200": 2}
     assert server.faults() == {"gpt-4": "503*2"}
+
+
+async def test_a_gateways_per_model_429_carries_only_the_forwarded_retry_header(
+    server: FakeLLMServer,
+) -> None:
+    server.set_fault("gpt-4", "429gateway")
+    async with AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as c:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await ask(c, "hello")
+        assert (await ask(c, "hello", model="gpt-4o")).choices[0].finish_reason == "stop"  # one model only
+    headers = caught.value.response.headers
+    assert headers["llm_provider-retry-after"] == "1"  # 200 ms, in LiteLLM's whole seconds
+    assert "retry-after" not in headers and "retry-after-ms" not in headers
+
+
+async def raw_ask(client: AsyncOpenAI, model: str = "gpt-4", **kwargs: Any) -> Any:
+    """One completion with its answer's headers; a 429 as the openai client raises it."""
+    return await client.chat.completions.with_raw_response.create(model=model, messages=user("hi"), **kwargs)
+
+
+async def test_a_models_request_budget_is_reported_in_openais_headers_then_answered_429() -> None:
+    limits = {"gpt-4": RateLimit(requests=2, window=30.0)}
+    async with (
+        FakeLLMServer(rate_limits=limits) as srv,
+        AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0) as c,
+    ):
+        first, second = await raw_ask(c), await raw_ask(c)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await raw_ask(c)
+        other = await raw_ask(c, model="gpt-4o")  # a model without a limit: no headers, no 429
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
+    assert re.fullmatch(r"(29|30)(\.\d+)?s", second.headers["x-ratelimit-reset-requests"])
+    assert "x-ratelimit-remaining-tokens" not in second.headers  # no tokens limit: not reported
+    # Our reader understands them: nothing left for about 30 s.
+    budget = server_budget(second.headers)
+    assert budget.requests.remaining == 0 and 29 < budget.requests.reset <= 30 and budget.tokens is None
+    refused = caught.value
+    assert (refused.type, refused.code) == ("requests", "rate_limit_exceeded")
+    assert refused.response.headers["retry-after"] == "30"
+    assert 29_000 < int(refused.response.headers["retry-after-ms"]) <= 30_000
+    assert refused.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "x-ratelimit-remaining-requests" not in other.headers
+    assert srv.stats()["by_status"] == {"200": 3, "429": 1}
+
+
+async def test_a_models_token_budget_counts_prompt_and_max_tokens() -> None:
+    limits = {"gpt-4": RateLimit(tokens=100, window=30.0)}
+    async with (
+        FakeLLMServer(rate_limits=limits) as srv,
+        AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0) as c,
+    ):
+        answer = await raw_ask(c, max_tokens=40)  # "hi": 1 token + 3 per message + 3: 7, and 40
+        assert server_budget(answer.headers) == ServerBudget(None, ServerWindow(53, pytest.approx(30, abs=1)))
+        with pytest.raises(openai.RateLimitError) as caught:
+            await raw_ask(c, max_tokens=50)  # 57 more than the 53 left
+        assert caught.value.type == "tokens"
+        await raw_ask(c, max_tokens=46)  # fits exactly
+
+
+async def test_without_rate_limit_headers_the_budget_still_answers_429() -> None:
+    limits = {"gpt-4": RateLimit(requests=1, window=30.0)}
+    async with (
+        FakeLLMServer(rate_limits=limits, rate_limit_headers=False) as srv,
+        AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0) as c,
+    ):
+        answer = await raw_ask(c)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await raw_ask(c)
+        srv.reset()  # closes the window
+        await raw_ask(c)
+    assert not [name for name in answer.headers if name.startswith("x-ratelimit")]
+    assert not [name for name in caught.value.response.headers if name.startswith("x-ratelimit")]
+
+
+async def test_a_window_ends_and_the_whole_budget_is_back() -> None:
+    limits = {"gpt-4": RateLimit(requests=1, window=0.3)}
+    async with (
+        FakeLLMServer(rate_limits=limits) as srv,
+        AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0) as c,
+    ):
+        await raw_ask(c)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await raw_ask(c)
+        await asyncio.sleep(int(caught.value.response.headers["retry-after-ms"]) / 1000)
+        again = await raw_ask(c)
+    assert again.headers["x-ratelimit-remaining-requests"] == "0"  # the new window's one request
+
+
+@pytest.mark.parametrize(
+    ("limits", "match"),
+    [
+        ({"gpt-5": RateLimit(requests=1)}, "unknown model"),
+        ({"gpt-4": {"requests": 1}}, "must be a RateLimit"),
+    ],
+)
+def test_bad_rate_limits_are_refused(limits: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        create_app(rate_limits=limits)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"requests": 0}, {"tokens": True}, {"requests": 1, "window": 0}, {"tokens": 5, "window": math.inf}],
+)
+def test_a_bad_rate_limit_is_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="RateLimit"):
+        RateLimit(**kwargs)
 
 
 async def test_openai_retries_recover_from_a_counted_429(server: FakeLLMServer) -> None:
