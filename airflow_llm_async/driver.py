@@ -17,8 +17,8 @@ from typing import TypeVar
 
 from asgiref.sync import async_to_sync
 
-from airflow_llm_async import limits, metrics, transport
-from airflow_llm_async.core import fanout
+from airflow_llm_async import cache_store, limits, metrics, transport
+from airflow_llm_async.core import cache, fanout
 from airflow_llm_async.core.engine import Flow, NoAnswer, Reply, Send, Step, Wait, call_flow
 from airflow_llm_async.core.outcome import CallSpec, Outcome
 from airflow_llm_async.core.protocol import Endpoint, LLMCallError
@@ -81,7 +81,23 @@ def not_started(error: LLMCallError) -> Outcome:
     )
 
 
-async def run(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> Outcome:
+async def run(spec: CallSpec, endpoints: Mapping[str, Endpoint], *, looked_up: bool = False) -> Outcome:
+    """The call's answer from the response cache (``cache_ttl``), else what the engine's I/O gives.
+
+    ``looked_up``: the cache was asked already (a fan-out asks for all its items at once).
+    """
+    chain = cache.links(spec, endpoints)
+    if chain and not looked_up:
+        hit = await cache_store.lookup(spec, chain)
+        if hit is not None:
+            return hit
+    outcome = await _drive(spec, endpoints)
+    if chain:
+        await cache_store.keep(spec, chain, outcome)
+    return outcome
+
+
+async def _drive(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> Outcome:
     """Drive the engine until it returns the outcome."""
     flow = call_flow(spec, endpoints, observer=metrics, host=metrics.hostname(), pid=os.getpid())
     step = _advance(flow, None)
@@ -159,8 +175,13 @@ async def fan_out(
             on_record(index, record)
 
     async def call(index: int, spec: CallSpec) -> None:
-        land(index, fanout.to_record(await run(spec, endpoints)))
+        land(index, fanout.to_record(await run(spec, endpoints, looked_up=index in looked_up)))
 
+    # Every item's answer in the cache, in one lookup: the hits land at once, only the misses are sent.
+    waiting = [spec if record is None else None for spec, record in zip(specs, records, strict=True)]
+    hits, looked_up = await cache_store.lookup_many(waiting, endpoints)
+    for index, outcome in hits.items():
+        land(index, fanout.to_record(outcome))
     tasks = []
     try:
         for index, spec in enumerate(specs):

@@ -106,7 +106,7 @@ def usage(conn_id: str, model: str | None, usage: Mapping[str, int], cost_usd: f
 
 
 def count(name: str, conn_id: str, model: str | None) -> None:
-    """``retries``, ``fallbacks``, ``quality_failures``."""
+    """``retries``, ``fallbacks``, ``quality_failures``, ``cache_hits`` (no tokens, no cost: see usage())."""
     if not (_on if _on is not None else enabled()):
         return
     _count(name, (conn_id, model or "none"))

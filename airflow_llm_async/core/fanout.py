@@ -105,6 +105,8 @@ def to_record(outcome: Outcome) -> Record:
         )
     if outcome.cost_usd is not None:
         item["cost_usd"] = outcome.cost_usd
+    if outcome.cache_hit:  # only then: the records of calls made without the cache stay as they were
+        item["cache_hit"] = True
     return {"text": outcome.text, "meta": item}
 
 

@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import StartTriggerArgs
 
 from airflow_llm_async import compat, driver
-from airflow_llm_async.core import structured
+from airflow_llm_async.core import cache, structured
 from airflow_llm_async.core.outcome import (
     ON_QUALITY_FAILURE,
     RETURN_KEY,
@@ -71,6 +71,10 @@ class LLMOperator(BaseOperator):
     :param max_cost_usd: the most this call may cost, in US dollars, retries and fallbacks included:
         an attempt whose worst case (estimated prompt tokens and ``max_tokens`` at the model's price)
         would exceed it is not sent, and the next fallback is tried. Prices: docs/cost.md.
+    :param cache_ttl: seconds (or a timedelta) to keep this call's answer and reuse it for the same
+        request (base URL and the whole body: model, messages, temperature, every extra) instead of
+        calling again; default: off. Kept in the connection's ``cache_backend`` (Redis) or in this
+        process. A reused answer costs nothing (``llm_meta.cache_hit``). See docs/cache.md.
     :param timeout: overall time limit of the call, retries and fallbacks included (default:
         ``execution_timeout``); carried as a wall-clock deadline, so it holds while deferred.
     :param deferrable: wait in the triggerer (default); ``False`` runs the same code on the worker.
@@ -107,6 +111,7 @@ class LLMOperator(BaseOperator):
         quality_retries: int = 0,
         on_quality_failure: str = "fail",
         max_cost_usd: float | None = None,
+        cache_ttl: timedelta | float | None = None,
         timeout: timedelta | float | None = None,
         deferrable: bool | None = None,
         start_from_trigger: bool | None = None,
@@ -136,6 +141,7 @@ class LLMOperator(BaseOperator):
         self.quality_retries = quality_retries
         self.on_quality_failure = on_quality_failure
         self.max_cost_usd = max_cost_usd
+        self.cache_ttl = cache_ttl
         self.timeout = timeout
         self.deferrable = default_deferrable() if deferrable is None else deferrable
         self._validate()
@@ -201,6 +207,11 @@ class LLMOperator(BaseOperator):
             raise ValueError(
                 f"{where}: max_cost_usd must be a positive number of US dollars, got {self.max_cost_usd!r}."
             )
+        if self.cache_ttl is not None:
+            try:
+                cache.check_ttl(self.cache_ttl)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}.") from None
         if self.timeout is not None and (
             not isinstance(self.timeout, timedelta | int | float)
             or isinstance(self.timeout, bool)
@@ -278,6 +289,7 @@ class LLMOperator(BaseOperator):
             on_quality_failure=self.on_quality_failure,
             max_cost_usd=self.max_cost_usd,
             output=self.answer_output(),
+            cache_ttl=None if self.cache_ttl is None else cache.check_ttl(self.cache_ttl),
         )
 
     def answer_output(self) -> str:
