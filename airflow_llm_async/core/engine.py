@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from airflow_llm_async.core import pricing, protocol, tokens
+from airflow_llm_async.core.breaker import Skip
 from airflow_llm_async.core.outcome import Attempt, CallSpec, Outcome
 from airflow_llm_async.core.pricing import Price
 from airflow_llm_async.core.protocol import Completion, Endpoint, LLMCallError
@@ -51,9 +52,15 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Sleep, then reply with ``None``."""
+    """Sleep, then reply with ``None``.
+
+    A back-off before retrying a link names it: when that link's circuit is open the driver replies
+    at once with ``NoAnswer("circuit_open")`` instead, and the call moves on without waiting.
+    """
 
     seconds: float
+    endpoint: Endpoint | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +75,13 @@ class Answer:
 @dataclass(frozen=True, slots=True)
 class NoAnswer:
     """No answer: ``timeout`` (none within the time), ``connection`` (``detail`` says why),
-    ``too_large`` (more than the connection's ``max_response_bytes``; not read), or ``limits`` (the
-    connection's limits held the request until the deadline; it was never sent)."""
+    ``too_large`` (more than the connection's ``max_response_bytes``; not read), ``limits`` (the
+    connection's limits held the request until the deadline; it was never sent), or
+    ``circuit_open`` (the link's circuit breaker is open, ``circuit`` says why; never sent)."""
 
     kind: str
     detail: str = ""
+    circuit: Skip | None = None
 
 
 Step = Send | Wait
@@ -141,7 +150,8 @@ def call_flow(
     except LLMCallError as exc:
         return call.failure(exc, spec.chain[0][0], None)
     for position, (endpoint, model) in enumerate(targets):
-        outcome = yield from _ask(call, endpoint, model, position, rand)
+        last = position + 1 == len(targets)
+        outcome = yield from _ask(call, endpoint, model, position, rand, last)
         if outcome is not None:
             return outcome
         if position + 1 < len(targets):
@@ -153,9 +163,13 @@ def call_flow(
 
 
 def _ask(
-    call: _Call, endpoint: Endpoint, model: str, position: int, rand: Callable[[], float]
+    call: _Call, endpoint: Endpoint, model: str, position: int, rand: Callable[[], float], last: bool
 ) -> Generator[Step, Reply, Outcome | None]:
-    """One link of the chain: attempts until an answer passes (its outcome), or the link is done (None)."""
+    """One link of the chain: attempts until an answer passes (its outcome), or the link is done (None).
+
+    An open circuit ends the link at once, even in its retry loop; on the ``last`` link a call that
+    says ``circuit_open="wait"`` waits for the probe instead.
+    """
     spec, conn_id = call.spec, endpoint.conn_id
     policy = retry_policy(spec, endpoint)
     price = pricing.price_of(endpoint.prices, model)
@@ -171,6 +185,12 @@ def _ask(
             call.error = exc
             if exc.kind == "deadline":
                 return call.failure(exc, conn_id, model)
+            if exc.kind == "circuit_open":
+                pause = call.circuit_wait(exc, conn_id, model, last)
+                if isinstance(pause, Outcome) or pause is None:
+                    return pause
+                yield Wait(pause)
+                continue
             decision = policy.decide(exc.retryable, retries, exc.headers, rand=rand, now=call.clock.now)
             if decision.wait is None:
                 if exc.retryable and retries < policy.max_retries:  # a rule other than the count
@@ -184,7 +204,13 @@ def _ask(
                 "%s on %s: %s; retry %d of %d in %.2f s",
                 *(model, conn_id, exc.message, retries, policy.max_retries, decision.wait),
             )
-            yield Wait(decision.wait)
+            reply = yield Wait(decision.wait, endpoint, model)
+            if isinstance(reply, NoAnswer) and reply.kind == "circuit_open":  # opened meanwhile: move on now
+                exc = call.skipped(Attempt(conn_id, model), reply, endpoint)
+                pause = call.circuit_wait(exc, conn_id, model, last)
+                if isinstance(pause, Outcome) or pause is None:
+                    return pause
+                yield Wait(pause)
             continue
         failures = spec.quality.check(completion.text, completion.finish_reason)
         if not failures:
@@ -212,6 +238,8 @@ def _attempt(
         endpoint, model, body, timeout, tokens.estimate_tokens(spec.request), spec.deadline, attempt
     )
     attempt.status = reply.status if isinstance(reply, Answer) else None
+    if isinstance(reply, NoAnswer) and reply.kind == "circuit_open":
+        raise call.skipped(attempt, reply, endpoint, recorded=True)
     try:
         completion = _interpret(reply, endpoint, timeout, capped or call.past_deadline())
     except LLMCallError as exc:
@@ -277,7 +305,7 @@ class _Call:
     """One call's running state: its attempts, what they cost, and how it ends."""
 
     __slots__ = ("spec", "clock", "observer", "host", "pid", "error", "rejected", "attempts", "started",
-                 "started_at", "spent", "priced")  # fmt: skip
+                 "started_at", "spent", "priced", "skip")  # fmt: skip
 
     def __init__(
         self, spec: CallSpec, clock: Clock, observer: Observer, host: str | None, pid: int | None
@@ -293,6 +321,7 @@ class _Call:
         self.started_at = clock.now()
         self.spent = 0.0
         self.priced = True  # False once a model without a known price answered with tokens: total unknown
+        self.skip: Skip | None = None  # why the last link skipped was open
 
     def timeout(self, endpoint: Endpoint) -> tuple[float, bool]:
         """The attempt's time limit, and whether the deadline (not the connection's timeout) set it."""
@@ -314,6 +343,43 @@ class _Call:
             self.observer.error(endpoint.conn_id, model, refusal.kind)
             log.warning("%s on %s: %s", model, endpoint.conn_id, refusal.message)
         return refusal
+
+    def skipped(
+        self, attempt: Attempt, reply: NoAnswer, endpoint: Endpoint, *, recorded: bool = False
+    ) -> LLMCallError:
+        """A request not sent because its link's circuit is open: recorded in ``llm_meta`` as refused."""
+        skip = reply.circuit or Skip(0, reply.detail, self.clock.now())
+        self.skip = skip
+        conn_id, model = endpoint.conn_id, attempt.model
+        probe_in = max(0.0, skip.probe_at - self.clock.now())
+        probe_at = time.strftime("%H:%M:%S UTC", time.gmtime(skip.probe_at))
+        error = LLMCallError(
+            "circuit_open",
+            f"the circuit breaker of {model} on {conn_id!r} is open after {skip.failures} consecutive "
+            f"failures (last: {skip.last_error}); it probes the model again at {probe_at} (in {probe_in:.0f} "
+            f's). Add a fallback (fallback_models, fallback_conn_ids), pass circuit_open="wait" to wait for '
+            f'the probe, or turn the breaker off with the connection\'s extra "circuit_breaker": false',
+        )
+        attempt.result, attempt.reason = "error", error.to_dict()
+        if not recorded:
+            self.attempts.append(attempt)
+        self.error = error
+        self.observer.error(conn_id, model, "circuit_open")
+        return error
+
+    def circuit_wait(
+        self, error: LLMCallError, conn_id: str, model: str, last: bool
+    ) -> Outcome | float | None:
+        """After a skip: None (the link is done), seconds to wait for the probe, or the deadline's outcome."""
+        if not last or self.spec.circuit_open != "wait":
+            log.warning("%s on %s: circuit open, not sent", model, conn_id)
+            return None
+        assert self.skip is not None
+        pause = max(0.01, self.skip.probe_at - self.clock.now())
+        if self.spec.deadline is not None and self.clock.now() + pause >= self.spec.deadline:
+            return self.failure(_deadline_error(error), conn_id, model)
+        log.info("%s on %s: circuit open; waiting %.1f s for its probe", model, conn_id, pause)
+        return pause
 
     def past_deadline(self) -> bool:
         return self.spec.deadline is not None and self.spec.deadline <= self.clock.now()

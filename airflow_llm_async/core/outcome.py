@@ -24,6 +24,8 @@ from airflow_llm_async.core.quality import QualitySpec
 META_KEY = "llm_meta"
 RETURN_KEY = "return_value"
 ON_QUALITY_FAILURE = ("fail", "return")
+# What a call does when its last link's circuit breaker is open: fail at once, or wait for the probe.
+CIRCUIT_OPEN = ("fail", "wait")
 STATUSES = ("success", "error")
 # What a task returns of an answer: its text, or ("json") the document the text holds.
 OUTPUTS = ("text", "json")
@@ -42,7 +44,7 @@ class CallSpec:
     on_quality_failure: str = "fail"
     max_cost_usd: float | None = None  # refuse an attempt whose worst case would take the call past it
     output: str = "text"  # one of OUTPUTS
-    cache_ttl: float | None = None  # seconds an answer is kept and reused (core/cache.py); None: off
+    circuit_open: str = "fail"  # one of CIRCUIT_OPEN
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -56,8 +58,8 @@ class CallSpec:
             "max_cost_usd": self.max_cost_usd,
             "output": self.output,
         }
-        if self.cache_ttl is not None:  # only when set: the kwargs of a call without it stay as they were
-            data["cache_ttl"] = self.cache_ttl
+        if self.circuit_open != "fail":  # only when set: the kwargs of a call without it stay as they were
+            data["circuit_open"] = self.circuit_open
         return data
 
     @classmethod
@@ -70,9 +72,10 @@ class CallSpec:
             raise ValueError(f"on_quality_failure must be one of {list(ON_QUALITY_FAILURE)}")
         if data.get("output", "text") not in OUTPUTS:
             raise ValueError(f"output must be one of {list(OUTPUTS)}, got {data.get('output')!r}")
-        ttl = data.get("cache_ttl")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0):
-            raise ValueError(f"cache_ttl must be a positive number of seconds, got {ttl!r}")
+        if data.get("circuit_open", "fail") not in CIRCUIT_OPEN:
+            raise ValueError(
+                f"circuit_open must be one of {list(CIRCUIT_OPEN)}, got {data.get('circuit_open')!r}"
+            )
         return cls(
             request=dict(data.get("request") or {}),
             chain=chain,
@@ -83,7 +86,7 @@ class CallSpec:
             on_quality_failure=data.get("on_quality_failure", "fail"),
             max_cost_usd=data.get("max_cost_usd"),
             output=data.get("output", "text"),
-            cache_ttl=data.get("cache_ttl"),
+            circuit_open=data.get("circuit_open", "fail"),
         )
 
     @classmethod
@@ -153,7 +156,6 @@ class Outcome:
     finish_reason: str | None = None
     quality_failures: Sequence[Mapping[str, str]] = ()  # an answer returned although it failed them
     fallback_used: bool = False
-    cache_hit: bool = False  # answered from the response cache: nothing sent, nothing spent
 
     @property
     def ok(self) -> bool:
@@ -182,15 +184,12 @@ class Outcome:
             "finish_reason": self.finish_reason,
             "quality": {"passed": not self.quality_failures, "failures": list(self.quality_failures)},
             "fallback_used": self.fallback_used,
-            "cache_hit": self.cache_hit,
             **common,
         }
 
     def describe(self) -> str:
         """One line: what was answered, or the error and what each attempt did."""
         tried = "; ".join(f"{a.model}@{a.conn_id}: {a.result}" for a in self.attempts)
-        if self.ok and self.cache_hit:
-            return f"LLM call success: {self.model}, from the response cache (nothing sent)"
         if self.ok:
             attempts = len(self.attempts)
             return f"LLM call success: {self.model} after {attempts} attempt(s) in {self.latency_s:.2f} s"
@@ -237,7 +236,6 @@ class Outcome:
             finish_reason=meta.get("finish_reason"),
             quality_failures=quality.get("failures") or (),
             fallback_used=bool(meta.get("fallback_used")),
-            cache_hit=bool(meta.get("cache_hit")),  # older events have none
             **common,
         )
 

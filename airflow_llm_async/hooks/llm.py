@@ -15,7 +15,8 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from airflow.sdk.log import amask_secret, mask_secret
 
 from airflow_llm_async import compat, limits
-from airflow_llm_async.core import pricing
+from airflow_llm_async.core import breaker, pricing
+from airflow_llm_async.core.breaker import BreakerConfig
 from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price, PriceTableError
 from airflow_llm_async.core.protocol import DEFAULT_BASE_URL, Endpoint
 
@@ -33,8 +34,8 @@ _KNOWN_EXTRAS = (
     "headers",
     "max_retries",
     "rate_limit_backend",
-    "cache_backend",
     "prices",
+    "circuit_breaker",
     *_POSITIVE_INT_EXTRAS,
 )
 
@@ -47,10 +48,10 @@ class LLMHook(BaseHook):
     extra = ``default_model``, ``organization``, ``timeout`` (seconds per attempt), ``headers``,
     ``max_retries``, ``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``,
     ``rate_limit_backend`` (``redis://...`` to share the request/token buckets across hosts),
-    ``cache_backend`` (``redis://...``: where calls with ``cache_ttl`` keep answers; default: in this
-    process, see docs/cache.md),
     ``prices`` (``{"model": {"input": usd_per_1M_tokens, "output": usd_per_1M_tokens}}``, over the
-    built-in prices and ``[llm_async] prices_file``; see docs/cost.md).
+    built-in prices and ``[llm_async] prices_file``; see docs/cost.md), ``circuit_breaker``
+    (``{"failures": 5, "window_s": 30, "cooldown_s": 30}``, the default, or ``false``; see
+    docs/circuit-breaker.md).
 
     With no ``llm_default`` connection, the ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` environment
     variables are used, as the OpenAI SDK does.
@@ -190,12 +191,9 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
             raise LLMConfigError(
                 f"The LLM connection {conn_id!r} extra 'rate_limit_backend': {exc}"
             ) from None
-    if extra.get("cache_backend"):
-        try:
-            options["cache_backend"] = limits.check_backend(extra["cache_backend"], "cache_backend")
-        except ValueError as exc:
-            raise LLMConfigError(f"The LLM connection {conn_id!r} extra 'cache_backend': {exc}") from None
     options["prices"] = _price_table(conn_id, extra.get("prices"))
+    if "circuit_breaker" in extra:
+        options["circuit_breaker"] = _circuit_breaker(conn_id, extra["circuit_breaker"])
     headers = extra.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise LLMConfigError(
@@ -211,6 +209,36 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
         default_model=extra.get("default_model") or None,
         **options,
     )
+
+
+def _circuit_breaker(conn_id: str, given: Any) -> BreakerConfig | None:
+    """The extra ``circuit_breaker``: false (off), true or {} (the defaults), or some of the three fields."""
+    value = (
+        {"false": False, "true": True}.get(given.strip().lower(), given) if isinstance(given, str) else given
+    )
+    if value is False:
+        return None
+    if value is True:
+        value = {}
+    fields = tuple(breaker.DEFAULT.to_dict())
+    example = '{"failures": 5, "window_s": 30, "cooldown_s": 30}'
+    if not isinstance(value, dict) or set(value) - set(fields):
+        raise LLMConfigError(
+            f"The LLM connection {conn_id!r} extra 'circuit_breaker' must be false (off) or an object with "
+            f"any of {list(fields)}, e.g. {example}; got {given!r}."
+        )
+    options = {}
+    for name, number in value.items():
+        kind = int if name == "failures" else float
+        try:
+            options[name] = _positive(conn_id, name, number, kind)
+        except LLMConfigError:
+            raise LLMConfigError(
+                f"The LLM connection {conn_id!r} extra 'circuit_breaker' field {name!r} must be "
+                f"{'a positive integer' if kind is int else 'a positive number of seconds'}, got {number!r}; "
+                f"e.g. {example}."
+            ) from None
+    return BreakerConfig(**options)
 
 
 def _check_header_texts(conn_id: str, api_key: str, organization: Any, headers: dict[str, str]) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from airflow_llm_async.core.breaker import Skip
 from airflow_llm_async.core.engine import Answer, Clock, NoAnswer, Send, Wait, call_flow
 from airflow_llm_async.core.outcome import CallSpec, Outcome
 from airflow_llm_async.core.pricing import Price
@@ -86,8 +87,13 @@ def drive(
     latency: float = 0.5,
     clock: FakeClock | None = None,
     rand: float = 0.5,
+    on_wait: Callable[[Wait], object] | None = None,
 ) -> Run:
-    """Answer the n-th Send with ``replies[n]`` (or ``replies(send)``); each reply takes ``latency``."""
+    """Answer the n-th Send with ``replies[n]`` (or ``replies(send)``); each reply takes ``latency``.
+
+    A Wait is answered with None, or with ``on_wait(wait)`` when that is given and not None
+    (without the clock moving: the driver did not sleep).
+    """
     clock = clock or FakeClock()
     endpoints = endpoints or {c: endpoint(c) for c, _ in spec.chain}
     flow = call_flow(spec, endpoints, clock=clock.clock(), rand=lambda: rand, host="h", pid=1)
@@ -98,8 +104,9 @@ def drive(
             run.steps.append(step)
             assert len(run.steps) < 100, "the flow does not end"
             if isinstance(step, Wait):
-                clock.advance(step.seconds)
-                reply = None
+                reply = on_wait(step) if on_wait is not None else None
+                if reply is None:
+                    clock.advance(step.seconds)
             else:
                 reply = replies(step) if callable(replies) else replies[sent]
                 sent += 1
@@ -482,3 +489,76 @@ def test_the_cost_a_gateway_reports_wins_over_the_price_table():
     assert unpriced.outcome.cost_usd == pytest.approx(0.001)  # known although the table has no price
     dropped = drive(spec(), [answer(usage=(1000, 500), x_litellm_response_cost="None")])
     assert dropped.outcome.cost_usd == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)
+
+
+# ---- circuit breaker ------------------------------------------------------------------------------
+
+
+def circuit_open(probe_in: float = 20.0) -> NoAnswer:
+    return NoAnswer("circuit_open", circuit=Skip(5, "HTTP 503", START + probe_in))
+
+
+def test_an_open_circuit_moves_down_the_chain_at_once_and_is_recorded_as_not_sent():
+    run = drive(spec(models=("m1", "m2")), [circuit_open(), answer()])
+    assert run.sends == [("c1", "m1"), ("c1", "m2")] and run.waits == [] and run.outcome.ok
+    skipped = run.outcome.attempts[0]
+    assert (skipped.model, skipped.status, skipped.result, skipped.reason["kind"]) == (
+        "m1", None, "error", "circuit_open"
+    )  # fmt: skip
+    assert run.outcome.fallback_used
+
+
+def test_a_circuit_that_opens_during_a_retrys_back_off_ends_the_link_without_waiting():
+    waits = []
+
+    def on_wait(wait: Wait) -> object:
+        waits.append((wait.endpoint.conn_id, wait.model))
+        return circuit_open()
+
+    run = drive(spec(models=("m1", "m2"), max_retries=2), [error(503), answer()], on_wait=on_wait)
+    assert run.sends == [("c1", "m1"), ("c1", "m2")] and run.outcome.ok
+    assert waits == [("c1", "m1")]  # the back-off names its link, so the driver can answer it
+    assert [a.reason and a.reason["kind"] for a in run.outcome.attempts] == ["server", "circuit_open", None]
+
+
+def test_with_no_fallback_left_an_open_circuit_fails_fast_naming_connection_model_failures_and_probe():
+    run = drive(spec(models=("m1",), conns=("c1",)), [circuit_open(probe_in=20.0)])
+    error_ = run.outcome.error
+    assert run.waits == [] and error_.kind == "circuit_open" and not error_.retryable
+    assert "m1 on 'c1'" in error_.message and "5 consecutive failures (last: HTTP 503)" in error_.message
+    assert "(in 20 s)" in error_.message and "22:13:40 UTC" in error_.message  # START + 20 s
+    assert 'circuit_open="wait"' in error_.message and '"circuit_breaker": false' in error_.message
+
+
+def test_circuit_open_wait_waits_for_the_probe_on_the_last_link_then_sends_again():
+    run = drive(spec(circuit_open="wait"), [circuit_open(probe_in=20.0), answer()], latency=0.0)
+    assert run.sends == [("c1", "m1"), ("c1", "m1")] and run.waits == [20.0] and run.outcome.ok
+    assert run.outcome.attempts[0].reason["kind"] == "circuit_open"
+
+
+def test_circuit_open_wait_still_takes_a_fallback_first():
+    run = drive(spec(models=("m1", "m2"), circuit_open="wait"), [circuit_open(), answer()])
+    assert run.sends == [("c1", "m1"), ("c1", "m2")] and run.waits == []
+
+
+def test_circuit_open_wait_fails_at_once_when_the_probe_comes_after_the_deadline():
+    run = drive(spec(circuit_open="wait", deadline=START + 10), [circuit_open(probe_in=20.0)], latency=0.0)
+    assert run.waits == [] and run.outcome.error.kind == "deadline"
+    assert "circuit breaker" in run.outcome.error.message
+
+
+def test_a_skip_is_reported_to_the_observer_as_a_refusal_not_an_attempt():
+    recorder = Recorder()
+    flow = call_flow(spec(models=("m1", "m2")), {"c1": endpoint()}, observer=recorder)
+    next(flow)
+    flow.send(circuit_open())
+    assert ("error", "m1", "circuit_open") in recorder.events
+    assert not [e for e in recorder.events if e[0] == "attempt"]
+
+
+def test_circuit_open_round_trips_in_the_spec_and_a_bad_value_is_refused():
+    waiting = spec(circuit_open="wait")
+    assert CallSpec.from_json(waiting.to_json()) == waiting
+    assert "circuit_open" not in spec().to_json()  # kwargs of a call without it stay as they were
+    with pytest.raises(ValueError, match="circuit_open must be one of"):
+        CallSpec.from_json({**spec().to_json(), "circuit_open": "retry"})

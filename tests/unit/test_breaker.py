@@ -1,0 +1,228 @@
+"""The circuit breaker's policy (core/breaker.py), on a fake clock: every state and every transition.
+
+Closed -> open after N consecutive retryable failures within the window; open -> half-open after the
+cool-down, where exactly one call goes out as the probe; its success closes, its failure re-opens.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from airflow_llm_async.core import breaker
+from airflow_llm_async.core.breaker import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    PROBE,
+    SEND,
+    BreakerConfig,
+    Skip,
+    State,
+    admit,
+    peek,
+    record,
+    release,
+    verdict,
+)
+
+CONFIG = BreakerConfig(failures=3, window_s=10.0, cooldown_s=30.0)
+LEASE = 20.0
+
+
+def fail(
+    state: State, now: float, *, probe: bool = False, error: str = "HTTP 503"
+) -> tuple[State, str | None]:
+    return record(state, CONFIG, now, True, error, probe=probe)
+
+
+def succeed(state: State, now: float, *, probe: bool = False) -> tuple[State, str | None]:
+    return record(state, CONFIG, now, False, probe=probe)
+
+
+def opened_at(now: float) -> State:
+    state = State()
+    for t in (now - 2, now - 1, now):
+        state, change = fail(state, t)
+    assert change == "opened"
+    return state
+
+
+def test_the_defaults_are_those_the_issue_names():
+    assert breaker.DEFAULT.to_dict() == {"failures": 5, "window_s": 30.0, "cooldown_s": 30.0}
+
+
+def test_a_new_breaker_is_closed_and_lets_every_call_go():
+    assert State().status(0.0) == CLOSED
+    assert admit(State(), CONFIG, 0.0, LEASE) == (SEND, State())
+    assert peek(State(), CONFIG, 0.0) is None
+
+
+def test_it_opens_on_the_nth_consecutive_failure_within_the_window():
+    state = State()
+    state, change = fail(state, 100.0)
+    assert (state.status(100.0), change) == (CLOSED, None)
+    state, change = fail(state, 101.0)
+    assert (state.status(101.0), change) == (CLOSED, None)
+    state, change = fail(state, 102.0, error="timeout")
+    assert (state.status(102.0), change) == (OPEN, "opened")
+    assert state.open_until == 132.0 and state.opened == 1 and state.last_error == "timeout"
+
+
+def test_a_success_between_failures_starts_the_count_again():
+    state, _ = fail(State(), 100.0)
+    state, _ = fail(state, 101.0)
+    state, change = succeed(state, 101.5)
+    assert state.failures == () and change is None
+    state, _ = fail(state, 102.0)
+    state, change = fail(state, 103.0)
+    assert state.status(103.0) == CLOSED and change is None
+
+
+def test_failures_older_than_the_window_do_not_count():
+    state, _ = fail(State(), 100.0)
+    state, _ = fail(state, 105.0)
+    state, change = fail(state, 110.5)  # the first is 10.5 s old: two within 10 s
+    assert change is None and state.failures == (105.0, 110.5)
+    state, change = fail(state, 112.0)
+    assert change == "opened"
+
+
+def test_a_failure_exactly_at_the_windows_edge_still_counts():
+    state, _ = fail(State(), 100.0)
+    state, _ = fail(state, 105.0)
+    _, change = fail(state, 110.0)
+    assert change == "opened"
+
+
+def test_a_threshold_of_one_opens_on_the_first_failure():
+    config = BreakerConfig(failures=1, window_s=1.0, cooldown_s=5.0)
+    state, change = record(State(), config, 0.0, True, "HTTP 500")
+    assert change == "opened" and state.open_until == 5.0 and state.failures == (0.0,)
+
+
+def test_an_open_circuit_skips_every_call_until_the_cool_down_ends():
+    state = opened_at(100.0)
+    for now in (100.0, 115.0, 129.99):
+        decision, after = admit(state, CONFIG, now, LEASE)
+        assert decision == Skip(failures=3, last_error="HTTP 503", probe_at=130.0) and after == state
+        assert peek(state, CONFIG, now) == decision
+
+
+def test_after_the_cool_down_exactly_one_call_is_the_probe_and_the_others_skip():
+    state = opened_at(100.0)
+    assert state.status(130.0) == HALF_OPEN
+    assert peek(state, CONFIG, 130.0) is None  # peeking does not take the probe
+    decision, state = admit(state, CONFIG, 130.0, LEASE)
+    assert decision == PROBE and state.probe_until == 150.0
+    for now in (130.0, 131.0, 149.0):
+        other, unchanged = admit(state, CONFIG, now, LEASE)
+        assert isinstance(other, Skip) and unchanged == state
+        # they look again within a tenth of the cool-down, or when the probe must have reported
+        assert other.probe_at == min(150.0, now + 3.0)
+
+
+def test_the_probes_success_closes_the_circuit_and_forgets_the_failures():
+    _, state = admit(opened_at(100.0), CONFIG, 130.0, LEASE)
+    state, change = succeed(state, 131.0, probe=True)
+    assert change == "closed" and state == State(opened=1)
+    assert admit(state, CONFIG, 131.0, LEASE)[0] == SEND
+
+
+def test_the_probes_failure_opens_it_again_for_a_whole_cool_down():
+    _, state = admit(opened_at(100.0), CONFIG, 130.0, LEASE)
+    state, change = fail(state, 135.0, probe=True, error="connection")
+    assert change == "opened" and state.status(135.0) == OPEN
+    assert state.open_until == 165.0 and state.probe_until is None and state.last_error == "connection"
+    assert state.opened == 1  # the same outage: counted once
+    decision, _ = admit(state, CONFIG, 165.0, LEASE)
+    assert decision == PROBE
+
+
+def test_a_probe_that_never_reports_lets_another_go_once_its_lease_ends():
+    _, state = admit(opened_at(100.0), CONFIG, 130.0, LEASE)
+    assert isinstance(admit(state, CONFIG, 149.9, LEASE)[0], Skip)
+    decision, state = admit(state, CONFIG, 150.0, LEASE)
+    assert decision == PROBE and state.probe_until == 170.0
+
+
+def test_a_released_probe_lets_the_next_call_probe_at_once():
+    _, state = admit(opened_at(100.0), CONFIG, 130.0, LEASE)
+    state = release(state)
+    assert admit(state, CONFIG, 130.5, LEASE)[0] == PROBE
+    assert release(State()) == State()
+
+
+@pytest.mark.parametrize("failed", [True, False])
+def test_late_results_of_calls_sent_before_it_opened_change_nothing(failed):
+    state = opened_at(100.0)
+    assert record(state, CONFIG, 101.0, failed, "HTTP 502") == (state, None)
+    _, half_open = admit(state, CONFIG, 130.0, LEASE)
+    assert record(half_open, CONFIG, 131.0, failed, "HTTP 502") == (half_open, None)
+
+
+def test_a_success_on_a_closed_circuit_without_failures_keeps_the_same_state():
+    state = State()
+    assert succeed(state, 1.0) == (state, None)
+
+
+def test_every_sequence_of_events_keeps_the_invariants():
+    """All sequences of 7 events from {fail, succeed, admit, release} over a moving clock."""
+    events = ("fail", "ok", "admit", "release")
+    for sequence in itertools.product(events, repeat=7):
+        state, now, probe_out, granted = State(), 0.0, False, 0.0
+        for event in sequence:
+            now += 6.0
+            if event == "admit":
+                decision, state = admit(state, CONFIG, now, LEASE)
+                if decision == PROBE:
+                    assert (
+                        not probe_out or now >= granted + LEASE
+                    )  # one probe at a time, unless its lease ended
+                    probe_out, granted = True, now
+                if isinstance(decision, Skip):
+                    assert state.status(now) != CLOSED and decision.probe_at > now
+            elif event == "release":
+                state, probe_out = release(state), False
+            else:
+                status = state.status(now)
+                state, change = record(state, CONFIG, now, event == "fail", "x", probe=probe_out)
+                if change == "closed":
+                    assert probe_out and status == HALF_OPEN and state.failures == ()
+                if change == "opened":
+                    assert event == "fail" and state.open_until == now + CONFIG.cooldown_s
+                probe_out = False
+            assert len(state.failures) <= CONFIG.failures
+            assert (state.open_until is None) == (state.status(now) == CLOSED)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "expected"),
+    [
+        (500, "server", True),
+        (502, "server", True),
+        (503, "server", True),
+        (504, "server", True),
+        (None, "timeout", True),
+        (None, "connection", True),
+        (200, None, False),
+        (400, "client", False),
+        (401, "client", False),
+        (404, "client", False),
+        (408, "server", False),  # a 4xx: the server is up
+        (429, "rate_limit", False),  # the limiter's business
+        (None, "limits", None),  # never sent
+        (None, "too_large", None),
+        (None, "circuit_open", None),
+    ],
+)
+def test_only_5xx_timeouts_and_connection_errors_count_as_failures(status, kind, expected):
+    assert verdict(status, kind) is expected
+
+
+def test_a_stored_state_round_trips_and_garbage_reads_as_closed():
+    state = opened_at(100.0)
+    assert State.from_dict(state.to_dict()) == state
+    for garbage in (None, "x", {"failures": "abc"}, {"open_until": "soon"}):
+        assert State.from_dict(garbage) == State()
