@@ -45,6 +45,7 @@ class CallSpec:
     max_cost_usd: float | None = None  # refuse an attempt whose worst case would take the call past it
     output: str = "text"  # one of OUTPUTS
     circuit_open: str = "fail"  # one of CIRCUIT_OPEN
+    cache_ttl: float | None = None  # seconds an answer is kept and reused (core/cache.py); None: off
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -58,7 +59,9 @@ class CallSpec:
             "max_cost_usd": self.max_cost_usd,
             "output": self.output,
         }
-        if self.circuit_open != "fail":  # only when set: the kwargs of a call without it stay as they were
+        if self.cache_ttl is not None:  # only when set: the kwargs of a call without it stay as they were
+            data["cache_ttl"] = self.cache_ttl
+        if self.circuit_open != "fail":  # likewise
             data["circuit_open"] = self.circuit_open
         return data
 
@@ -76,6 +79,9 @@ class CallSpec:
             raise ValueError(
                 f"circuit_open must be one of {list(CIRCUIT_OPEN)}, got {data.get('circuit_open')!r}"
             )
+        ttl = data.get("cache_ttl")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0):
+            raise ValueError(f"cache_ttl must be a positive number of seconds, got {ttl!r}")
         return cls(
             request=dict(data.get("request") or {}),
             chain=chain,
@@ -86,6 +92,7 @@ class CallSpec:
             on_quality_failure=data.get("on_quality_failure", "fail"),
             max_cost_usd=data.get("max_cost_usd"),
             output=data.get("output", "text"),
+            cache_ttl=data.get("cache_ttl"),
             circuit_open=data.get("circuit_open", "fail"),
         )
 
@@ -156,6 +163,7 @@ class Outcome:
     finish_reason: str | None = None
     quality_failures: Sequence[Mapping[str, str]] = ()  # an answer returned although it failed them
     fallback_used: bool = False
+    cache_hit: bool = False  # answered from the response cache: nothing sent, nothing spent
 
     @property
     def ok(self) -> bool:
@@ -184,12 +192,15 @@ class Outcome:
             "finish_reason": self.finish_reason,
             "quality": {"passed": not self.quality_failures, "failures": list(self.quality_failures)},
             "fallback_used": self.fallback_used,
+            "cache_hit": self.cache_hit,
             **common,
         }
 
     def describe(self) -> str:
         """One line: what was answered, or the error and what each attempt did."""
         tried = "; ".join(f"{a.model}@{a.conn_id}: {a.result}" for a in self.attempts)
+        if self.ok and self.cache_hit:
+            return f"LLM call success: {self.model}, from the response cache (nothing sent)"
         if self.ok:
             attempts = len(self.attempts)
             return f"LLM call success: {self.model} after {attempts} attempt(s) in {self.latency_s:.2f} s"
@@ -236,6 +247,7 @@ class Outcome:
             finish_reason=meta.get("finish_reason"),
             quality_failures=quality.get("failures") or (),
             fallback_used=bool(meta.get("fallback_used")),
+            cache_hit=bool(meta.get("cache_hit")),  # older events have none
             **common,
         )
 

@@ -93,6 +93,9 @@ class Endpoint:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a larger answer is not read
     # Shared request/token buckets across triggerer hosts, e.g. redis://host:6379/0 (may hold a password).
     rate_limit_backend: str | None = field(default=None, repr=False)
+    # Where answers of calls with cache_ttl are kept: a Redis URL shared by every host (may hold a
+    # password), or None for this process's own bounded cache (cache_store.py).
+    cache_backend: str | None = field(default=None, repr=False)
     # USD per million tokens by model: the defaults, the prices file, the connection's `prices` extra.
     prices: Mapping[str, Price] = field(default_factory=lambda: DEFAULT_PRICES, repr=False)
     # Per model on this connection (core/breaker.py); None: the extra `circuit_breaker: false` turned it off.

@@ -34,6 +34,7 @@ _KNOWN_EXTRAS = (
     "headers",
     "max_retries",
     "rate_limit_backend",
+    "cache_backend",
     "prices",
     "circuit_breaker",
     *_POSITIVE_INT_EXTRAS,
@@ -48,6 +49,8 @@ class LLMHook(BaseHook):
     extra = ``default_model``, ``organization``, ``timeout`` (seconds per attempt), ``headers``,
     ``max_retries``, ``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``,
     ``rate_limit_backend`` (``redis://...`` to share the request/token buckets across hosts),
+    ``cache_backend`` (``redis://...``: where calls with ``cache_ttl`` keep answers; default: in this
+    process, see docs/cache.md),
     ``prices`` (``{"model": {"input": usd_per_1M_tokens, "output": usd_per_1M_tokens}}``, over the
     built-in prices and ``[llm_async] prices_file``; see docs/cost.md), ``circuit_breaker``
     (``{"failures": 5, "window_s": 30, "cooldown_s": 30}``, the default, or ``false``; see
@@ -191,6 +194,11 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
             raise LLMConfigError(
                 f"The LLM connection {conn_id!r} extra 'rate_limit_backend': {exc}"
             ) from None
+    if extra.get("cache_backend"):
+        try:
+            options["cache_backend"] = limits.check_backend(extra["cache_backend"], "cache_backend")
+        except ValueError as exc:
+            raise LLMConfigError(f"The LLM connection {conn_id!r} extra 'cache_backend': {exc}") from None
     options["prices"] = _price_table(conn_id, extra.get("prices"))
     if "circuit_breaker" in extra:
         options["circuit_breaker"] = _circuit_breaker(conn_id, extra["circuit_breaker"])
