@@ -9,6 +9,7 @@ import pytest
 
 from tests.e2e.conftest import API_KEY, ECHOED_SECRETS
 from tests.e2e.polling import wait_for
+from tests.e2e.server_calls import assert_requests_explained
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +77,8 @@ def test_content_pipeline_waits_in_the_triggerer_and_ends_with_an_analysis(airfl
     prompt, completion = meta["usage"]["prompt_tokens"], meta["usage"]["completion_tokens"]
     assert meta["cost_usd"] == pytest.approx((prompt * 30 + completion * 60) / 1e6)  # gpt-4's default price
     assert meta["started_at"] <= meta["finished_at"] and meta["host"] == "127.0.0.1" and meta["pid"] > 0
+    # No fault injected: each call reached the server once per attempt its llm_meta records.
+    assert_requests_explained(airflow, fake_llm.stats(), [(PIPELINE, run_id)])
     assert fake_llm.stats()["requests"] == 6
 
 

@@ -7,6 +7,7 @@ import pytest
 from airflow_llm_async.testing.fake_server import compose_answer
 from tests.e2e.dags.e2e_fanout import PROMPTS
 from tests.e2e.polling import wait_for
+from tests.e2e.server_calls import assert_requests_explained
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +61,8 @@ def test_the_fanout_pipeline_summarises_every_article_in_one_worker_free_task(ai
     assert meta["totals"]["succeeded"] == 5 and meta["totals"]["total_tokens"] > 0
     assert {(i["model"], i["quality"]["passed"]) for i in meta["items"]} == {("gpt-4", True)}
     assert airflow.xcom(PIPELINE, run_id, "analyze_trends", key="analysis")
+    # No fault injected: each call reached the server once per attempt its llm_meta records.
+    assert_requests_explained(airflow, fake_llm.stats(), [(PIPELINE, run_id)])
     assert fake_llm.stats()["requests"] == 6
     # The progress parts are gone once the list is pushed.
     keys = airflow.api(

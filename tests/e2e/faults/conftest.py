@@ -3,8 +3,9 @@
 Both are package-scoped: every module under tests/e2e/faults shares them (one start-up; the DB is a
 copy of the run's migrated template, tests/e2e/conftest.py). They run in one process (xdist group
 ``faults``), beside the shared deployment of the other e2e modules, which they never touch.
-The stack uses AirflowStack's defaults plus ``FAST_TAKEOVER`` (see ``_support.py``), so a killed
-triggerer's triggers move to the other one about 6 s after its last heartbeat instead of 30 s.
+The stack uses AirflowStack's defaults plus ``TRIGGERER_CONFIG`` (see ``_support.py``): a killed
+triggerer's triggers move to the other one about 30 s after its last heartbeat. Each triggerer first
+ends one task alone (``warm_triggerers``): its one long stall, paid with no call in flight.
 
 Figures the tests measure (calls replayed, takeover time, ...) are collected with the ``figures``
 fixture and printed at the end of the run, under "fault survival figures".
@@ -21,7 +22,7 @@ from airflow_llm_async.testing.airflow_stack import AirflowStack
 from airflow_llm_async.testing.fake_server_process import FakeServerProcess
 from tests.conftest import FIGURES_FILE
 from tests.e2e.conftest import postgres_database, run_root
-from tests.e2e.faults._support import API_KEY, FAST_TAKEOVER, connections_env
+from tests.e2e.faults._support import API_KEY, TRIGGERER_CONFIG, connections_env, warm_triggerers
 
 DAGS = Path(__file__).resolve().parent / "dags"
 
@@ -47,10 +48,11 @@ def fault_stack(tmp_path_factory, fault_llm, postgres_template):
             triggerers=2,
             parallelism=8,
             env=connections_env(fault_llm.base_url),
-            config=FAST_TAKEOVER,
+            config=TRIGGERER_CONFIG,
             migrate=False,
         )
         with stack:
+            warm_triggerers(stack)
             yield stack
 
 

@@ -16,7 +16,13 @@ from urllib.parse import urlsplit
 import pytest
 
 from airflow_llm_async.testing.fake_server import LATENCY_HEADER
-from tests.e2e.faults._support import API_KEY, chat_requests, connections_to, expected_answer
+from tests.e2e.faults._support import (
+    API_KEY,
+    chat_requests,
+    connections_to,
+    expected_answer,
+    restart_triggerers,
+)
 from tests.e2e.faults.dags.faults_kill_fanout import ITEMS, PROMPTS
 from tests.e2e.polling import wait_for
 
@@ -51,9 +57,7 @@ def _stored_records(stack, run_id: str) -> int:
 
 def test_kill_9_mid_fan_out_replays_only_the_unfinished_items(fault_stack, fault_llm, figures):
     stack, server = fault_stack, fault_llm
-    for name in TRIGGERERS:  # an earlier test may have killed one
-        if not stack.is_running(name):
-            stack.restart_process(name, timeout=240)
+    restart_triggerers(stack)  # an earlier test may have killed one
     _create_connection(stack, server.base_url)
     stack.wait_for_dag(DAG_ID, timeout=240)
     stack.unpause(DAG_ID)

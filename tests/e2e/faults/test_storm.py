@@ -49,7 +49,7 @@ def test_a_429_storm_ends_with_every_task_answered_within_its_retries(fault_stac
     assert max(refused_per_task) < MAX_RETRIES, refused_per_task
     refused = server.stats()["by_status"]["429"]
     # The whole storm happened; each refusal is in the llm_meta of the call it hit, unless that call's
-    # trigger was started again (a false takeover on a loaded machine: see _support.FAST_TAKEOVER).
+    # trigger was started again (a false takeover on a loaded machine: see _support.TRIGGERER_CONFIG).
     reruns = sum(len(starts) - 1 for starts in trigger_starts(stack, DAG_ID, run_id).values())
     assert refused == REFUSALS, server.stats()
     assert sum(refused_per_task) == REFUSALS or reruns, (refused_per_task, reruns)

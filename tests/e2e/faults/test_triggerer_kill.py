@@ -18,6 +18,7 @@ from tests.e2e.faults._support import (
     chat_requests,
     connections_to,
     expected_answer,
+    restart_triggerers,
     ti_label,
     trigger_starts,
 )
@@ -64,9 +65,7 @@ def _dead_job(stack, candidates: set[int], timeout: float = 90) -> int:
 
 
 def _kill_triggerer_mid_flight(stack, server, dag_id: str, prompt_of, figures, label: str) -> None:
-    for name in TRIGGERERS:  # an earlier test may have killed one
-        if not stack.is_running(name):
-            stack.restart_process(name, timeout=240)
+    restart_triggerers(stack)  # an earlier test may have killed one
     stack.wait_for_dag(dag_id, timeout=240)
     stack.unpause(dag_id)
     server.reset()
