@@ -67,6 +67,12 @@ class BudgetConfig:
         year, month = (today.tm_year + 1, 1) if today.tm_mon == 12 else (today.tm_year, today.tm_mon + 1)
         return time.strftime("%Y-%m", today), float(calendar.timegm((year, month, 1, 0, 0, 0)))
 
+    def start(self, now: float) -> float:
+        """The epoch second the current period began."""
+        today = time.gmtime(now)
+        day = today.tm_mday if self.per == "day" else 1
+        return float(calendar.timegm((today.tm_year, today.tm_mon, day, 0, 0, 0)))
+
     def describe(self) -> str:
         return f"${self.usd:g} per {self.per} (UTC)"
 

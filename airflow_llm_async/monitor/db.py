@@ -15,8 +15,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from airflow_llm_async import compat
+from airflow_llm_async.core.budget import BudgetConfig
 from airflow_llm_async.core.outcome import META_KEY
-from airflow_llm_async.monitor import figures
+from airflow_llm_async.monitor import budgets, figures
 from airflow_llm_async.monitor.figures import Call, TriggererJob
 
 
@@ -98,6 +99,36 @@ def read_trigger_counts(
     return figures.trigger_counts(rows, dag_ids)
 
 
+def read_budgets(session: Session, now: float, conn_ids: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Spent and left of every LLM connection with ``budget_usd`` (see ``monitor/budgets.py``).
+
+    The connections are the metadata DB's of type ``llm`` and ``conn_ids`` (those seen in calls, which
+    may live in environment variables or a secrets backend).
+    """
+    from airflow.models.connection import Connection
+
+    known = set(session.scalars(select(Connection.conn_id).where(Connection.conn_type == "llm")))
+    configs: dict[str, tuple[BudgetConfig, str | None]] = {}
+    for conn_id in sorted(known | set(conn_ids)):
+        try:
+            extra = Connection.get_connection_from_secrets(conn_id).extra_dejson
+            if extra.get("budget_usd") is not None:
+                configs[conn_id] = (BudgetConfig.parse(extra["budget_usd"]), extra.get("rate_limit_backend"))
+        except Exception:  # a connection gone or malformed: its calls report that; the monitor goes on
+            continue
+    spent: dict[str, tuple[float | None, str]] = {}
+    period_calls: dict[float, list[Call]] = {}  # the XComs since each period start, read once
+    for conn_id, (config, backend) in configs.items():
+        if backend:
+            spent[conn_id] = (budgets.spent_in_redis(backend, conn_id, config, now), "redis")
+            continue
+        start = config.start(now)
+        if start not in period_calls:
+            period_calls[start] = read_calls(session, start, now)
+        spent[conn_id] = (budgets.spent_in_xcoms(period_calls[start], conn_id, start), "xcom")
+    return budgets.budget_figures({c: config for c, (config, _) in configs.items()}, spent, now)
+
+
 def reads_every_dag(session: Session, dag_ids: Collection[str]) -> bool:
     """Whether ``dag_ids`` holds every DAG of the deployment (an admin's readable DAGs do)."""
     from airflow.models.dag import DagModel
@@ -137,7 +168,7 @@ def load_snapshot(
         jobs = read_triggerers(session)
         all_triggers = dag_ids is None or reads_every_dag(session, dag_ids)
         running, llm_running = read_trigger_counts(session, None if all_triggers else dag_ids)
-    return figures.snapshot(
+    snapshot = figures.snapshot(
         calls,
         jobs,
         running,
@@ -149,3 +180,7 @@ def load_snapshot(
         with_timeline=with_timeline,
         all_triggers=all_triggers,
     )
+    # A connection's spending covers every DAG that uses it: shown only to whom may read them all.
+    seen = {call.conn_id for call in calls if call.conn_id}
+    snapshot["budgets"] = read_budgets(session, now, seen) if all_triggers else []
+    return snapshot

@@ -53,6 +53,7 @@ def render(snapshot: dict[str, Any]) -> str:
         )
         lines.append("")
     lines += _models(snapshot["models"])
+    lines += _budgets(snapshot.get("budgets") or [])
     totals = snapshot["totals"]
     lines += [
         "",
@@ -95,3 +96,20 @@ def _models(models: list[dict[str, Any]]) -> list[str]:
         for m in models
     ]
     return ["Per DAG and model", *table(headers, rows)]
+
+
+_KEPT_IN = {"redis": "Redis, for every host", "xcom": "each process; spent as llm_meta recorded it"}
+
+
+def _budgets(budgets: list[dict[str, Any]]) -> list[str]:
+    if not budgets:
+        return []
+    headers = ["connection", "budget $", "period (UTC)", "spent $", "left $", "kept in"]
+    rows = [
+        [
+            *(b["conn_id"], f"{b['budget_usd']:g} per {b['per']}", b["period"]),
+            *(money(b["spent_usd"]), money(b["left_usd"]), _KEPT_IN.get(b["source"], b["source"])),
+        ]
+        for b in budgets
+    ]
+    return ["", "Budgets (budget_usd)", *table(headers, rows)]

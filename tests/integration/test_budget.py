@@ -21,6 +21,7 @@ from airflow_llm_async.core.outcome import CallSpec
 from airflow_llm_async.core.pricing import DEFAULT_PRICES
 from airflow_llm_async.core.protocol import Endpoint
 from airflow_llm_async.core.tokens import completion_budget, estimate_prompt_tokens
+from airflow_llm_async.monitor import budgets as monitor_budgets
 from tests.integration.conftest import point_connection
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -163,4 +164,18 @@ async def test_an_unreachable_redis_falls_back_to_the_process_ledger(caplog):
     assert "in this process only" in caplog.text
     assert isinstance(await budget_store.reserve(endpoint, 0.6), str)  # the process ledger holds it
     budget_store._down_until.clear()
+    await limits_redis.close_clients()
+
+
+async def test_the_monitor_reads_what_the_shared_ledger_holds(redis_keys):
+    endpoint = redis_endpoint(redis_keys, 1.0)
+    now = time.time()
+    assert monitor_budgets.spent_in_redis(REDIS_URL, redis_keys, endpoint.budget_usd, now) == 0.0
+    await budget_store.settle(endpoint, await budget_store.reserve(endpoint, 0.5), 0.125)
+    await budget_store.reserve(endpoint, 0.25)  # in flight: held
+    spent = monitor_budgets.spent_in_redis(REDIS_URL, redis_keys, endpoint.budget_usd, now)
+    assert spent == pytest.approx(0.375)
+    assert (
+        monitor_budgets.spent_in_redis("redis://127.0.0.1:1/0", redis_keys, endpoint.budget_usd, now) is None
+    )
     await limits_redis.close_clients()

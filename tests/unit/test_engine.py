@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from airflow_llm_async.core.breaker import Skip
+from airflow_llm_async.core.budget import BudgetConfig
 from airflow_llm_async.core.engine import Answer, Clock, NoAnswer, Send, Wait, call_flow
 from airflow_llm_async.core.outcome import CallSpec, Outcome
 from airflow_llm_async.core.pricing import Price
 from airflow_llm_async.core.protocol import Endpoint
 from airflow_llm_async.core.quality import QualitySpec
+from airflow_llm_async.core.tokens import completion_budget, estimate_prompt_tokens
 
 START = 1_700_000_000.0
 REQUEST = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
@@ -303,6 +305,37 @@ def test_spending_counts_against_the_budget_of_later_attempts():
 def test_a_budget_with_no_known_price_refuses_with_the_fix():
     run = drive(spec(models=("gpt-unknown",), max_cost_usd=1.0), [])
     assert run.steps == [] and run.outcome.error.kind == "budget"
+    assert '"prices": {"gpt-unknown"' in run.outcome.error.message
+
+
+def test_a_connection_budget_gets_each_attempts_worst_case_and_its_real_cost():
+    budgeted = {"c1": endpoint("c1", budget_usd=BudgetConfig(5.0))}
+    run = drive(spec(), [error(500), answer(usage=(10, 20))], budgeted, on_wait=lambda wait: None)
+    worst = PRICES["m1"].cost(estimate_prompt_tokens(REQUEST), completion_budget(REQUEST))
+    assert [s.worst_cost_usd for s in run.steps if isinstance(s, Send)] == [pytest.approx(worst)] * 2
+    # The driver settles each reservation to what its attempt cost: nothing, then the answer's price.
+    assert [a.cost_usd for a in run.outcome.attempts] == [0.0, pytest.approx(PRICES["m1"].cost(10, 20))]
+    # Without a connection budget nothing is reserved.
+    assert drive(spec(), [answer()]).steps[0].worst_cost_usd is None
+
+
+def test_a_connection_budget_refusal_moves_to_the_next_link_and_is_not_retried():
+    endpoints = {"c1": endpoint("c1", budget_usd=BudgetConfig(1.0)), "c2": endpoint("c2")}
+    refusal = NoAnswer("budget", "the LLM connection 'c1' budget_usd of $1 per day (UTC) would be exceeded")
+    run = drive(spec(conns=("c1", "c2")), [refusal, answer()], endpoints)
+    assert run.sends == [("c1", "m1"), ("c2", "m1")] and run.waits == [] and run.outcome.ok
+    refused = run.outcome.attempts[0]
+    assert (refused.status, refused.reason["kind"]) == (None, "budget")
+    assert "budget_usd of $1 per day" in refused.reason["message"]
+    alone = drive(spec(), [refusal], {"c1": endpoints["c1"]})
+    assert alone.outcome.error.kind == "budget" and len(alone.sends) == 1
+
+
+def test_a_connection_budget_refuses_an_unpriced_model_before_sending():
+    budgeted = {"c1": endpoint("c1", budget_usd=BudgetConfig(1.0, "month"))}
+    run = drive(spec(models=("gpt-unknown",)), [], budgeted)
+    assert run.steps == [] and run.outcome.error.kind == "budget"
+    assert "'c1' connection has budget_usd of $1 per month (UTC)" in run.outcome.error.message
     assert '"prices": {"gpt-unknown"' in run.outcome.error.message
 
 
