@@ -82,6 +82,7 @@ class Permit:
         "_actual",
         "_line",
         "_in_line",
+        "_pace_mark",
     )
 
     def __init__(
@@ -97,6 +98,7 @@ class Permit:
         self._actual: int | None = None
         self._line: ConnectionLimiter | None = None  # the model's own line, while the model backs off
         self._in_line: Permit | None = None  # the place taken in it
+        self._pace_mark: tuple[int, int] | None = None  # the model's pace's sends counted when it went
 
     def settle(self, actual_total_tokens: int | None) -> None:
         """Record the real usage; the difference to the estimate goes back to (or comes from) the bucket.
@@ -252,7 +254,7 @@ class ConnectionLimiter:
                 line.conn_id,
                 _describe(budget),
             )
-        line._pace.update(budget, self._clock())
+        line._pace.update(budget, self._clock(), permit._pace_mark if permit is not None else None)
 
     def _cut(self, sent_at: float | None, in_flight: int) -> None:
         """AIMD of a model's line: cut its rates, or its concurrency cap from the model's ``in_flight``."""
@@ -344,8 +346,10 @@ class ConnectionLimiter:
     async def _wait_in_lines(self, permit: Permit) -> None:
         line = permit._line
         if line is None:
-            await self._take_turn(permit)
-            return
+            if await self._take_turn(permit, paced_off=True):
+                return
+            # The server said its model has little left while the call waited here: its pace first.
+            line = permit._line = self._backing_off[permit.model]
         # The model backs off: its own line first, FIFO, for its cut cap (on its calls in flight)
         # and its cut rates, holding nothing of the connection's meanwhile, so that other models'
         # calls pass it by. Its head then takes its turn in the connection's line, still at the head
@@ -358,6 +362,7 @@ class ConnectionLimiter:
                 in_line = Permit(line, permit.model, permit.estimated_tokens, None)
                 if line._pace is not None:  # the server said little is left: spread it to the reset
                     wait = line._pace.reserve(permit.estimated_tokens, line._clock())
+                    permit._pace_mark = line._pace.mark()  # its answer speaks of the sends until here
                     if wait > 0:
                         permit.waited = True
                         await line._sleep(wait)
@@ -387,9 +392,15 @@ class ConnectionLimiter:
             finally:
                 self._slot_freed = None
 
-    async def _take_turn(self, permit: Permit) -> None:
+    async def _take_turn(self, permit: Permit, paced_off: bool = False) -> bool:
+        """Take a slot (and tokens) in this line; with ``paced_off``, False (holding nothing) if the
+        permit's model has come to be paced by the server's headers meanwhile: it must pass its pace."""
         async with self._gate:
             await self._slot_under_cap(permit, lambda: self._in_flight)
+            if paced_off and self._backing_off:  # (the pace may have begun while it waited for a slot)
+                line = self._backing_off.get(permit.model)
+                if line is not None and line._pace is not None:
+                    return False
             self._in_flight += 1
             self._model_in_flight[permit.model] += 1
             try:
@@ -400,6 +411,7 @@ class ConnectionLimiter:
                 self._model_in_flight[permit.model] -= 1
                 raise
         permit.granted_at = self._clock()
+        return True
 
     async def _reserve(self, buckets: Buckets, permit: Permit) -> None:
         wait = await buckets.reserve(permit.estimated_tokens)

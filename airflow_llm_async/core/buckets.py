@@ -369,19 +369,33 @@ class ServerPace:
     of each budget booked since then is no larger than the share of its window gone by; a send that
     does not fit in what is left waits for the reset. Nothing left: every send waits for the reset.
     Past its reset a budget holds nothing back (the next answer says what is left of the new one).
+
+    An answer speaks of the requests the server had when it answered, not of the sends made while it
+    travelled: the sends after the answered request (counted by :meth:`mark` when it went) stay
+    booked against what the answer says is left.
     """
 
-    __slots__ = ("_windows",)
+    __slots__ = ("_windows", "_sent")
 
     def __init__(self) -> None:
         # Per budget: [remaining, reset_at, since (the update's time), booked since then].
         self._windows: dict[str, list[float]] = {}
+        self._sent = [0, 0]  # requests and tokens this pace let go, ever
 
-    def update(self, budget: ServerBudget, now: float) -> None:
-        """The latest answer's word: what it says replaces what earlier answers said."""
-        for name, window in (("requests", budget.requests), ("tokens", budget.tokens)):
+    def mark(self) -> tuple[int, int]:
+        """The sends counted so far: take it as a request goes, give it back with its answer's budgets."""
+        return self._sent[0], self._sent[1]
+
+    def update(self, budget: ServerBudget, now: float, mark: tuple[int, int] | None = None) -> None:
+        """The budgets an answer reported at ``now``, for a request that went at ``mark`` (None: before
+        this pace began, so every send it let go came after it)."""
+        since = mark or (0, 0)
+        for name, window, sent, before in (
+            ("requests", budget.requests, self._sent[0], since[0]),
+            ("tokens", budget.tokens, self._sent[1], since[1]),
+        ):
             if window is not None:
-                self._windows[name] = [window.remaining, now + window.reset, now, 0.0]
+                self._windows[name] = [window.remaining, now + window.reset, now, float(sent - before)]
 
     def reserve(self, tokens: int, now: float) -> float:
         """Book a send of ``tokens``; the seconds to wait before sending it (0.0: go now)."""
@@ -402,6 +416,8 @@ class ServerPace:
             booked.append((window, cost))
         for window, cost in booked:
             window[3] += cost
+        self._sent[0] += 1
+        self._sent[1] += max(0, tokens)
         return go - now
 
     def active(self, now: float) -> bool:

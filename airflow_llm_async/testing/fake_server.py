@@ -259,10 +259,12 @@ class _Window:
 
 def _duration(seconds: float) -> str:
     """Seconds the way OpenAI writes a reset: ``350ms``, ``1.5s``, ``1m0s``."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    minutes, rest = divmod(seconds, 60)
-    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    # Rounded up: a client that waits the reset it is told must not arrive before the window ends.
+    millis = max(0, math.ceil(seconds * 1000))
+    if millis < 1000:
+        return f"{millis}ms"
+    minutes, rest = divmod(millis, 60_000)
+    text = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
     return f"{int(minutes)}m{text}" if minutes else text
 
 

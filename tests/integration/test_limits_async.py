@@ -584,3 +584,24 @@ async def test_a_429_on_a_paced_model_cuts_it_as_before_and_the_pace_goes_when_i
     for _ in range(10):
         limiter.on_success(permit, budget_headers(5000, "1s"))
     assert limiter.stats()["models"] == {}
+
+
+async def test_calls_already_waiting_for_a_slot_when_the_pace_begins_pass_through_it():
+    clock = VirtualTime()
+    limiter = ConnectionLimiter("c", Limits(max_concurrency=1), clock=clock, sleep=clock.sleep)
+    release, granted = asyncio.Event(), []
+
+    async def call():
+        async with limiter.slot(model="m") as permit:
+            granted.append(permit)
+            await release.wait()
+
+    holder = asyncio.create_task(call())
+    await until(lambda: len(granted) == 1)
+    queued = [asyncio.create_task(call()) for _ in range(2)]
+    await until(lambda: limiter.stats()["waiting"] == 2)  # in the connection's line: no pace yet
+    limiter.on_success(granted[0], budget_headers(1, "2s"))  # the answer: one request left for 2 s
+    release.set()
+    async with asyncio.timeout(5):
+        await asyncio.gather(holder, *queued)
+    assert [permit.granted_at for permit in granted] == [0.0, 0.0, 2.0]  # the third: after the reset

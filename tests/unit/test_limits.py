@@ -432,6 +432,18 @@ def test_pace_books_tokens_and_a_send_that_does_not_fit_waits_for_the_tokens_res
     assert pace.reserve(200, 5.0) == pytest.approx(5.0)  # 900 + 200 > 1000: the reset, at 10 s
 
 
+def test_sends_made_while_an_answer_travelled_stay_booked_against_it():
+    pace = ServerPace()
+    pace.update(ServerBudget(ServerWindow(10, 1.0), None), now=0.0)
+    pace.reserve(1, 0.0)
+    sent = pace.mark()  # request A goes
+    pace.reserve(1, 0.0)
+    pace.reserve(1, 0.0)  # two more go before A's answer comes back
+    pace.update(ServerBudget(ServerWindow(2, 1.0), None), now=0.1, mark=sent)  # A's answer: 2 left
+    # The server may not have counted the two sent after A: they take what is left until the reset.
+    assert pace.reserve(1, 0.1) == pytest.approx(1.0)
+
+
 def test_the_latest_answer_replaces_what_earlier_ones_said():
     pace = ServerPace()
     pace.update(ServerBudget(ServerWindow(0, 30.0), None), now=0.0)
