@@ -24,6 +24,20 @@ MASTER_KEY = "sk-litellm-master-1234"  # litellm-config.yaml's general_settings.
 START_TIMEOUT_S = 120.0  # it imports for ~15 s on an idle 2-core machine; far more under load
 
 
+# Socket states in /proc/net/tcp.
+ESTABLISHED, CLOSE_WAIT = "01", "08"
+
+
+def _client_socket_states(port: int) -> list[str]:
+    """The states of this host's TCP sockets connected to ``port`` on loopback (the clients' side)."""
+    states = []
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        if int(fields[2].rsplit(":", 1)[1], 16) == port:
+            states.append(fields[3])
+    return states
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,6 +110,23 @@ class LiteLLMProxy:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=15)
+
+    def block_until_idle_connections_closed(self, timeout: float = 15.0) -> float:
+        """Block the calling thread until the proxy has closed every client connection; the seconds it took.
+
+        Called on an event loop, this is a busy loop (a triggerer running thousands of triggers): the server's
+        close (uvicorn's, after 5 s idle) has reached the client's socket, which the loop has not seen yet.
+        """
+        started = time.monotonic()
+        while True:
+            states = _client_socket_states(self.port)
+            if CLOSE_WAIT in states and ESTABLISHED not in states:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise AssertionError(
+                    f"the proxy did not close its idle connections within {timeout} s: {states}"
+                )
+            time.sleep(0.05)  # polling the kernel's socket table: no other signal of a peer's close
 
     def log_tail(self, lines: int = 40) -> str:
         try:
