@@ -179,6 +179,10 @@ def airflow(tmp_path_factory, postgres_template, fake_llm, statsd):
     env = {
         "AIRFLOW_CONN_LLM_DEFAULT": llm_connection(fake_llm.base_url, default_model="gpt-4", timeout=30),
         "AIRFLOW_CONN_LLM_DOWN": llm_connection("http://127.0.0.1:9/v1", timeout=2),
+        # Answers kept in the test Redis, shared by both triggerers and the workers (tests/e2e/test_cache.py).
+        "AIRFLOW_CONN_LLM_CACHE": llm_connection(
+            fake_llm.base_url, default_model="gpt-4", timeout=30, cache_backend="redis://127.0.0.1:6379/0"
+        ),
         "AIRFLOW_CONN_LLM_ECHO": llm_connection(
             fake_llm.base_url,
             timeout=30,
