@@ -6,6 +6,10 @@
   same headers and parsing the JSON answer (the least any client must do).
 * ``openai`` - one shared ``openai.AsyncOpenAI`` with its default (httpx) HTTP client.
 * ``openai-aiohttp`` - the same with ``http_client=openai.DefaultAioHttpClient()``.
+* ``trigger-cache-miss`` / ``trigger-cache-hit`` - ours with ``cache_ttl`` (docs/cache.md), in the
+  process's own store: every call asks a new question (a lookup that misses, then the answer kept),
+  or the question the warm-up answered (a hit: nothing sent). ``-redis-`` variants keep the answers
+  in the Redis at 127.0.0.1:6379/0 (connection extra ``cache_backend``).
 
 Every module is imported in every mode, so all workers carry the same heap (the garbage
 collector's full passes cost in proportion to it) and differ only in the call path.
@@ -14,14 +18,15 @@ collector's full passes cost in proportion to it) and differ only in the call pa
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import openai
-from _harness import API_KEY, CONN_ID, MODEL, WARMUP_CONN_ID
+from _harness import API_KEY, CONN_ID, MODEL, REDIS_CONN_ID, REDIS_WARMUP_CONN_ID, WARMUP_CONN_ID
 
-from airflow_llm_async import transport
+from airflow_llm_async import limits, transport
 from airflow_llm_async.core.protocol import Endpoint, build_payload
 from airflow_llm_async.hooks.llm import LLMHook
 from airflow_llm_async.operators.llm import LLMOperator
@@ -41,7 +46,13 @@ PROMPT = (
 FAKE_LATENCY_HEADER = "x-fake-latency"
 
 Call = Callable[[], Awaitable[bool]]
-MODES = ("trigger", "aiohttp", "openai", "openai-aiohttp")
+CACHE_MODES = (
+    "trigger-cache-miss",
+    "trigger-cache-hit",
+    "trigger-cache-redis-miss",
+    "trigger-cache-redis-hit",
+)
+MODES = ("trigger", "aiohttp", "openai", "openai-aiohttp", *CACHE_MODES)
 
 
 class Client:
@@ -91,6 +102,39 @@ class TriggerClient(Client):
 
     async def close(self) -> None:
         await transport.close_shared_session()
+
+
+class CachedTriggerClient(TriggerClient):
+    """Ours with ``cache_ttl``: each call a new question (``hit=False``) or the warm-up's question."""
+
+    def __init__(self, base_url: str, *, hit: bool, redis: bool) -> None:
+        conn_id, warmup_conn_id = (
+            (REDIS_CONN_ID, REDIS_WARMUP_CONN_ID) if redis else (CONN_ID, WARMUP_CONN_ID)
+        )
+        self._kwargs = self._cached_kwargs(conn_id)
+        self._warmup_kwargs = self._cached_kwargs(warmup_conn_id)
+        self._hit = hit
+        self._run_id = os.urandom(4).hex()  # Redis outlives the run: another run asks other questions
+        self._calls = 0
+
+    @staticmethod
+    def _cached_kwargs(conn_id: str) -> str:
+        operator = LLMOperator(task_id="bench", prompt=PROMPT, llm_conn_id=conn_id, cache_ttl=600)
+        return json.dumps(operator.build_trigger().serialize()[1])
+
+    async def _run(self, kwargs: str) -> bool:
+        trigger = ChatCompletionTrigger(**json.loads(kwargs))
+        if not self._hit:  # a question never asked before; the warm-up's (and a hit's) stays the same
+            self._calls += 1
+            trigger.spec["request"]["messages"][-1]["content"] += f" ({self._run_id} {self._calls})"
+        status = None
+        async for event in trigger.run():
+            status = event.payload["status"]
+        return status == "success"
+
+    async def close(self) -> None:
+        await super().close()
+        await limits.close_loop_limiters()  # and the Redis clients
 
 
 class AiohttpClient(Client):
@@ -153,6 +197,8 @@ def make_client(mode: str, base_url: str) -> Client:
         return TriggerClient(base_url)
     if mode == "aiohttp":
         return AiohttpClient(base_url)
+    if mode in CACHE_MODES:
+        return CachedTriggerClient(base_url, hit=mode.endswith("-hit"), redis="-redis-" in mode)
     if mode in ("openai", "openai-aiohttp"):
         return OpenAIClient(base_url, use_aiohttp=mode == "openai-aiohttp")
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")

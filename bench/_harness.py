@@ -32,6 +32,10 @@ from typing import IO, Any
 BENCH_DIR = Path(__file__).resolve().parent
 CONN_ID = "bench_llm"
 WARMUP_CONN_ID = "bench_warmup"
+# The same two with the response cache in Redis (bench/overhead.py's trigger-cache-redis-* clients).
+REDIS_CONN_ID = "bench_llm_redis"
+REDIS_WARMUP_CONN_ID = "bench_warmup_redis"
+CACHE_BACKEND = "redis://127.0.0.1:6379/0"
 API_KEY = "bench-key"
 MODEL = "gpt-4"
 MAX_IN_FLIGHT = 10_000  # the largest N any benchmark accepts
@@ -193,6 +197,12 @@ def worker_env(base_url: str, workdir: Path) -> dict[str, str]:
         "AIRFLOW_HOME": str(home),
         f"AIRFLOW_CONN_{CONN_ID.upper()}": json.dumps(conn),
         f"AIRFLOW_CONN_{WARMUP_CONN_ID.upper()}": json.dumps(warmup),
+        **{
+            f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(
+                {**c, "extra": {**c["extra"], "cache_backend": CACHE_BACKEND}}
+            )
+            for conn_id, c in ((REDIS_CONN_ID, conn), (REDIS_WARMUP_CONN_ID, warmup))
+        },
     }
 
 
