@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from asgiref.sync import async_to_sync
 
-from airflow_llm_async import cache_store, limits, metrics, transport
+from airflow_llm_async import breakers, cache_store, limits, metrics, transport
 from airflow_llm_async.core import cache, fanout
 from airflow_llm_async.core.engine import Flow, NoAnswer, Reply, Send, Step, Wait, call_flow
 from airflow_llm_async.core.outcome import CallSpec, Outcome
@@ -103,8 +103,10 @@ async def _drive(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> Outcome:
     step = _advance(flow, None)
     while not isinstance(step, Outcome):
         if isinstance(step, Wait):
-            await asyncio.sleep(step.seconds)
-            step = _advance(flow, None)
+            skip = breakers.skip_for(step.endpoint, step.model)  # a retry's link opened: do not wait for it
+            if skip is None:
+                await asyncio.sleep(step.seconds)
+            step = _advance(flow, skip)
         else:
             step = await _send(flow, step)
     return step
@@ -121,6 +123,9 @@ def _advance(flow: Flow, reply: Reply) -> Step | Outcome:
 async def _send(flow: Flow, step: Send) -> Step | Outcome:
     """Wait for the connection's limits, make the round trip, tell the engine, then the limiter."""
     endpoint, model = step.endpoint, step.model
+    skip = breakers.skip_for(endpoint, model)  # an open circuit: answered before queueing for the limits
+    if skip is not None:
+        return _advance(flow, skip)
     limiter = limits.limiter_for(endpoint)
     deadline = step.deadline
     asked = time.monotonic()
@@ -132,12 +137,16 @@ async def _send(flow: Flow, step: Send) -> Step | Outcome:
             # Time spent waiting for the limiter comes off a deadline-bound attempt.
             timeout = step.timeout if deadline is None else min(step.timeout, deadline - time.time())
             if timeout > 0:
-                reply = await transport.post_json(
-                    endpoint.chat_url,
-                    endpoint.request_headers(),
-                    step.body,
+                reply = await breakers.through(
+                    breakers.breaker_for(endpoint, model),
                     timeout,
-                    endpoint.max_response_bytes,
+                    lambda: transport.post_json(
+                        endpoint.chat_url,
+                        endpoint.request_headers(),
+                        step.body,
+                        timeout,
+                        endpoint.max_response_bytes,
+                    ),
                 )
             else:
                 reply = NoAnswer("limits")

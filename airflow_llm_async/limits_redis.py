@@ -1,4 +1,4 @@
-"""A connection's request and token buckets in Redis, shared by every triggerer host.
+"""A connection's request and token buckets, and its models' circuit breakers, in Redis, shared by every host.
 
 Opt in per connection with the extra ``"rate_limit_backend": "redis://host:6379/0"``. One Lua
 script refills both buckets, takes (or gives back) and returns the wait, atomically and on
@@ -16,19 +16,24 @@ If Redis cannot be reached, the connection uses this process's own buckets for
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
+from airflow_llm_async import breakers
+from airflow_llm_async.core import breaker
+from airflow_llm_async.core.breaker import BreakerConfig, Skip, State
 from airflow_llm_async.core.buckets import BURST_SECONDS, Limits, LocalBuckets
 
 log = logging.getLogger(__name__)
@@ -256,3 +261,163 @@ def redacted(url: str) -> str:
     """The URL without its user, password and query (which may carry a password too)."""
     parts = urlsplit(url)
     return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()
+
+
+# --- circuit breakers shared through Redis ------------------------------------------------------
+
+BREAKER_PREFIX = "airflow_llm_async:breaker:"
+# How stale this process's copy of a shared breaker may get while its calls go out (closed circuit):
+# past it, the next call refreshes it in the background, so a circuit another host opened is seen
+# here within this delay plus one round trip, and a closed circuit costs no round trip per call.
+REFRESH_SECONDS = 1.0
+
+
+class SharedBreaker(breakers.LocalBreaker):
+    """A (connection, model)'s circuit breaker with its state in Redis, shared by every host.
+
+    This process keeps a copy of the state and decides a closed or open circuit from it with no
+    round trip; the copy is refreshed in the background at most every :data:`REFRESH_SECONDS`, and
+    set from Redis after every write. Failures (and the first success after them) are written in
+    the background, taking the probe is a round trip (once per cool-down): both read, apply the
+    policy of ``core/breaker.py`` and write in one WATCH/MULTI transaction, so two hosts never both
+    take the probe and no failure is lost. Times are wall-clock seconds (``time.time``): the hosts'
+    clocks must agree to well under the window and cool-down, as Airflow's own deadlines assume. If
+    Redis cannot be reached, the breaker works on this process's copy for :data:`RETRY_SECONDS`.
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        conn_id: str,
+        model: str,
+        config: BreakerConfig,
+        *,
+        key_prefix: str = BREAKER_PREFIX,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(conn_id, model, config, clock=clock)
+        self.url = url
+        self.key = f"{key_prefix}{conn_id}:{model}"
+        self._client = client_for(url)
+        self._label = redacted(url)
+        self._synced_at = -math.inf  # time.monotonic() of the last read or write of the state
+        self._down_until = -math.inf
+        self._writing = (
+            asyncio.Lock()
+        )  # this process's transactions one at a time: no WATCH conflicts among them
+        # A key outlives every time the policy looks back at: the window, and a cool-down with its probe.
+        self._ttl_ms = int(1000 * (config.window_s + config.cooldown_s + 600))
+
+    async def admit(self, lease_s: float) -> str | Skip:
+        if time.monotonic() < self._down_until:
+            return await super().admit(lease_s)
+        if self._synced_at == -math.inf:  # first call of this process: learn the state before sending
+            await self._sync()
+        elif time.monotonic() - self._synced_at > REFRESH_SECONDS:
+            self._synced_at = time.monotonic()  # one refresh at a time
+            _track(asyncio.ensure_future(self._sync()))
+        if self.state.status(self._clock()) == breaker.CLOSED:
+            return breaker.SEND
+        skip = self.peek()
+        if skip is not None:
+            return skip
+        # Half-open in this copy: take the probe in Redis, where only one host gets it.
+        decision = await self._transact(lambda state, now: breaker.admit(state, self.config, now, lease_s))
+        return decision if decision is not None else await super().admit(lease_s)
+
+    def record(self, failed: bool, error: str = "", *, probe: bool = False) -> None:
+        before = self.state
+        # This process's copy at once (its next call sees it); Redis in the background.
+        self.state, _ = breaker.record(before, self.config, self._clock(), failed, error, probe=probe)
+        if time.monotonic() < self._down_until:
+            return
+        if probe or (before.open_until is None and (failed or before.failures)):
+            _track(asyncio.ensure_future(self._write_result(failed, error, probe)))
+
+    async def _write_result(self, failed: bool, error: str, probe: bool) -> None:
+        change = await self._transact(
+            lambda state, now: breaker.record(state, self.config, now, failed, error, probe=probe)[::-1]
+        )
+        if change:  # reported by the host whose result moved the shared circuit, once
+            breakers.changed(self, change)
+
+    def release(self) -> None:
+        self.state = breaker.release(self.state)
+        if time.monotonic() >= self._down_until:
+            _track(asyncio.ensure_future(self._transact(lambda state, now: (None, breaker.release(state)))))
+
+    async def _sync(self) -> None:
+        try:
+            raw = await self._client.get(self.key)
+        except (RedisError, OSError) as exc:
+            self._fail(exc)
+            return
+        self.state = _state_of(raw)
+        self._synced_at = time.monotonic()
+
+    async def _transact(self, step: Callable[[State, float], tuple[Any, State]]) -> Any:
+        """Read the shared state, apply ``step(state, now)`` and write the result, atomically; its result."""
+        try:
+            async with self._writing, self._client.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(self.key)
+                        state = _state_of(await pipe.get(self.key))
+                        result, state = step(state, self._clock())
+                        pipe.multi()
+                        pipe.set(self.key, json.dumps(state.to_dict()), px=self._ttl_ms)
+                        await pipe.execute()
+                        break
+                    except WatchError:  # another host wrote meanwhile: read it again
+                        continue
+        except (RedisError, OSError) as exc:
+            self._fail(exc)
+            return None
+        self.state, self._synced_at = state, time.monotonic()
+        return result
+
+    def _fail(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + RETRY_SECONDS
+        log.warning(
+            "circuit breaker backend %s failed (%s: %s); %s decides in this process only for %.0f s",
+            *(self._label, type(exc).__name__, exc, self.key, RETRY_SECONDS),
+        )
+
+
+def _state_of(raw: Any) -> State:
+    try:
+        return State.from_dict(json.loads(raw)) if raw else State()
+    except ValueError:
+        return State()
+
+
+def read_breakers(url: str, key_prefix: str = BREAKER_PREFIX) -> list[dict[str, Any]]:
+    """Every shared breaker's state in Redis (sync, for the monitor), as ``LocalBreaker.snapshot``."""
+    from redis import Redis as SyncRedis
+
+    client = SyncRedis.from_url(url, socket_connect_timeout=SOCKET_TIMEOUT, socket_timeout=SOCKET_TIMEOUT)
+    try:
+        keys = sorted(client.scan_iter(match=f"{key_prefix}*", count=500))
+        values = client.mget(keys) if keys else []
+    finally:
+        client.close()
+    now = time.time()
+    rows = []
+    for key, raw in zip(keys, values, strict=True):
+        conn_id, _, model = key.decode()[len(key_prefix) :].partition(":")
+        state = _state_of(raw)
+        rows.append(
+            {
+                "conn_id": conn_id,
+                "model": model,
+                "backend": "redis",
+                "status": state.status(now),
+                "failures": len(state.failures),
+                "last_error": state.last_error,
+                "probe_at": state.open_until,
+                "opened": state.opened,
+            }
+        )
+    return rows

@@ -112,6 +112,13 @@ def count(name: str, conn_id: str, model: str | None) -> None:
     _count(name, (conn_id, model or "none"))
 
 
+def circuit(conn_id: str, model: str, change: str) -> None:
+    """A circuit breaker ``opened`` or ``closed`` (the calls it skipped count as ``errors.circuit_open``)."""
+    if not (_on if _on is not None else enabled()):
+        return
+    _count("circuit." + change, (conn_id, model))
+
+
 def call(conn_id: str, model: str | None, duration_s: float, succeeded: bool) -> None:
     """A whole call (retries and fallbacks included) ended; tagged with the last model tried."""
     if not (_on if _on is not None else enabled()):

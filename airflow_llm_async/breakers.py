@@ -1,0 +1,182 @@
+"""The circuit breakers of this process, one per (connection, model); the policy is ``core/breaker.py``.
+
+The driver asks a link's breaker before each request and tells it every result::
+
+    breaker = breaker_for(endpoint, model)          # None: the connection's extra turned it off
+    decision = await breaker.admit(lease_s)         # SEND, PROBE, or a Skip (nothing is sent)
+    ...                                             # the round trip
+    breaker.record(failed, "HTTP 503", probe=decision == PROBE)
+
+Every call in the process shares one breaker per (conn_id, model), whichever event loop runs it.
+With the connection extra ``rate_limit_backend`` (Redis) the state is shared by every triggerer and
+worker instead (:class:`airflow_llm_async.limits_redis.SharedBreaker`), with this process's copy
+answering the closed-circuit case without a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from airflow_llm_async import metrics
+from airflow_llm_async.core import breaker
+from airflow_llm_async.core.breaker import BreakerConfig, Skip, State
+from airflow_llm_async.core.engine import Answer, NoAnswer, Reply
+from airflow_llm_async.core.protocol import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class LocalBreaker:
+    """One (connection, model)'s breaker in this process. Times are wall-clock seconds."""
+
+    kind = "local"
+
+    def __init__(
+        self, conn_id: str, model: str, config: BreakerConfig, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.conn_id, self.model, self.config = conn_id, model, config
+        self.state = State()
+        self._clock = clock
+
+    def peek(self) -> Skip | None:
+        """The Skip a call would get now (no side effect): lets a call leave before queueing for limits."""
+        return breaker.peek(self.state, self.config, self._clock())
+
+    async def admit(self, lease_s: float) -> str | Skip:
+        decision, self.state = breaker.admit(self.state, self.config, self._clock(), lease_s)
+        return decision
+
+    def record(self, failed: bool, error: str = "", *, probe: bool = False) -> None:
+        self.state, change = breaker.record(
+            self.state, self.config, self._clock(), failed, error, probe=probe
+        )
+        if change:
+            changed(self, change)
+
+    def release(self) -> None:
+        self.state = breaker.release(self.state)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the monitor shows: the status, the failures in the current run, when it probes."""
+        state = self.state
+        return {
+            "conn_id": self.conn_id,
+            "model": self.model,
+            "backend": self.kind,
+            "status": state.status(self._clock()),
+            "failures": len(state.failures),
+            "last_error": state.last_error,
+            "probe_at": state.open_until,
+            "opened": state.opened,
+        }
+
+
+def changed(item: LocalBreaker, change: str) -> None:
+    """The circuit opened or closed (reported once, by the process whose result moved it)."""
+    state = item.state
+    metrics.circuit(item.conn_id, item.model, change)
+    if change == "opened":
+        log.warning(
+            "circuit breaker of %s on %s opened after %d consecutive failures (last: %s); "
+            "calls skip it for %.0f s, then one probe call",
+            *(item.model, item.conn_id, len(state.failures), state.last_error, item.config.cooldown_s),
+        )
+    else:
+        log.warning("circuit breaker of %s on %s closed: the probe call succeeded", item.model, item.conn_id)
+
+
+# --- what the driver calls -----------------------------------------------------------------------
+
+
+def skip_for(endpoint: Endpoint | None, model: str | None) -> NoAnswer | None:
+    """The reply to a link's Send or retry Wait when its circuit is open now: nothing is sent or slept."""
+    gate = None if endpoint is None or model is None else breaker_for(endpoint, model)
+    skip = None if gate is None else gate.peek()
+    return None if skip is None else NoAnswer("circuit_open", circuit=skip)
+
+
+async def through(gate: LocalBreaker | None, lease_s: float, send: Callable[[], Awaitable[Reply]]) -> Reply:
+    """``send()`` if the circuit lets the call go (and tell it the result), else the skip as the reply.
+
+    ``lease_s`` bounds the round trip: a probe that has not reported by then lets another one go.
+    """
+    if gate is None:
+        return await send()
+    decision = await gate.admit(lease_s + LEASE_MARGIN_S)
+    if isinstance(decision, Skip):
+        return NoAnswer("circuit_open", circuit=decision)
+    probe = decision == breaker.PROBE
+    try:
+        reply = await send()
+    except BaseException:  # cancelled mid-flight: says nothing about the server
+        if probe:
+            gate.release()
+        raise
+    status = reply.status if isinstance(reply, Answer) else None
+    kind = reply.kind if isinstance(reply, NoAnswer) else None
+    failed = breaker.verdict(status, kind)
+    if failed is None:
+        if probe:
+            gate.release()
+    else:
+        gate.record(failed, breaker.describe_error(status, kind), probe=probe)
+    return reply
+
+
+# A probe's round trip is bounded by its timeout; this much more covers the reply's way back.
+LEASE_MARGIN_S = 5.0
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+_local: dict[tuple[str, str], LocalBreaker] = {}
+# Shared breakers talk to Redis through a client of the running loop, so they are kept per loop.
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], LocalBreaker]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def breaker_for(endpoint: Any, model: str) -> LocalBreaker | None:
+    """The breaker of ``(endpoint.conn_id, model)``; rebuilt (closed) if the connection's extra changed."""
+    config = endpoint.circuit_breaker
+    if config is None:
+        return None
+    key = (endpoint.conn_id, model)
+    backend = endpoint.rate_limit_backend
+    if backend:
+        registry = _shared.setdefault(asyncio.get_running_loop(), {})
+    else:
+        registry = _local
+    item = registry.get(key)
+    if item is None or item.config != config or getattr(item, "url", None) != backend:
+        item = registry[key] = _make(endpoint.conn_id, model, config, backend)
+    return item
+
+
+def _make(conn_id: str, model: str, config: BreakerConfig, backend: str | None) -> LocalBreaker:
+    if backend:
+        try:
+            from airflow_llm_async import limits_redis
+        except ImportError:  # check_backend refuses such a connection; kept for a hand-made Endpoint
+            return LocalBreaker(conn_id, model, config)
+        return limits_redis.SharedBreaker(backend, conn_id, model, config)
+    return LocalBreaker(conn_id, model, config)
+
+
+def snapshots() -> list[dict[str, Any]]:
+    """Every breaker of this process that has seen a failure (for the monitor and tests)."""
+    items = list(_local.values())
+    for registry in list(_shared.values()):
+        items.extend(registry.values())
+    return [item.snapshot() for item in items if item.state != State()]
+
+
+def reset() -> None:
+    """Forget every breaker (tests)."""
+    _local.clear()
+    _shared.clear()

@@ -1,0 +1,202 @@
+"""The circuit breaker against the fake server: a dead primary (503) and a working fallback.
+
+The issue's scenario without Airflow: many calls whose primary model answers 503. With the breaker
+the dead primary sees its threshold of requests (plus one probe per cool-down), and the calls go to
+the fallback at once; without it (extra ``circuit_breaker: false``) every call pays all its retries.
+The Redis tests need the Redis at 127.0.0.1:6379 (they fail, never skip, without it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from redis.asyncio import Redis
+
+from airflow_llm_async import breakers, driver, limits, limits_redis
+from airflow_llm_async.core.outcome import CallSpec
+from airflow_llm_async.testing.fake_server import FakeLLMServer
+from tests.integration.conftest import API_KEY, point_connection
+
+PRIMARY, FALLBACK = "gpt-4", "gpt-3.5-turbo"
+REQUEST = {"messages": [{"role": "user", "content": "Summarise the report"}], "max_tokens": 50}
+REDIS_URL = "redis://127.0.0.1:6379/0"
+THRESHOLD = 5  # the default
+
+
+@pytest.fixture(autouse=True)
+async def _fresh_breakers():
+    breakers.reset()
+    yield
+    await limits_redis.wait_for_adjustments()
+    await limits.close_loop_limiters()
+    breakers.reset()
+
+
+@pytest.fixture
+async def dead_primary():
+    async with FakeLLMServer(api_key=API_KEY, faults={PRIMARY: "503"}) as server:
+        yield server
+
+
+def connect(monkeypatch, server, conn_id="llm_breaker", **extra) -> str:
+    point_connection(monkeypatch, conn_id, server.base_url, timeout=2, **extra)
+    return conn_id
+
+
+def spec(conn_id: str, models=(PRIMARY, FALLBACK), **options) -> CallSpec:
+    return CallSpec.of(REQUEST, [conn_id], list(models), max_retries=2, **options)
+
+
+def primary_requests(server) -> int:
+    return server.stats()["by_model"].get(PRIMARY, 0)
+
+
+def kinds(outcome) -> list[str | None]:
+    return [attempt.reason and attempt.reason["kind"] for attempt in outcome.attempts]
+
+
+async def test_sixty_calls_send_the_dead_primary_only_its_threshold_then_go_straight_to_the_fallback(
+    dead_primary, monkeypatch
+):
+    conn_id = connect(monkeypatch, dead_primary)
+    outcomes = [await driver.complete(spec(conn_id)) for _ in range(60)]
+    assert all(o.ok and o.model == FALLBACK for o in outcomes)
+    # Call 1: three 503s (its retries). Call 2: two more open the circuit; its back-off is not waited.
+    assert primary_requests(dead_primary) == THRESHOLD
+    assert kinds(outcomes[0]) == ["server", "server", "server", None]
+    assert kinds(outcomes[1]) == ["server", "server", "circuit_open", None]
+    assert all(kinds(o) == ["circuit_open", None] for o in outcomes[2:])
+    assert "5 consecutive failures (last: HTTP 503)" in outcomes[2].attempts[0].reason["message"]
+    assert dead_primary.stats()["by_model"][FALLBACK] == 60
+
+
+async def test_with_the_breaker_off_every_call_pays_all_its_retries_on_the_dead_primary(
+    dead_primary, monkeypatch
+):
+    conn_id = connect(monkeypatch, dead_primary, circuit_breaker=False)
+    outcomes = [await driver.complete(spec(conn_id)) for _ in range(4)]
+    assert all(o.ok and o.model == FALLBACK for o in outcomes)
+    assert primary_requests(dead_primary) == 4 * 3
+
+
+async def test_a_fan_out_whose_primary_is_dead_reaches_its_fallback_without_retrying_item_by_item(
+    dead_primary, monkeypatch
+):
+    conn_id = connect(monkeypatch, dead_primary)
+    endpoints = await driver.resolve(spec(conn_id))
+    records = await driver.fan_out([spec(conn_id)] * 100, endpoints)
+    assert all(r["meta"]["status"] == "success" and r["meta"]["model"] == FALLBACK for r in records)
+    # Requests sent before the circuit opened cannot be called back (a fan-out starts its items
+    # together, before the first 503 is back), but no item retried on the dead primary: at most one
+    # request each, where 3 each (300) go out without the breaker.
+    assert primary_requests(dead_primary) <= 100
+    assert all(r["meta"]["attempts"] in (2, 3) for r in records)  # (503 or skip), then the fallback
+    skipped_at_once = sum(1 for r in records if r["meta"]["attempts"] == 2)
+    assert skipped_at_once + primary_requests(dead_primary) >= 100
+
+
+async def test_after_the_cool_down_one_probe_closes_the_circuit_once_the_primary_is_back(
+    dead_primary, monkeypatch
+):
+    conn_id = connect(monkeypatch, dead_primary, circuit_breaker={"cooldown_s": 0.3})
+    for _ in range(2):
+        await driver.complete(spec(conn_id))
+    assert primary_requests(dead_primary) == THRESHOLD
+    dead_primary.set_fault(PRIMARY, None)
+    answered_by = []
+    while FALLBACK in answered_by[-1:] or not answered_by:  # skipped until the probe closes it
+        answered_by.append((await driver.complete(spec(conn_id))).model)
+        assert len(answered_by) < 10_000, "the circuit never closed"
+        await asyncio.sleep(0.01)  # calls spread over time, as tasks are
+    assert primary_requests(dead_primary) == THRESHOLD + 1  # one probe, which succeeded
+    assert (await driver.complete(spec(conn_id))).model == PRIMARY
+    assert breakers.snapshots()[0]["status"] == "closed"
+
+
+async def test_a_failed_probe_opens_it_again_so_the_dead_primary_sees_one_request_per_cool_down(
+    dead_primary, monkeypatch
+):
+    cooldown = 0.2
+    conn_id = connect(monkeypatch, dead_primary, circuit_breaker={"cooldown_s": cooldown})
+    for _ in range(2):  # open it
+        await driver.complete(spec(conn_id))
+    assert primary_requests(dead_primary) == THRESHOLD
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    calls = 0
+    while loop.time() - started < 1.0:
+        assert (await driver.complete(spec(conn_id))).ok
+        calls += 1
+        await asyncio.sleep(0.01)
+    elapsed = loop.time() - started
+    probes = primary_requests(dead_primary) - THRESHOLD
+    assert 1 <= probes <= elapsed / cooldown + 1 and calls > probes * 3
+
+
+async def test_with_no_fallback_an_open_circuit_fails_fast_or_waits_for_the_probe_when_asked(
+    dead_primary, monkeypatch
+):
+    conn_id = connect(monkeypatch, dead_primary, circuit_breaker={"cooldown_s": 0.5})
+    await driver.complete(spec(conn_id, models=(PRIMARY,)))
+    await driver.complete(spec(conn_id, models=(PRIMARY,)))
+    failed = await driver.complete(spec(conn_id, models=(PRIMARY,)))
+    assert failed.error.kind == "circuit_open" and f"gpt-4 on {conn_id!r}" in failed.error.message
+    assert primary_requests(dead_primary) == THRESHOLD
+    dead_primary.set_fault(PRIMARY, None)
+    waited = await driver.complete(spec(conn_id, models=(PRIMARY,), circuit_open="wait"))
+    assert waited.ok and kinds(waited) == ["circuit_open", None]
+    assert primary_requests(dead_primary) == THRESHOLD + 1
+
+
+# ---- shared through Redis ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis_conn_id():
+    """A connection id of this test's own (the breaker keys carry it); its keys are deleted afterwards."""
+    conn_id = f"llm_breaker_{uuid.uuid4().hex[:12]}"
+    yield conn_id
+    client = Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(match=f"{limits_redis.BREAKER_PREFIX}{conn_id}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def test_a_circuit_opened_by_one_host_is_skipped_by_another_from_its_first_call(
+    dead_primary, monkeypatch, redis_conn_id
+):
+    conn_id = connect(monkeypatch, dead_primary, redis_conn_id, rate_limit_backend=REDIS_URL)
+    for _ in range(2):
+        await driver.complete(spec(conn_id))
+    await limits_redis.wait_for_adjustments()  # the failures are written in the background
+    assert primary_requests(dead_primary) == THRESHOLD
+    rows = [row for row in limits_redis.read_breakers(REDIS_URL) if row["conn_id"] == conn_id]
+    assert [(r["model"], r["status"], r["failures"]) for r in rows] == [(PRIMARY, "open", THRESHOLD)]
+    breakers.reset()  # another host: no copy of the state yet
+    outcome = await driver.complete(spec(conn_id))
+    assert outcome.ok and kinds(outcome) == ["circuit_open", None]
+    assert primary_requests(dead_primary) == THRESHOLD
+
+
+async def test_only_one_host_takes_the_probe(dead_primary, monkeypatch, redis_conn_id):
+    conn_id = connect(monkeypatch, dead_primary, redis_conn_id, rate_limit_backend=REDIS_URL)
+    config = (await driver.resolve(spec(conn_id)))[conn_id].circuit_breaker
+    clock = [1000.0]
+    hosts = [
+        limits_redis.SharedBreaker(REDIS_URL, conn_id, PRIMARY, config, clock=lambda: clock[0])
+        for _ in range(3)
+    ]
+    for _ in range(THRESHOLD):
+        hosts[0].record(True, "HTTP 503")
+        await limits_redis.wait_for_adjustments()
+    clock[0] += config.cooldown_s
+    decisions = await asyncio.gather(*(host.admit(10.0) for host in hosts for _ in range(4)))
+    assert decisions.count("probe") == 1 and decisions.count("send") == 0
+    winner = hosts[decisions.index("probe") // 4]
+    winner.record(False, probe=True)
+    await limits_redis.wait_for_adjustments()
+    hosts[2]._synced_at = float("-inf")  # its next call reads the state again
+    assert await hosts[2].admit(10.0) == "send"
