@@ -12,8 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "airflow_llm_async"
 CORE = sorted((PACKAGE / "core").glob("*.py"))
 # What core/ may import besides itself: pure standard library modules and jsonschema.
-ALLOWED = {"__future__", "ast", "calendar", "collections", "dataclasses", "email", "functools", "hashlib", "json",
-           "logging", "math", "random", "re", "time", "typing", "jsonschema",
+ALLOWED = {"__future__", "ast", "calendar", "collections", "dataclasses", "email", "functools", "hashlib",
+           "json", "logging", "math", "random", "re", "time", "typing", "jsonschema",
            "airflow_llm_async"}  # fmt: skip
 
 

@@ -49,7 +49,8 @@ def test_spent_in_xcoms_counts_the_connections_calls_of_this_period_only():
 def test_the_text_view_has_a_budget_table_only_when_there_are_budgets():
     snapshot = {
         "generated_at": NOW, "window_s": 3600, "triggerers": [], "unassigned_triggers": 0,
-        "processes": [], "models": [], "totals": {"calls": 0, "failures": 0, "total_tokens": 0, "cost_usd": 0},
+        "processes": [], "models": [],
+        "totals": {"calls": 0, "failures": 0, "total_tokens": 0, "cost_usd": 0},
     }  # fmt: skip
     assert "Budgets" not in text.render(snapshot)
     snapshot["budgets"] = budgets.budget_figures({"llm_a": BudgetConfig(2.0)}, {"llm_a": (0.5, "redis")}, NOW)
