@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, unit, integration (fake server on loopback) and end-to-end (real
-# Airflow processes). Extra arguments go to pytest, e.g. `bash scripts/test.sh -k trigger`.
-#   --fast   only what needs no Airflow process: ruff, unit and integration tests (-m "not e2e")
+# The whole test suite: lint, unit, integration (fake server on loopback), end-to-end (real Airflow
+# processes), then the conformance tier (LiteLLM's proxy, a real OpenAI-compatible server: its own
+# virtualenv .venv-litellm, ~10 s to make, ~1 min to run). Extra arguments go to pytest, e.g.
+# `bash scripts/test.sh -k trigger` (the conformance tier then runs only if they name tests/conformance).
+#   --fast          only what needs no Airflow process: ruff, unit and integration tests (-m "not e2e")
+#   --conformance   only the conformance tier (tests/conformance), after making .venv-litellm
 # Prints the wall time (set-up and tests) at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,13 +13,21 @@ setup_s=""
 report_time() { echo "test: wall time $(($(date +%s) - started)) s (set-up ${setup_s:-unfinished} s and tests)"; }
 trap report_time EXIT
 
-fast=0
+mode=full
 args=()
 for arg in "$@"; do
-    if [ "$arg" = "--fast" ]; then fast=1; else args+=("$arg"); fi
+    case "$arg" in
+        --fast) mode=fast ;;
+        --conformance) mode=conformance ;;
+        *) args+=("$arg") ;;
+    esac
 done
 
-if [ "$fast" -eq 1 ]; then bash scripts/setup.sh; else bash scripts/setup.sh --browser; fi
+case "$mode" in
+    fast) bash scripts/setup.sh ;;
+    conformance) bash scripts/setup.sh && bash scripts/setup_litellm.sh ;;
+    full) bash scripts/setup.sh --browser && bash scripts/setup_litellm.sh ;;
+esac
 setup_s=$(($(date +%s) - started))
 
 # With PYTHONDONTWRITEBYTECODE set, every Python process (pytest, the doc blocks' `airflow` commands,
@@ -27,24 +38,44 @@ if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ] && [ -z "${PYTHONPYCACHEPREFIX:-}" ]; t
     export PYTHONPYCACHEPREFIX="${XDG_CACHE_HOME:-$HOME/.cache}/airflow-llm-async/pycache"
 fi
 
-echo "test: ruff"
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
+if [ "$mode" != conformance ]; then
+    echo "test: ruff"
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+fi
 
-echo "test: pytest"
-pytest_args=(--durations=15)
-if [ "$fast" -eq 1 ]; then
-    pytest_args+=(-m "not e2e")
-else
-    # Two workers: the shared e2e deployment, the fault tests' deployment and the doc tests run side
-    # by side (tests/e2e/conftest.py); the tests of one deployment stay on one worker (loadgroup).
-    pytest_args+=(-n 2 --dist loadgroup)
-fi
-status=0
 # The slowest tests are listed at the end, so a CI log shows where the time goes.
-.venv/bin/python -m pytest "${pytest_args[@]}" ${args[@]+"${args[@]}"} || status=$?
-if [ "$status" -eq 5 ]; then
-    echo "test: pytest collected no tests; that is a failure" >&2
-    exit 1
-fi
+run_pytest() {
+    local status=0
+    .venv/bin/python -m pytest --durations=15 "$@" || status=$?
+    if [ "$status" -eq 5 ]; then
+        echo "test: pytest collected no tests; that is a failure" >&2
+        return 1
+    fi
+    return "$status"
+}
+
+# The conformance tier runs on its own, one LiteLLM proxy for all its tests (tests/conformance/conftest.py).
+conformance=(-m conformance tests/conformance)
+status=0
+case "$mode" in
+    conformance)
+        echo "test: pytest, conformance tier"
+        run_pytest "${conformance[@]}" ${args[@]+"${args[@]}"} || status=$?
+        ;;
+    fast)
+        echo "test: pytest"
+        run_pytest -m "not e2e" ${args[@]+"${args[@]}"} || status=$?
+        ;;
+    full)
+        echo "test: pytest"
+        # Two workers: the shared e2e deployment, the fault tests' deployment and the doc tests run side
+        # by side (tests/e2e/conftest.py); the tests of one deployment stay on one worker (loadgroup).
+        run_pytest -n 2 --dist loadgroup ${args[@]+"${args[@]}"} || status=$?
+        if [ "${#args[@]}" -eq 0 ]; then
+            echo "test: pytest, conformance tier"
+            run_pytest "${conformance[@]}" || status=$?
+        fi
+        ;;
+esac
 exit "$status"

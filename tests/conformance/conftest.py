@@ -32,6 +32,8 @@ def pytest_collection_modifyitems(config, items):
     mine = [item for item in items if HERE in Path(str(item.path)).resolve().parents]
     for item in mine:
         item.add_marker("conformance")
+        # Under xdist (--dist loadgroup), all on one worker: one proxy, not one per worker.
+        item.add_marker(pytest.mark.xdist_group("litellm"))
     if mine and not _asked(config):
         config.hook.pytest_deselected(items=mine)
         items[:] = [item for item in items if item not in set(mine)]
