@@ -27,6 +27,7 @@ PLAIN_ANSWER = (
     "Hello from the LiteLLM mock. This answer is long enough to pass the fifty-character quality rule."
 )
 HOUSE_ANSWER = "House model answer, mocked by LiteLLM, long enough to pass quality checks of fifty chars."
+GPT_4O_ANSWER = "gpt-4o mock answer with 1024 cached prompt tokens, long enough for quality."
 RICH_ANSWER = "A rich answer with details: cached tokens, reasoning tokens and a fingerprint attached."
 COST_HEADER = "x-litellm-response-cost"
 # The hints an error message ends with (core/protocol.py), by what the user should check.
@@ -85,17 +86,19 @@ async def test_a_plain_answer_through_the_trigger_matches_the_official_client(li
 
 
 async def test_the_gateways_model_name_and_cost_are_reported_for_models_the_price_table_lacks(litellm_conn):
-    # rich-model's upstream answer names gpt-4o-2024-08-06; LiteLLM rewrites it to the model group.
-    rich, rich_headers = await reference(litellm_conn, "rich-model")
-    house, house_headers = await reference(litellm_conn, "house-model")
+    # rich-model's upstream answer names gpt-4o-2024-08-06; LiteLLM renames it to the model group.
+    rich, headers = await reference(litellm_conn, "rich-model")
+    house, _ = await reference(litellm_conn, "house-model")
     rich_outcome, house_outcome = await asyncio.gather(ask(["rich-model"]), ask(["house-model"]))
 
     assert rich_outcome.model == rich.model == "rich-model"
-    assert house_outcome.model == house.model == "house-model"
-    assert house_outcome.text == HOUSE_ANSWER
-    # Neither is in the provider's price table: the cost is the gateway's, not unknown (None).
-    assert rich_outcome.cost_usd == pytest.approx(float(rich_headers[COST_HEADER])) == pytest.approx(0.00472)
-    assert house_outcome.cost_usd == float(house_headers[COST_HEADER]) == 0.0
+    assert (
+        (house_outcome.model, house_outcome.text)
+        == (house.model, HOUSE_ANSWER)
+        == ("house-model", HOUSE_ANSWER)
+    )
+    # rich-model is not in the provider's price table: the cost is the gateway's, not unknown (None).
+    assert rich_outcome.cost_usd == pytest.approx(float(headers[COST_HEADER])) == pytest.approx(0.00472)
 
 
 async def test_usage_details_and_the_system_fingerprint_are_kept(litellm_conn):
@@ -118,7 +121,7 @@ async def test_usage_details_and_the_system_fingerprint_are_kept(litellm_conn):
 
 
 async def test_a_tool_call_answer_is_a_failed_attempt_naming_the_tool_not_an_empty_success(litellm_conn):
-    answer, headers = await reference(litellm_conn, "tool-model")
+    answer, _ = await reference(litellm_conn, "tool-model")
     outcome = await ask(["tool-model"])
 
     assert answer.choices[0].message.content == ""
@@ -127,7 +130,14 @@ async def test_a_tool_call_answer_is_a_failed_attempt_naming_the_tool_not_an_emp
     assert outcome.error.kind == "invalid_response"
     assert "tool calls (get_weather)" in outcome.error.message
     assert attempts(outcome) == [("tool-model", 200, "error")]
-    # The model ran and was paid for (usage 10 + 20 tokens): the gateway's figure is the call's cost.
+
+
+async def test_a_tool_call_answer_costs_what_the_gateway_billed(litellm_conn):
+    """The model ran and was billed (usage 10 + 20 tokens) although its answer is of no use here."""
+    _, headers = await reference(litellm_conn, "tool-model")
+    outcome = await ask(["tool-model"])
+
+    assert not outcome.ok
     assert outcome.cost_usd == pytest.approx(float(headers[COST_HEADER])) == pytest.approx(1.35e-05)
 
 
@@ -292,16 +302,19 @@ async def test_calls_on_connections_the_server_closed_while_the_loop_was_busy_su
 
 async def test_a_small_fan_out_keeps_order_and_reports_each_item(litellm_conn):
     # One failing item only: several failures of one model would bring its circuit breaker into play.
-    models = ["gpt-4o-mini", "house-model", "rich-model"] * 4 + ["tool-model"]
+    models = ["gpt-4o-mini", "rich-model", "gpt-4o"] * 4 + ["tool-model"]
     specs = [spec([model]) for model in models]
     endpoints = await driver.resolve(specs[0])
     records = await driver.fan_out(specs, endpoints)
 
     assert [r["meta"]["status"] for r in records] == ["success"] * 12 + ["error"]
     assert [r["meta"].get("model") for r in records] == models[:12] + [None]
-    assert [r["text"] for r in records[:3]] == [PLAIN_ANSWER, HOUSE_ANSWER, RICH_ANSWER]
+    assert [r["text"] for r in records[:3]] == [PLAIN_ANSWER, RICH_ANSWER, GPT_4O_ANSWER]
     assert records[-1]["meta"]["error"]["kind"] == "invalid_response"
     assert all(r["meta"]["attempts"] == 1 for r in records)
-    # The gateway's cost of each answer, the unpriced ones included.
+    assert [r["meta"]["usage_details"] for r in records[1:3]] == [
+        {"cached_tokens": 1024, "reasoning_tokens": 100}
+    ] * 2
+    # What the gateway billed for each answer, the unpriced rich-model's included.
     answered = records[:12]
-    assert sum(r["meta"]["cost_usd"] for r in answered) == pytest.approx(4 * (1.35e-05 + 0.0 + 0.00472))
+    assert sum(r["meta"]["cost_usd"] for r in answered) == pytest.approx(4 * (1.35e-05 + 0.00472 + 0.00472))
