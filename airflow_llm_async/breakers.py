@@ -45,13 +45,19 @@ class LocalBreaker:
 
     def peek(self) -> Skip | None:
         """The Skip a call would get now (no side effect): lets a call leave before queueing for limits."""
+        if self.state.open_until is None:  # closed: the hot path, no clock read
+            return None
         return breaker.peek(self.state, self.config, self._clock())
 
     async def admit(self, lease_s: float) -> str | Skip:
+        if self.state.open_until is None:
+            return breaker.SEND
         decision, self.state = breaker.admit(self.state, self.config, self._clock(), lease_s)
         return decision
 
     def record(self, failed: bool, error: str = "", *, probe: bool = False) -> None:
+        if not (failed or probe or self.state.failures):  # a success with nothing to forget
+            return
         self.state, change = breaker.record(
             self.state, self.config, self._clock(), failed, error, probe=probe
         )

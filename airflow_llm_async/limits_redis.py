@@ -304,17 +304,19 @@ class SharedBreaker(breakers.LocalBreaker):
         self._label = redacted(url)
         self._synced_at = -math.inf  # time.monotonic() of the last read or write of the state
         self._down_until = -math.inf
-        self._writing = (
-            asyncio.Lock()
-        )  # this process's transactions one at a time: no WATCH conflicts among them
+        self._first_sync: asyncio.Future[None] | None = None
+        # This process's transactions one at a time: no WATCH conflicts among them.
+        self._writing = asyncio.Lock()
         # A key outlives every time the policy looks back at: the window, and a cool-down with its probe.
         self._ttl_ms = int(1000 * (config.window_s + config.cooldown_s + 600))
 
     async def admit(self, lease_s: float) -> str | Skip:
         if time.monotonic() < self._down_until:
             return await super().admit(lease_s)
-        if self._synced_at == -math.inf:  # first call of this process: learn the state before sending
-            await self._sync()
+        if self._synced_at == -math.inf:  # first calls of this process: learn the state before sending
+            if self._first_sync is None or self._first_sync.done():  # none yet, or it failed
+                self._first_sync = asyncio.ensure_future(self._sync())
+            await asyncio.shield(self._first_sync)
         elif time.monotonic() - self._synced_at > REFRESH_SECONDS:
             self._synced_at = time.monotonic()  # one refresh at a time
             _track(asyncio.ensure_future(self._sync()))
