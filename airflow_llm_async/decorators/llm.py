@@ -117,7 +117,7 @@ def llm_deferred_task(python_callable: Callable | None = None, **kwargs: Any) ->
 
     Takes every argument of :class:`~airflow_llm_async.operators.llm.LLMOperator` (``model``,
     ``fallback_models``, ``llm_conn_id``, ``system_prompt``, ``quality``, ``output_type``, ``cache_ttl``,
-    ...)::
+    ``circuit_open``, ...)::
 
         @task.llm_deferred(model="gpt-4o-mini", system_prompt="Summarize in one sentence.")
         def summarize(article: str) -> str:
@@ -140,8 +140,8 @@ def llm_fanout_task(python_callable: Callable | None = None, **kwargs: Any) -> T
     ``@task.llm_fanout``: the function returns a list of prompts; all are asked in one deferred task.
 
     Takes every argument of :class:`~airflow_llm_async.operators.fanout.LLMFanOutOperator` (``max_failures``,
-    ``model``, ``quality``, ``output_type``, ``cache_ttl``, ...) but ``start_from_trigger``. The task
-    returns the answers in input order, ``None`` for a failed item.
+    ``model``, ``quality``, ``output_type``, ``cache_ttl``, ``circuit_open``, ...) but
+    ``start_from_trigger``. The task returns the answers in input order, ``None`` for a failed item.
     """
     return task_decorator_factory(
         python_callable=python_callable,

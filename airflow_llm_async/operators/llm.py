@@ -19,6 +19,7 @@ from airflow.triggers.base import StartTriggerArgs
 from airflow_llm_async import compat, driver
 from airflow_llm_async.core import cache, structured
 from airflow_llm_async.core.outcome import (
+    CIRCUIT_OPEN,
     ON_QUALITY_FAILURE,
     RETURN_KEY,
     CallSpec,
@@ -75,6 +76,11 @@ class LLMOperator(BaseOperator):
         request (base URL and the whole body: model, messages, temperature, every extra) instead of
         calling again; default: off. Kept in the connection's ``cache_backend`` (Redis) or in this
         process. A reused answer costs nothing (``llm_meta.cache_hit``). See docs/cache.md.
+    :param circuit_open: what the call does when the circuit breaker of its last model (the
+        connection extra ``circuit_breaker``: on by default) is open after repeated server errors:
+        ``fail`` at once with an error naming the model and when it is probed again (default), or
+        ``wait`` for the probe (within ``timeout``). Earlier models with an open circuit are always
+        skipped for the next. See docs/circuit-breaker.md.
     :param timeout: overall time limit of the call, retries and fallbacks included (default:
         ``execution_timeout``); carried as a wall-clock deadline, so it holds while deferred.
     :param deferrable: wait in the triggerer (default); ``False`` runs the same code on the worker.
@@ -112,6 +118,7 @@ class LLMOperator(BaseOperator):
         on_quality_failure: str = "fail",
         max_cost_usd: float | None = None,
         cache_ttl: timedelta | float | None = None,
+        circuit_open: str = "fail",
         timeout: timedelta | float | None = None,
         deferrable: bool | None = None,
         start_from_trigger: bool | None = None,
@@ -142,6 +149,7 @@ class LLMOperator(BaseOperator):
         self.on_quality_failure = on_quality_failure
         self.max_cost_usd = max_cost_usd
         self.cache_ttl = cache_ttl
+        self.circuit_open = circuit_open
         self.timeout = timeout
         self.deferrable = default_deferrable() if deferrable is None else deferrable
         self._validate()
@@ -191,6 +199,10 @@ class LLMOperator(BaseOperator):
             raise ValueError(f"{where}: max_retries must be an integer >= 0, got {self.max_retries!r}.")
         if self.on_quality_failure not in ON_QUALITY_FAILURE:
             raise ValueError(f"{where}: on_quality_failure must be one of {list(ON_QUALITY_FAILURE)}.")
+        if self.circuit_open not in CIRCUIT_OPEN:
+            raise ValueError(
+                f"{where}: circuit_open must be one of {list(CIRCUIT_OPEN)}, got {self.circuit_open!r}."
+            )
         if not _is_count(self.quality_retries):
             raise ValueError(
                 f"{where}: quality_retries must be an integer >= 0, got {self.quality_retries!r}."
@@ -290,6 +302,7 @@ class LLMOperator(BaseOperator):
             max_cost_usd=self.max_cost_usd,
             output=self.answer_output(),
             cache_ttl=None if self.cache_ttl is None else cache.check_ttl(self.cache_ttl),
+            circuit_open=self.circuit_open,
         )
 
     def answer_output(self) -> str:

@@ -226,3 +226,37 @@ def test_a_stored_state_round_trips_and_garbage_reads_as_closed():
     assert State.from_dict(state.to_dict()) == state
     for garbage in (None, "x", {"failures": "abc"}, {"open_until": "soon"}):
         assert State.from_dict(garbage) == State()
+
+
+# ---- the operator argument circuit_open ------------------------------------------------------------
+
+
+def test_the_operators_and_decorators_carry_circuit_open_into_the_call_spec():
+    from airflow.sdk import DAG
+
+    from airflow_llm_async.decorators.llm import llm_deferred_task, llm_fanout_task
+    from airflow_llm_async.operators.fanout import LLMFanOutOperator
+    from airflow_llm_async.operators.llm import LLMOperator
+
+    assert LLMOperator(task_id="a", prompt="p").call_spec().circuit_open == "fail"
+    assert LLMOperator(task_id="b", prompt="p", circuit_open="wait").call_spec().circuit_open == "wait"
+    fan = LLMFanOutOperator(task_id="c", prompts=["x"], circuit_open="wait")
+    assert fan.call_spec(with_messages=False).circuit_open == "wait"
+
+    def ask() -> str:
+        return "p"
+
+    def ask_many() -> list[str]:
+        return ["p"]
+
+    with DAG("breaker_decorators", schedule=None):
+        one = llm_deferred_task(circuit_open="wait")(ask)()
+        many = llm_fanout_task(circuit_open="wait")(ask_many)()
+    assert one.operator.circuit_open == many.operator.circuit_open == "wait"
+
+
+def test_a_bad_circuit_open_is_refused_when_the_dag_is_parsed():
+    from airflow_llm_async.operators.llm import LLMOperator
+
+    with pytest.raises(ValueError, match=r"LLMOperator 'a': circuit_open must be one of \['fail', 'wait'\]"):
+        LLMOperator(task_id="a", prompt="p", circuit_open="retry")
