@@ -144,14 +144,18 @@ class RedisStore:
                 gets, self._gets = self._gets, []
                 puts, self._puts = self._puts, []
                 waiting, self._waiting_puts = self._waiting_puts, []
-                values = await self._round_trip([key for keys, _ in gets for key in keys], puts)
-                for keys, future in gets:
-                    if not future.done():
-                        future.set_result(values[: len(keys)])
-                    values = values[len(keys) :]
-                for future in waiting:
-                    if not future.done():
-                        future.set_result(None)
+                keys = [key for batch, _ in gets for key in batch]
+                values: list[bytes | None] = [None] * len(keys)
+                try:
+                    values = await self._round_trip(keys, puts)
+                finally:  # whatever happened (a bug, a cancelled task), nobody waits forever: a miss
+                    for batch, future in gets:
+                        if not future.done():
+                            future.set_result(values[: len(batch)])
+                        values = values[len(batch) :]
+                    for future in waiting:
+                        if not future.done():
+                            future.set_result(None)
         finally:
             self._flushing = None
 
