@@ -6,6 +6,7 @@ encoding are exactly the deployment's. Every query is one indexed SELECT; nothin
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -19,6 +20,8 @@ from airflow_llm_async.core.budget import BudgetConfig
 from airflow_llm_async.core.outcome import META_KEY
 from airflow_llm_async.monitor import budgets, figures
 from airflow_llm_async.monitor.figures import Call, TriggererJob
+
+log = logging.getLogger(__name__)
 
 
 def read_calls(
@@ -129,6 +132,34 @@ def read_budgets(session: Session, now: float, conn_ids: Collection[str] = ()) -
     return budgets.budget_figures({c: config for c, (config, _) in configs.items()}, spent, now)
 
 
+def read_circuits(session: Session, conn_ids: Collection[str] = ()) -> list[dict[str, Any]]:
+    """The live state of the circuit breakers shared through Redis (connections with ``rate_limit_backend``).
+
+    A breaker kept in a triggerer's own memory cannot be read from here: its skips show in ``llm_meta``.
+    """
+    from airflow.models.connection import Connection
+    from redis.exceptions import RedisError
+
+    from airflow_llm_async.limits_redis import read_breakers, redacted
+
+    known = set(session.scalars(select(Connection.conn_id).where(Connection.conn_type == "llm")))
+    by_backend: dict[str, set[str]] = {}
+    for conn_id in sorted(known | set(conn_ids)):
+        try:
+            extra = Connection.get_connection_from_secrets(conn_id).extra_dejson
+        except Exception:  # a connection gone or malformed: its calls report that; the monitor goes on
+            continue
+        if extra.get("rate_limit_backend") and extra.get("circuit_breaker", True) not in (False, "false"):
+            by_backend.setdefault(extra["rate_limit_backend"], set()).add(conn_id)
+    rows = []
+    for url, ids in by_backend.items():
+        try:
+            rows += [row for row in read_breakers(url) if row["conn_id"] in ids]
+        except (RedisError, OSError) as exc:
+            log.warning("circuit breakers: cannot read %s (%s)", redacted(url), type(exc).__name__)
+    return rows
+
+
 def reads_every_dag(session: Session, dag_ids: Collection[str]) -> bool:
     """Whether ``dag_ids`` holds every DAG of the deployment (an admin's readable DAGs do)."""
     from airflow.models.dag import DagModel
@@ -183,4 +214,6 @@ def load_snapshot(
     # A connection's spending covers every DAG that uses it: shown only to whom may read them all.
     seen = {call.conn_id for call in calls if call.conn_id}
     snapshot["budgets"] = read_budgets(session, now, seen) if all_triggers else []
+    if all_triggers:  # a shared breaker's state, like a budget, belongs to every DAG using the connection
+        snapshot["circuits"] = figures.circuit_figures(calls, read_circuits(session, seen))
     return snapshot

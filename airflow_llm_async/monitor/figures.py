@@ -41,6 +41,7 @@ MAX_LATENCY_S = 30 * 86400.0
 MAX_TOKENS = 10**9  # per call
 MAX_COST_USD = 1e6  # per call
 MAX_PID = 2**31 - 1
+MAX_ATTEMPTS = 100  # of one call, looked at for circuit-breaker skips (retries x models is far fewer)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Call:
     finished_at: float  # epoch seconds (the XCom's timestamp when the meta has no finished_at)
     host: str | None
     pid: int | None
+    # (conn_id, model) of each attempt the call skipped because that model's circuit breaker was open
+    circuit_skips: tuple[tuple[str, str], ...] = ()
 
     @property
     def process(self) -> str:
@@ -189,6 +192,13 @@ def _call(
     if started_at is None and latency is not None:
         started_at = finished_at - latency
     pid = _bounded(meta.get("pid"), MAX_PID)
+    skips = tuple(
+        (_text(a.get("conn_id")) or "unknown", _text(a.get("model")) or "unknown")
+        for a in attempts[:MAX_ATTEMPTS]
+        if isinstance(a, Mapping)
+        and isinstance(a.get("reason"), Mapping)
+        and a["reason"].get("kind") == "circuit_open"
+    )
     return Call(
         dag_id=dag_id,
         run_id=run_id,
@@ -206,6 +216,7 @@ def _call(
         finished_at=finished_at,
         host=_text(meta.get("host")),
         pid=None if pid is None else int(pid),
+        circuit_skips=skips,
     )
 
 
@@ -280,6 +291,34 @@ def model_figures(calls: Iterable[Call]) -> list[dict[str, Any]]:
     for call in calls:
         groups[(call.dag_id, call.model)].append(call)
     return [{"dag_id": d, "model": m, **_sums(group)} for (d, m), group in sorted(groups.items())]
+
+
+def circuit_figures(calls: Iterable[Call], live: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Per connection and model: the attempts skipped because its circuit was open (from ``llm_meta``),
+    and its live state where one is known (``live``: the breakers shared through Redis)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def row(conn_id: str, model: str) -> dict[str, Any]:
+        if (conn_id, model) not in rows:
+            rows[(conn_id, model)] = {
+                "conn_id": conn_id,
+                "model": model,
+                "skipped": 0,
+                "last_skipped_at": None,
+                **dict.fromkeys(("status", "failures", "last_error", "probe_at")),
+            }
+        return rows[(conn_id, model)]
+
+    for call in calls:
+        for conn_id, model in call.circuit_skips:
+            item = row(conn_id, model)
+            item["skipped"] += 1
+            item["last_skipped_at"] = max(item["last_skipped_at"] or call.finished_at, call.finished_at)
+    for state in live:
+        row(str(state["conn_id"]), str(state["model"])).update(
+            {key: state.get(key) for key in ("status", "failures", "last_error", "probe_at")}
+        )
+    return [rows[key] for key in sorted(rows)]
 
 
 def run_figures(calls: Iterable[Call]) -> list[dict[str, Any]]:
@@ -453,6 +492,7 @@ def snapshot(
         "all_triggers_counted": all_triggers,
         "processes": process_figures(calls, now),
         "models": model_figures(calls),
+        "circuits": circuit_figures(calls),
         "runs": run_figures(calls),
         "totals": _sums(calls),
     }

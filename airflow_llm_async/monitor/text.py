@@ -53,6 +53,7 @@ def render(snapshot: dict[str, Any]) -> str:
         )
         lines.append("")
     lines += _models(snapshot["models"])
+    lines += _circuits(snapshot.get("circuits") or [])
     lines += _budgets(snapshot.get("budgets") or [])
     totals = snapshot["totals"]
     lines += [
@@ -99,6 +100,24 @@ def _models(models: list[dict[str, Any]]) -> list[str]:
 
 
 _KEPT_IN = {"redis": "Redis, for every host", "xcom": "each process; spent as llm_meta recorded it"}
+
+
+def _circuits(circuits: list[dict[str, Any]]) -> list[str]:
+    """Models whose circuit breaker skipped calls, or whose shared state is known (Redis)."""
+    if not circuits:
+        return []
+    headers = ["connection", "model", "state", "failures", "last error", "probe at", "skipped calls"]
+    rows = [
+        [c["conn_id"], c["model"], c["status"] or "-", c["failures"], c["last_error"] or "-",
+         _clock(c["probe_at"]) if c["status"] in ("open", "half_open") else "-", c["skipped"]]
+        for c in circuits
+    ]  # fmt: skip
+    return ["", "Circuit breakers (skipped calls in the window; live state when shared through Redis)",
+            *table(headers, rows)]  # fmt: skip
+
+
+def _clock(epoch: float | None) -> str:
+    return "-" if epoch is None else datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S UTC")
 
 
 def _budgets(budgets: list[dict[str, Any]]) -> list[str]:

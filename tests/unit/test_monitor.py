@@ -570,3 +570,49 @@ def test_the_help_reads_as_text_not_rest(capsys):
         cli.main(["monitor", "--help"])
     shown = capsys.readouterr().out
     assert "airflow-llm monitor (also airflow llm monitor)" in shown and "``" not in shown
+
+
+# ---- circuit breakers ---------------------------------------------------------------------------------
+
+
+def skip_attempt(model="gpt-4", conn_id="llm_default") -> dict:
+    reason = {"kind": "circuit_open", "message": "the circuit breaker of gpt-4 ... is open"}
+    return {
+        "conn_id": conn_id,
+        "model": model,
+        "status": None,
+        "latency_s": 0.0,
+        "result": "error",
+        "reason": reason,
+    }
+
+
+def test_skipped_attempts_are_counted_per_connection_and_model_with_the_live_state_beside_them():
+    answered = {"conn_id": "llm_default", "model": "gpt-3.5-turbo", "status": 200, "latency_s": 0.4}
+    calls = [
+        *read(meta(model="gpt-3.5-turbo", attempts=[skip_attempt(), answered], finished_at=NOW - 60)),
+        *read(meta(model="gpt-3.5-turbo", attempts=[skip_attempt(), answered], finished_at=NOW - 5)),
+        *read(meta(attempts=[{"conn_id": "llm_default", "model": "gpt-4", "status": 200}])),
+    ]
+    assert [c.circuit_skips for c in calls] == [(("llm_default", "gpt-4"),)] * 2 + [()]
+    live = [{"conn_id": "llm_default", "model": "gpt-4", "status": "open", "failures": 5,
+             "last_error": "HTTP 503", "probe_at": NOW + 20, "opened": 1},
+            {"conn_id": "other", "model": "m", "status": "closed", "failures": 0, "last_error": "",
+             "probe_at": None}]  # fmt: skip
+    rows = figures.circuit_figures(calls, live)
+    assert rows == [
+        {"conn_id": "llm_default", "model": "gpt-4", "skipped": 2, "last_skipped_at": NOW - 5,
+         "status": "open", "failures": 5, "last_error": "HTTP 503", "probe_at": NOW + 20},
+        {"conn_id": "other", "model": "m", "skipped": 0, "last_skipped_at": None,
+         "status": "closed", "failures": 0, "last_error": "", "probe_at": None},
+    ]  # fmt: skip
+    snap = figures.snapshot(calls, [], {}, {}, capacity=10, now=NOW, window_s=3600, alive_within_s=30)
+    assert snap["circuits"][0]["skipped"] == 2 and snap["circuits"][0]["status"] is None  # no live state here
+    out = text.render({**snap, "circuits": rows})
+    assert "Circuit breakers" in out
+    assert "llm_default  gpt-4  open    5         HTTP 503    08:00:20 UTC  2" in out
+
+
+def test_a_hostile_attempt_list_is_read_only_so_far():
+    calls = read(meta(attempts=[skip_attempt()] * 10_000 + ["junk", {"reason": "x"}]))
+    assert len(calls[0].circuit_skips) == figures.MAX_ATTEMPTS
