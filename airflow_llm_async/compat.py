@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # --- 1. XComs sent with TaskSuccessEvent(xcoms=...) are stored JSON-encoded twice -----------------
 # Upstream: no issue filed that we found (closest: apache/airflow#45231). airflow/models/trigger.py
@@ -156,3 +161,44 @@ async def get_connection_in_dags_test(conn_id: str) -> Any:
 # Instead: ``hooks/llm.shared_endpoint`` resolves each connection once per event loop and
 # ``ENDPOINT_TTL`` (60 s), concurrent callers sharing the lookup. The cache also spares any secrets
 # backend the load, so it stays when this goes; ``bench/overhead.py`` shows what a lookup costs.
+
+
+# --- 7. A triggerer builds its in-process Execution API on the first request that needs it -------
+# Upstream: no issue filed that we found. jobs/triggerer_job_runner.py TriggerRunnerSupervisor.client
+# (a cached_property) builds InProcessExecutionAPI (FastAPI + Cadwyn: 5 s of CPU idle, 16 s at load
+# 5) on the supervisor's one thread, inside the first request that needs it: in our default modes the
+# first answer's XCom push, so the first tasks after a triggerer (re)start ended 5-16 s after their
+# answer (docs/performance.md, "Cold triggerer"). Instead: the first trigger of ours in a process
+# sends one cheap read that needs the API (a dag-run count) as soon as it starts, without waiting for
+# it, so the build overlaps the LLM call. It can go when the triggerer builds its client at start-up
+# (or off its main thread) and bench/cold_start.py shows no cold penalty with warm_up_execution_api
+# a no-op.
+
+_warm_up: tuple[int, asyncio.Task[None]] | None = None  # (pid, task): once per process, even after fork
+
+
+def warm_up_execution_api(ti: Any) -> None:
+    """Have the triggerer build its Execution API now, once per process; never waits, never raises."""
+    global _warm_up
+    if _warm_up is not None and _warm_up[0] == os.getpid():
+        return
+    from airflow.sdk.execution_time import task_runner
+
+    comms = getattr(task_runner, "SUPERVISOR_COMMS", None)
+    if ti is None or comms is None or not hasattr(comms, "asend"):  # dags test, or no supervisor
+        return
+    _warm_up = (os.getpid(), asyncio.get_running_loop().create_task(_send_warm_up(comms, ti.dag_id)))
+
+
+async def _send_warm_up(comms: Any, dag_id: str) -> None:
+    from airflow.sdk.execution_time.comms import GetDRCount
+
+    started = time.monotonic()
+    log.info("Warming up the triggerer's in-process Execution API (pid %d)", os.getpid())
+    try:
+        # A read-only count: the cheapest request that goes through the in-process API.
+        await comms.asend(GetDRCount(dag_id=dag_id, states=["running"]))
+    except Exception:  # a failed warm-up only costs the cold start it tried to spare
+        log.debug("Execution API warm-up failed", exc_info=True)
+        return
+    log.info("Triggerer's in-process Execution API ready after %.2f s", time.monotonic() - started)
