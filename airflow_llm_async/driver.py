@@ -17,8 +17,8 @@ from typing import TypeVar
 
 from asgiref.sync import async_to_sync
 
-from airflow_llm_async import breakers, cache_store, limits, metrics, transport
-from airflow_llm_async.core import cache, fanout
+from airflow_llm_async import breakers, budget_store, cache_store, limits, metrics, transport
+from airflow_llm_async.core import budget, cache, fanout
 from airflow_llm_async.core.engine import Flow, NoAnswer, Reply, Send, Step, Wait, call_flow
 from airflow_llm_async.core.outcome import CallSpec, Outcome
 from airflow_llm_async.core.protocol import Endpoint, LLMCallError
@@ -126,6 +126,23 @@ async def _send(flow: Flow, step: Send) -> Step | Outcome:
     skip = breakers.skip_for(endpoint, model)  # an open circuit: answered before queueing for the limits
     if skip is not None:
         return _advance(flow, skip)
+    if endpoint.budget_usd is None:
+        return await _round_trip(flow, step)
+    # The connection's budget: the worst case is held before the request queues, so a refused
+    # request never reaches the server, and settled to the real cost once the engine has priced it.
+    held = await budget_store.reserve(endpoint, step.worst_cost_usd or 0.0)
+    if isinstance(held, str):
+        metrics.error(endpoint.conn_id, model, "budget")
+        return _advance(flow, NoAnswer("budget", held))
+    try:
+        return await _round_trip(flow, step)
+    finally:
+        cost = step.attempt.cost_usd  # None: not priced (or cancelled mid-flight): keep the worst case
+        await budget_store.settle(endpoint, held, budget.to_usd(held.nano) if cost is None else cost)
+
+
+async def _round_trip(flow: Flow, step: Send) -> Step | Outcome:
+    endpoint, model = step.endpoint, step.model
     limiter = limits.limiter_for(endpoint)
     deadline = step.deadline
     asked = time.monotonic()

@@ -48,6 +48,8 @@ class Send:
     estimated_tokens: int  # what to reserve from the connection's tokens-per-minute bucket
     deadline: float | None  # wall-clock: the limiter must not hold the request past it
     attempt: Attempt  # its record in llm_meta, filled in once the reply is sent back
+    # The attempt's worst case in USD, for a connection with budget_usd (reserved before sending).
+    worst_cost_usd: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,8 @@ class Answer:
 class NoAnswer:
     """No answer: ``timeout`` (none within the time), ``connection`` (``detail`` says why),
     ``too_large`` (more than the connection's ``max_response_bytes``; not read), ``limits`` (the
-    connection's limits held the request until the deadline; it was never sent), or
+    connection's limits held the request until the deadline; it was never sent), ``budget`` (the
+    connection's ``budget_usd`` could not hold its worst case, ``detail`` says why; never sent), or
     ``circuit_open`` (the link's circuit breaker is open, ``circuit`` says why; never sent)."""
 
     kind: str
@@ -234,8 +237,9 @@ def _attempt(
     sent = call.clock.monotonic()
     spec = call.spec
     body = protocol.build_payload(spec.request, model)
+    worst = None if endpoint.budget_usd is None or price is None else _worst_case(spec, price)
     reply = yield Send(
-        endpoint, model, body, timeout, tokens.estimate_tokens(spec.request), spec.deadline, attempt
+        endpoint, model, body, timeout, tokens.estimate_tokens(spec.request), spec.deadline, attempt, worst
     )
     attempt.status = reply.status if isinstance(reply, Answer) else None
     if isinstance(reply, NoAnswer) and reply.kind == "circuit_open":
@@ -243,7 +247,7 @@ def _attempt(
     try:
         completion = _interpret(reply, endpoint, timeout, capped or call.past_deadline())
     except LLMCallError as exc:
-        call.failed(attempt, sent, exc, price)
+        call.failed(attempt, sent, exc, endpoint, price)
         raise
     call.answered(attempt, sent, completion, endpoint, price)
     return completion
@@ -282,6 +286,8 @@ def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -
         raise LLMCallError(
             "deadline", "the call's deadline passed while waiting for the connection's rate limits"
         )
+    if isinstance(reply, NoAnswer) and reply.kind == "budget":
+        raise LLMCallError("budget", reply.detail)
     if isinstance(reply, NoAnswer) and reply.kind == "too_large":
         raise LLMCallError(
             "invalid_response",
@@ -335,7 +341,7 @@ class _Call:
         if self.past_deadline():
             self.observer.error(endpoint.conn_id, model, "deadline")
             return LLMCallError("deadline", "the call's deadline passed before it could finish")
-        if self.spec.max_cost_usd is None:
+        if self.spec.max_cost_usd is None and endpoint.budget_usd is None:
             return None
         refusal = _over_budget(self.spec, endpoint, model, price, self.spent)
         if refusal is not None:
@@ -384,12 +390,18 @@ class _Call:
     def past_deadline(self) -> bool:
         return self.spec.deadline is not None and self.spec.deadline <= self.clock.now()
 
-    def failed(self, attempt: Attempt, sent: float, error: LLMCallError, price: Price | None) -> None:
+    def failed(
+        self, attempt: Attempt, sent: float, error: LLMCallError, endpoint: Endpoint, price: Price | None
+    ) -> None:
         attempt.latency_s = round(self.clock.monotonic() - sent, 3)
         attempt.result, attempt.reason = "error", error.to_dict()
         self.observer.attempt(attempt.conn_id, attempt.model, attempt.latency_s, error.kind)
-        # No usable answer, so no usage reported: it adds nothing to the cost, whatever the model's price
-        # (``price`` is None for an unpriced model; the total stays known).
+        if error.billed is not None:  # an answer we cannot use (tool calls) was still billed
+            self._charge(attempt, error.billed, endpoint, price)
+        else:
+            # No answer, so no usage: it adds nothing to the cost, whatever the model's price (``price``
+            # is None for an unpriced model; the total stays known).
+            attempt.cost_usd = 0.0
 
     def answered(
         self, attempt: Attempt, sent: float, completion: Completion, endpoint: Endpoint, price: Price | None
@@ -398,6 +410,12 @@ class _Call:
         attempt.tokens = completion.usage.get("total_tokens")
         attempt.latency_s = round(self.clock.monotonic() - sent, 3)
         self.observer.attempt(attempt.conn_id, attempt.model, attempt.latency_s, None)
+        self._charge(attempt, completion, endpoint, price)
+
+    def _charge(
+        self, attempt: Attempt, completion: Completion, endpoint: Endpoint, price: Price | None
+    ) -> None:
+        """Add what an answer cost to the call's spending (and to the attempt, for budget_usd)."""
         price = price or pricing.price_of(endpoint.prices, completion.model)
         usage = completion.usage
         cost = completion.reported_cost_usd  # the server's own figure (a gateway's), when it gives one
@@ -410,6 +428,7 @@ class _Call:
             self.priced = False  # tokens paid for at a price nobody knows: the total is unknown
         else:
             cost = 0.0  # no tokens cost nothing at any price
+        attempt.cost_usd = cost
         self.observer.usage(attempt.conn_id, attempt.model, completion.usage, cost)
 
     def success(
@@ -463,22 +482,31 @@ class _Call:
 def _over_budget(
     spec: CallSpec, endpoint: Endpoint, model: str, price: Price | None, spent: float
 ) -> LLMCallError | None:
-    """Refuse an attempt whose worst case would take the call's spending past ``max_cost_usd``."""
+    """Refuse an attempt that cannot be bounded (no price) under ``max_cost_usd`` or the connection's
+    ``budget_usd``, or whose worst case would take the call's spending past ``max_cost_usd``.
+
+    The connection's budget itself is kept by the driver (``budget_store.py``), across calls.
+    """
     limit = spec.max_cost_usd
-    assert limit is not None
     if price is None:
+        if limit is not None:
+            which = f"max_cost_usd={limit:g} is set"
+        else:
+            which = f"the {endpoint.conn_id!r} connection has budget_usd of {endpoint.budget_usd.describe()}"
         return LLMCallError(
             "budget",
-            f"max_cost_usd={limit:g} is set but no price is known for model {model!r}, so its cost cannot "
+            f"{which} but no price is known for model {model!r}, so its cost cannot "
             f"be bounded; add it to the {endpoint.conn_id!r} connection's extra, e.g. "
             f'"prices": {{"{model}": {{"input": <USD per 1M prompt tokens>, "output": <USD per 1M completion '
             f"tokens>}}}} (or to the file named by [llm_async] prices_file)",
         )
-    prompt = tokens.estimate_prompt_tokens(spec.request)
-    completion = tokens.completion_budget(spec.request)
-    worst = price.cost(prompt, completion)
+    if limit is None:
+        return None
+    worst = _worst_case(spec, price)
     if spent + worst <= limit:
         return None
+    prompt = tokens.estimate_prompt_tokens(spec.request)
+    completion = tokens.completion_budget(spec.request)
     return LLMCallError(
         "budget",
         f"max_cost_usd={limit:g} would be exceeded: spent ${spent:.6f} so far + this attempt's worst case "
@@ -486,3 +514,8 @@ def _over_budget(
         f"${price.output:g}/M) = ${spent + worst:.6f}; raise max_cost_usd, lower max_tokens, shorten "
         f"the prompt, or add a cheaper fallback model",
     )
+
+
+def _worst_case(spec: CallSpec, price: Price) -> float:
+    """What an attempt can cost at most: the whole prompt and every max_tokens at the model's price."""
+    return price.cost(tokens.estimate_prompt_tokens(spec.request), tokens.completion_budget(spec.request))

@@ -120,6 +120,8 @@ class Attempt:
     result: str = "error"  # "ok" | "error" | "quality_failed"
     reason: Any = None  # the error (a dict), or the quality rules broken (a list)
     tokens: int | None = field(default=None, repr=False)  # an answer's total tokens, for the limiter
+    # What the attempt cost (0.0: no answer; None: answered at an unknown price), for budget_usd.
+    cost_usd: float | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {

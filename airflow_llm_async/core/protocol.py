@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_llm_async.core import breaker
+from airflow_llm_async.core.budget import BudgetConfig
 from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -100,6 +101,8 @@ class Endpoint:
     prices: Mapping[str, Price] = field(default_factory=lambda: DEFAULT_PRICES, repr=False)
     # Per model on this connection (core/breaker.py); None: the extra `circuit_breaker: false` turned it off.
     circuit_breaker: breaker.BreakerConfig | None = breaker.DEFAULT
+    # The connection's spending limit per UTC day or month, across calls (core/budget.py); None: none.
+    budget_usd: BudgetConfig | None = None
 
     @functools.cached_property
     def secrets(self) -> tuple[str, ...]:
@@ -169,6 +172,8 @@ class LLMCallError(Exception):
         self.param = param
         # The answer's headers, when there was an answer: the retry policy reads retry-after from them.
         self.headers: Mapping[str, str] | None = None
+        # An answer that could not be used but was billed (tool calls and no text): what it cost counts.
+        self.billed: Completion | None = None
 
     @property
     def retryable(self) -> bool:
@@ -346,7 +351,9 @@ def _completion(
     message = choice.get("message") or {}
     text = message.get("content")
     if not text and message.get("tool_calls"):
-        raise _tool_calls_error(message["tool_calls"], status, secrets)
+        error = _tool_calls_error(message["tool_calls"], status, secrets)
+        error.billed = _completion_of(data, choice, "", secrets, headers)  # unusable, but paid for
+        raise error
     if text is None:
         # A model-side refusal comes back as message.refusal with no content.
         text = message.get("refusal")
@@ -354,6 +361,13 @@ def _completion(
             raise LLMCallError("invalid_response", "the answer's first choice has no content", status=status)
     if not isinstance(text, str):
         raise LLMCallError("invalid_response", "the answer's content is not text", status=status)
+    return _completion_of(data, choice, redact(text, secrets), secrets, headers)
+
+
+def _completion_of(
+    data: dict[str, Any], choice: Any, text: str, secrets: Sequence[str], headers: Mapping[str, str] | None
+) -> Completion:
+    """The answer's text (already redacted) with its model, usage and cost."""
     model = data.get("model") or ""
     finish_reason = choice.get("finish_reason")
     if not isinstance(model, str) or not isinstance(finish_reason, str | None):
@@ -363,14 +377,17 @@ def _completion(
         key: _token_count(usage.get(key)) for key in ("prompt_tokens", "completion_tokens", "total_tokens")
     }
     fingerprint = data.get("system_fingerprint")
+    cost = _reported_cost(headers)
+    if cost == 0 and (counts["prompt_tokens"] or counts["completion_tokens"]):
+        cost = None  # LiteLLM reports 0.0 for a model it cannot price: tokens are not free, use the table
     return Completion(
-        text=redact(text, secrets),
+        text=text,
         model=_server_text(model, secrets, 200),
         finish_reason=finish_reason and _server_text(finish_reason, secrets, 100),
         usage=counts,
         usage_details=_usage_details(usage, counts["prompt_tokens"]),
         system_fingerprint=_server_text(fingerprint, secrets, 100) if isinstance(fingerprint, str) else None,
-        reported_cost_usd=_reported_cost(headers),
+        reported_cost_usd=cost,
     )
 
 

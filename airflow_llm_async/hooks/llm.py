@@ -17,6 +17,7 @@ from airflow.sdk.log import amask_secret, mask_secret
 from airflow_llm_async import compat, limits
 from airflow_llm_async.core import breaker, pricing
 from airflow_llm_async.core.breaker import BreakerConfig
+from airflow_llm_async.core.budget import BudgetConfig
 from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price, PriceTableError
 from airflow_llm_async.core.protocol import DEFAULT_BASE_URL, Endpoint
 
@@ -37,6 +38,7 @@ _KNOWN_EXTRAS = (
     "cache_backend",
     "prices",
     "circuit_breaker",
+    "budget_usd",
     *_POSITIVE_INT_EXTRAS,
 )
 
@@ -202,6 +204,14 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
     options["prices"] = _price_table(conn_id, extra.get("prices"))
     if "circuit_breaker" in extra:
         options["circuit_breaker"] = _circuit_breaker(conn_id, extra["circuit_breaker"])
+    if extra.get("budget_usd") is not None:
+        try:
+            options["budget_usd"] = BudgetConfig.parse(extra["budget_usd"])
+        except ValueError as exc:
+            raise LLMConfigError(
+                f"The LLM connection {conn_id!r} extra 'budget_usd' {exc}; e.g. "
+                '{"usd": 50, "per": "day"} (or "month").'
+            ) from None
     headers = extra.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise LLMConfigError(

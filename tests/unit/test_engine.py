@@ -339,6 +339,20 @@ def test_a_connection_budget_refuses_an_unpriced_model_before_sending():
     assert '"prices": {"gpt-unknown"' in run.outcome.error.message
 
 
+def test_an_unusable_answer_that_was_billed_counts_in_the_cost_and_the_budget():
+    tools = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather"}}]}
+    body = {
+        "model": "m1",
+        "choices": [{"message": tools, "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
+    }
+    billed = Answer(200, {}, json.dumps(body).encode())
+    run = drive(spec(max_retries=0, max_cost_usd=1.0), [billed])
+    assert run.outcome.error.kind == "invalid_response"
+    assert run.outcome.cost_usd == pytest.approx(PRICES["m1"].cost(10, 20))
+    assert run.outcome.attempts[0].cost_usd == pytest.approx(PRICES["m1"].cost(10, 20))
+
+
 def test_a_model_without_a_price_makes_the_total_unknown():
     assert drive(spec(models=("gpt-unknown",)), [answer()]).outcome.cost_usd is None
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from airflow_llm_async.core.budget import BudgetConfig
 from airflow_llm_async.core.protocol import DEFAULT_BASE_URL
 from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook, shared_endpoint
 
@@ -227,3 +228,28 @@ def test_a_connection_caps_calls_in_flight_at_1000_unless_its_extra_says_otherwi
     set_conn(monkeypatch, "llm_wide", password="k", extra={"max_concurrency": 5000})
     assert LLMHook("llm_plain").get_endpoint().max_concurrency == 1000
     assert LLMHook("llm_wide").get_endpoint().max_concurrency == 5000
+
+
+def test_a_budget_extra_is_read_in_json_and_uri_form(monkeypatch):
+    set_conn(monkeypatch, "llm_b", password="sk-1", extra={"budget_usd": {"usd": 50, "per": "month"}})
+    assert LLMHook("llm_b").get_endpoint().budget_usd == BudgetConfig(50.0, "month")
+    monkeypatch.setenv("AIRFLOW_CONN_LLM_U", "llm://:sk-2@gateway.internal/v1?budget_usd=12.5")
+    assert LLMHook("llm_u").get_endpoint().budget_usd == BudgetConfig(12.5, "day")
+    set_conn(monkeypatch, "llm_none", password="sk-1")
+    assert LLMHook("llm_none").get_endpoint().budget_usd is None
+
+
+@pytest.mark.parametrize(
+    ("budget", "fragment"),
+    [
+        ({"usd": 50, "per": "week"}, "field 'per' must be one of ['day', 'month']"),
+        ({"usd": -5}, "field 'usd' must be a positive number of US dollars"),
+        ("lots", 'must be an object such as {"usd": 50, "per": "day"}'),
+    ],
+)
+def test_a_bad_budget_extra_names_the_connection_and_the_fix(monkeypatch, budget, fragment):
+    set_conn(monkeypatch, "llm_b", password="sk-1", extra={"budget_usd": budget})
+    with pytest.raises(LLMConfigError) as info:
+        LLMHook("llm_b").get_endpoint()
+    assert "The LLM connection 'llm_b' extra 'budget_usd'" in str(info.value)
+    assert fragment in str(info.value)

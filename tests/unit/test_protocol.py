@@ -454,7 +454,6 @@ def test_content_next_to_tool_calls_is_still_the_answer():
     [
         ({"x-litellm-response-cost": "0.00472"}, 0.00472),
         ({"X-LiteLLM-Response-Cost": "4.72e-05"}, 4.72e-05),
-        ({"x-litellm-response-cost": "0"}, 0.0),
         ({"x-litellm-response-cost": "None"}, None),
         ({"x-litellm-response-cost": ""}, None),
         ({"x-litellm-response-cost": "-1"}, None),
@@ -469,3 +468,24 @@ def test_content_next_to_tool_calls_is_still_the_answer():
 def test_the_cost_a_gateway_reports_is_read_or_dropped_never_a_failure(headers, cost):
     completion = parse_completion(200, _answer(), headers)
     assert completion.reported_cost_usd == cost
+
+
+def test_a_reported_cost_of_zero_counts_only_for_an_answer_without_tokens():
+    # LiteLLM sends 0.0 for a model it cannot price: an answer with tokens is not free.
+    assert parse_completion(200, _answer(), {"x-litellm-response-cost": "0"}).reported_cost_usd is None
+    no_tokens = _answer(usage={"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+    assert parse_completion(200, no_tokens, {"x-litellm-response-cost": "0.0"}).reported_cost_usd == 0.0
+
+
+def test_an_answer_of_tool_calls_keeps_what_it_was_billed():
+    message = {"role": "assistant", "content": "", "tool_calls": [_tool_call()]}
+    body = _answer(
+        choices=[{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+        usage={"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
+    )
+    with pytest.raises(LLMCallError) as raised:
+        parse_completion(200, body, {"x-litellm-response-cost": "1.35e-05"})
+    billed = raised.value.billed
+    assert billed is not None and billed.text == ""
+    assert billed.usage == {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+    assert billed.reported_cost_usd == 1.35e-05 and billed.model == "gpt-4-0613"
