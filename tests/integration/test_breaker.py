@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 from airflow_llm_async import breakers, driver, limits, limits_redis
 from airflow_llm_async.core.outcome import CallSpec
 from airflow_llm_async.testing.fake_server import FakeLLMServer
-from tests.integration.conftest import API_KEY, point_connection
+from tests.integration.conftest import API_KEY, point_connection, wait_until
+from tests.integration.test_metrics import statsd  # noqa: F401 (a fixture)
 
 PRIMARY, FALLBACK = "gpt-4", "gpt-3.5-turbo"
 REQUEST = {"messages": [{"role": "user", "content": "Summarise the report"}], "max_tokens": 50}
@@ -200,3 +201,20 @@ async def test_only_one_host_takes_the_probe(dead_primary, monkeypatch, redis_co
     await limits_redis.wait_for_adjustments()
     hosts[2]._synced_at = float("-inf")  # its next call reads the state again
     assert await hosts[2].admit(10.0) == "send"
+
+
+async def test_opening_closing_and_skips_are_counted_in_the_metrics(dead_primary, monkeypatch, statsd):  # noqa: F811
+    conn_id = connect(monkeypatch, dead_primary, circuit_breaker={"cooldown_s": 0.3})
+    for _ in range(3):  # open it, then one call skips the primary
+        await driver.complete(spec(conn_id))
+    dead_primary.set_fault(PRIMARY, None)
+    for _ in range(200):  # the cool-down passes, the probe closes it
+        if (await driver.complete(spec(conn_id))).model == PRIMARY:
+            break
+        await asyncio.sleep(0.05)
+    primary = {"conn_id": conn_id, "model": PRIMARY}
+    await wait_until(lambda: statsd.named("llm.circuit.closed", **primary), timeout=10)
+    assert statsd.total("llm.circuit.opened", **primary) == 1
+    assert statsd.total("llm.circuit.closed", **primary) == 1
+    assert statsd.total("llm.errors.circuit_open", **primary) >= 2  # call 2's retry, call 3
+    assert statsd.total("llm.errors.server", **primary) == THRESHOLD

@@ -7,6 +7,7 @@ cool-down, where exactly one call goes out as the probe; its success closes, its
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -260,3 +261,58 @@ def test_a_bad_circuit_open_is_refused_when_the_dag_is_parsed():
 
     with pytest.raises(ValueError, match=r"LLMOperator 'a': circuit_open must be one of \['fail', 'wait'\]"):
         LLMOperator(task_id="a", prompt="p", circuit_open="retry")
+
+
+# ---- the connection extra circuit_breaker ----------------------------------------------------------
+
+
+def endpoint_with(extra: dict):
+    import json
+
+    from airflow.sdk import Connection
+
+    from airflow_llm_async.hooks.llm import endpoint_from_connection
+
+    conn = Connection(conn_id="c", conn_type="llm", password="sk-test-key", extra=json.dumps(extra))
+    return endpoint_from_connection(conn)
+
+
+@pytest.mark.parametrize(
+    ("extra", "config"),
+    [
+        ({}, breaker.DEFAULT),
+        ({"circuit_breaker": {}}, breaker.DEFAULT),
+        ({"circuit_breaker": True}, breaker.DEFAULT),
+        ({"circuit_breaker": False}, None),
+        ({"circuit_breaker": "false"}, None),  # a URI-form connection's extras are text
+        ({"circuit_breaker": {"failures": 3}}, BreakerConfig(3, 30.0, 30.0)),
+        (
+            {"circuit_breaker": {"failures": "2", "window_s": 10, "cooldown_s": 0.5}},
+            BreakerConfig(2, 10.0, 0.5),
+        ),
+    ],
+)
+def test_the_extra_is_on_by_default_and_takes_any_of_its_three_fields(extra, config):
+    assert endpoint_with(extra).circuit_breaker == config
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            7,
+            "extra 'circuit_breaker' must be false (off) or an object with any of ['failures', 'window_s', "
+            '\'cooldown_s\'], e.g. {"failures": 5, "window_s": 30, "cooldown_s": 30}; got 7.',
+        ),
+        ({"failure": 5}, "must be false (off) or an object with any of"),
+        ({"failures": 0}, "extra 'circuit_breaker' field 'failures' must be a positive integer, got 0"),
+        ({"failures": 2.5}, "field 'failures' must be a positive integer, got 2.5"),
+        ({"cooldown_s": -1}, "field 'cooldown_s' must be a positive number of seconds, got -1"),
+        ({"window_s": "soon"}, "field 'window_s' must be a positive number of seconds, got 'soon'"),
+    ],
+)
+def test_a_bad_extra_names_the_field_and_the_fix(value, message):
+    from airflow_llm_async.hooks.llm import LLMConfigError
+
+    with pytest.raises(LLMConfigError, match=re.escape(message)):
+        endpoint_with({"circuit_breaker": value})
