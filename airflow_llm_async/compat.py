@@ -169,18 +169,24 @@ async def get_connection_in_dags_test(conn_id: str) -> Any:
 # 5) on the supervisor's one thread, inside the first request that needs it: in our default modes the
 # first answer's XCom push, so the first tasks after a triggerer (re)start ended 5-16 s after their
 # answer (docs/performance.md, "Cold triggerer"). Instead: the first trigger of ours in a process
-# sends one cheap read that needs the API (a dag-run count) as soon as it starts, without waiting for
-# it, so the build overlaps the LLM call. It can go when the triggerer builds its client at start-up
+# looks its connections up (that lookup waits for the same thread: secrets are masked through it),
+# then sends one cheap read that needs the API (a dag-run count) without waiting for it, so the build
+# overlaps the LLM call. It can go when the triggerer builds its client at start-up
 # (or off its main thread) and bench/cold_start.py shows no cold penalty with warm_up_execution_api
 # a no-op.
 
 _warm_up: tuple[int, asyncio.Task[None]] | None = None  # (pid, task): once per process, even after fork
 
 
+def execution_api_cold() -> bool:
+    """Whether no trigger of this process has asked for the warm-up yet."""
+    return _warm_up is None or _warm_up[0] != os.getpid()
+
+
 def warm_up_execution_api(ti: Any) -> None:
     """Have the triggerer build its Execution API now, once per process; never waits, never raises."""
     global _warm_up
-    if _warm_up is not None and _warm_up[0] == os.getpid():
+    if not execution_api_cold():
         return
     from airflow.sdk.execution_time import task_runner
 

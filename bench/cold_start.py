@@ -1,7 +1,7 @@
 """Cold start: how much later a task ends on a freshly started triggerer than on a warm one (issue 15).
 
     .venv/bin/python bench/cold_start.py                      # N = 5, 2.5 s calls, 2 rounds (~8 min)
-    .venv/bin/python bench/cold_start.py --tasks 10 --rounds 3 --latency 0
+    .venv/bin/python bench/cold_start.py --latency 0 --timeline       # the worker-free floor, by stage
 
 One real Airflow (``AirflowStack``: PostgreSQL if a server answers on 127.0.0.1:5432, else SQLite;
 LocalExecutor, one triggerer) and the fake OpenAI server (``--latency`` s per answer). Two DAGs of N
@@ -13,8 +13,11 @@ Then, per round and DAG: the triggerer is restarted (SIGTERM, a new job heartbea
 
 Per task: ``hand-back`` = its ``end_date`` (REST) minus its ``llm_meta.finished_at`` (the epoch second
 the triggerer had the server's answer), and ``start-to-end`` = ``end_date`` minus ``start_date``.
-Printed: the median and max over the tasks of each run, then per DAG the ranges over the rounds and
-the cold/warm ratio and difference of the median hand-back (the target: a cold penalty under 1 s).
+Printed: the median and max over the tasks of each run, then per DAG the ranges over the rounds of
+both medians, cold/warm and cold minus warm (the target: a cold penalty under 1 s). ``--timeline``
+also splits each task into stages, timed from the real processes' records (the REST API, the task
+and trigger logs, the triggerer's log, ``llm_meta``), and prints each stage's median per DAG and
+triggerer state. ``--config section.key=value`` measures an Airflow setting's effect.
 """
 
 from __future__ import annotations
@@ -103,15 +106,18 @@ def _epoch(iso: str) -> float:
 
 
 def _log_times(path: Path, *events: str) -> dict[str, float]:
-    """The epoch second of the last JSON log line of ``path`` whose event starts with each of ``events``."""
+    """The epoch second of the last JSON log line of ``path`` matching each of ``events`` ("a*b": from a
+    to b)."""
     found: dict[str, float] = {}
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
         try:
             entry = json.loads(line)
         except ValueError:
             continue
+        text = str(entry.get("event", ""))
         for event in events:
-            if str(entry.get("event", "")).startswith(event):
+            prefix, _, suffix = event.partition("*")
+            if text.startswith(prefix) and text.endswith(suffix):
                 found[event] = _epoch(entry["timestamp"])
     return found
 
@@ -135,15 +141,15 @@ def stages(stack: AirflowStack, dag: str, run: dict, ti: dict, meta: dict, picke
         folder /= f"map_index={ti['map_index']}"
     trigger = {}
     for path in folder.glob("attempt=1.log.trigger.*.log"):
-        trigger.update(_log_times(path, "trigger ", "Trigger fired event"))
+        trigger.update(_log_times(path, "trigger * starting", "Trigger fired event"))
     times = {
         "scheduled": _epoch(ti["start_date"]),
         "call_sent": meta["started_at"],
         "answered": meta["finished_at"],
         "ended": _epoch(ti["end_date"]),
     }
-    if "trigger " in trigger:
-        times["started"] = trigger["trigger "]
+    if "trigger * starting" in trigger:
+        times["started"] = trigger["trigger * starting"]
     if "Trigger fired event" in trigger:
         times["pushed"] = trigger["Trigger fired event"]
     if dag == "mapped":
@@ -251,17 +257,32 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=2.5, help="seconds per answer (default 2.5)")
     parser.add_argument("--rounds", type=int, default=2, help="cold + warm pairs per DAG (default 2)")
     parser.add_argument("--dags", default=",".join(DAGS), help=f"comma-separated, of {', '.join(DAGS)}")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="an Airflow setting of every component, e.g. scheduler.scheduler_idle_sleep_time=0.2",
+    )
     parser.add_argument("--timeline", action="store_true", help="also print the median time per stage")
     parser.add_argument("--keep-logs", action="store_true", help="keep the Airflow home and its logs")
     parser.add_argument("--json", type=Path, help="also write the raw per-task figures here")
     args = parser.parse_args()
     if not 1 <= args.tasks <= 64:
         parser.error("--tasks must be 1..64")
+    config: dict[str, dict[str, str]] = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        section, dot, option = key.partition(".")
+        if not (sep and dot and section and option):
+            parser.error(f"--config takes SECTION.KEY=VALUE, got {item!r}")
+        config.setdefault(section, {})[option] = value
     dags = [d for d in args.dags.split(",") if d]
     if unknown := set(dags) - set(DAGS):
         parser.error(f"unknown DAG(s): {sorted(unknown)}")
 
-    print(f"# Cold start: N = {args.tasks}, {args.latency} s calls, {args.rounds} round(s)\n")
+    settings = f", Airflow settings {' '.join(args.config)}" if args.config else ""
+    print(f"# Cold start: N = {args.tasks}, {args.latency} s calls, {args.rounds} round(s){settings}\n")
     print(describe_machine() + "\n")
     workdir = Path(tempfile.mkdtemp(prefix="llm-cold-start-"))
     (workdir / "dags").mkdir()
@@ -275,7 +296,9 @@ def main() -> int:
             conn = {"conn_type": "llm", "host": fake.base_url, "password": API_KEY}
             conn["extra"] = {"default_model": "gpt-4", "timeout": 60}
             env = {"AIRFLOW_CONN_LLM_DEFAULT": json.dumps(conn)}
-            stack = AirflowStack(workdir / "home", workdir / "dags", db_url=db_url, parallelism=8, env=env)
+            stack = AirflowStack(
+                workdir / "home", workdir / "dags", db_url=db_url, parallelism=8, env=env, config=config
+            )
             with stack:
                 for dag in dags:
                     stack.wait_for_dag(f"cold_start_{dag}", timeout=300)

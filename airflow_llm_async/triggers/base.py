@@ -6,9 +6,10 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent
 
-from airflow_llm_async import compat
+from airflow_llm_async import compat, driver
 from airflow_llm_async.core.outcome import CallSpec, FanOutOutcome, Outcome, task_xcoms
 from airflow_llm_async.core.quality import QualitySpec
+from airflow_llm_async.hooks.llm import LLMConfigError
 
 # How a trigger ends its task: "resume" it on a worker with the event (execute_complete), end it
 # "here" in the triggerer (worker-free mode), or end it here only "on_success" (see compat, entry 2).
@@ -34,6 +35,20 @@ class LLMTrigger(BaseTrigger):
     def ends_here(self, ok: bool) -> bool:
         """Whether to end the task in the triggerer rather than resume it on a worker."""
         return compat.can_end_task_here(self) and (self.end == "here" or (self.end == "on_success" and ok))
+
+    async def warm_up(self, spec: CallSpec) -> None:
+        """In a triggerer that has not built its Execution API yet, have it built during the call.
+
+        The connections are looked up first: their lookup waits for the triggerer's main thread too
+        (secrets are masked through it), which the build would hold for seconds (compat.py, entry 7).
+        """
+        if not compat.execution_api_cold():
+            return
+        try:
+            await driver.resolve(spec)  # kept per event loop: the call finds them there
+        except LLMConfigError:
+            return  # the call reports it
+        compat.warm_up_execution_api(self.task_instance)
 
     async def push_task_xcoms(
         self, outcome: Outcome | FanOutOutcome, output_key: str, *, mapped_length: int | None = None

@@ -10,7 +10,7 @@ from typing import Any
 
 from airflow.triggers.base import TriggerEvent
 
-from airflow_llm_async import compat, driver
+from airflow_llm_async import driver
 from airflow_llm_async.core.outcome import CallSpec
 from airflow_llm_async.core.protocol import LLMCallError, build_messages
 from airflow_llm_async.triggers.base import LLMTrigger, check_end, legacy_end, legacy_spec
@@ -97,12 +97,12 @@ class ChatCompletionTrigger(LLMTrigger):
         return spec
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        compat.warm_up_execution_api(self.task_instance)  # built while the call is in flight
         try:
             spec = self.call_spec()
         except ValueError as exc:
             outcome = driver.not_started(LLMCallError("config", str(exc)))
         else:
+            await self.warm_up(spec)
             outcome = await driver.complete(spec)
         # One line per call: at thousands of calls a second, logging is a real share of the CPU.
         self.log.info(

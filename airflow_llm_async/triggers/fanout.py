@@ -107,7 +107,6 @@ class FanOutTrigger(LLMTrigger):
         return fanout.item_specs(items, base, self.system_prompt)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        compat.warm_up_execution_api(self.task_instance)  # built while the calls are in flight
         outcome = await self._fan_out()
         if not compat.can_end_task_here(self):  # the task resumes and pushes its XComs
             yield TriggerEvent({**outcome.to_json(), "stored": False})
