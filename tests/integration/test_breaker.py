@@ -218,3 +218,28 @@ async def test_opening_closing_and_skips_are_counted_in_the_metrics(dead_primary
     assert statsd.total("llm.circuit.closed", **primary) == 1
     assert statsd.total("llm.errors.circuit_open", **primary) >= 2  # call 2's retry, call 3
     assert statsd.total("llm.errors.server", **primary) == THRESHOLD
+
+
+async def test_with_redis_unreachable_each_process_decides_on_its_own_copy(dead_primary, monkeypatch, caplog):
+    down = "redis://127.0.0.1:1/0"  # nothing listens there
+    conn_id = connect(monkeypatch, dead_primary, rate_limit_backend=down)
+    outcomes = [await driver.complete(spec(conn_id)) for _ in range(3)]
+    assert all(o.ok for o in outcomes) and kinds(outcomes[2]) == ["circuit_open", None]
+    assert primary_requests(dead_primary) == THRESHOLD
+    assert "circuit breaker backend redis://127.0.0.1:1/0 failed" in caplog.text
+
+
+async def test_a_probe_cancelled_in_flight_lets_the_next_call_probe_at_once():
+    config = breakers.BreakerConfig(failures=1, window_s=10.0, cooldown_s=5.0)
+    clock = [100.0]
+    gate = breakers.LocalBreaker("c", "m", config, clock=lambda: clock[0])
+    gate.record(True, "HTTP 503")
+    clock[0] += 5.0
+    never = asyncio.get_running_loop().create_future()
+    probe = asyncio.ensure_future(breakers.through(gate, 60.0, lambda: never))
+    await wait_until(lambda: gate.state.probe_until is not None)  # it holds the probe
+    assert isinstance(await gate.admit(60.0), breakers.Skip)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert await gate.admit(60.0) == "probe"
