@@ -35,6 +35,7 @@ from airflow_llm_async.testing.airflow_stack import (
     migrate_database,
 )
 from airflow_llm_async.testing.fake_server_process import FakeServerProcess
+from tests.e2e.dags.e2e_budget import BUDGET_USD
 from tests.e2e.statsd_receiver import StatsdReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,6 +183,13 @@ def airflow(tmp_path_factory, postgres_template, fake_llm, statsd):
         # Answers kept in the test Redis, shared by both triggerers and the workers (tests/e2e/test_cache.py).
         "AIRFLOW_CONN_LLM_CACHE": llm_connection(
             fake_llm.base_url, default_model="gpt-4", timeout=30, cache_backend="redis://127.0.0.1:6379/0"
+        ),
+        # Room for two calls a day, kept in the test Redis (tests/e2e/test_budget.py).
+        "AIRFLOW_CONN_LLM_BUDGET": llm_connection(
+            fake_llm.base_url,
+            timeout=30,
+            rate_limit_backend="redis://127.0.0.1:6379/0",
+            budget_usd={"usd": BUDGET_USD, "per": "day"},
         ),
         "AIRFLOW_CONN_LLM_ECHO": llm_connection(
             fake_llm.base_url,

@@ -1,0 +1,80 @@
+"""A connection's budget_usd on real Airflow (tests/e2e/dags/e2e_budget.py): the ledger in Redis holds
+across triggerers and workers; the refused call never reaches the server and is not retried, the
+fallback on another connection answers, and the monitor shows what is spent and left."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from airflow_llm_async.budget_store import KEY_PREFIX
+from tests.e2e.dags.e2e_budget import BUDGET_USD
+from tests.e2e.server_calls import assert_requests_explained
+
+pytestmark = pytest.mark.e2e
+
+DAG_ID = "e2e_budget"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+AIRFLOW_LLM = str(Path(sys.executable).parent / "airflow-llm")
+
+
+def test_a_spent_budget_refuses_calls_without_sending_them_or_retrying(airflow, fake_llm):
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        # The day's ledger of an earlier session on this Redis would leave less room: start from none.
+        stale = list(client.scan_iter(f"{KEY_PREFIX}llm_budget:*"))
+        if stale:
+            client.delete(*stale)
+    except redis.RedisError as exc:
+        pytest.fail(
+            f"connection llm_budget keeps its ledger in Redis at 127.0.0.1:6379, which is down: {exc}"
+        )
+    airflow.wait_for_dag(DAG_ID)
+    airflow.unpause(DAG_ID)
+    fake_llm.reset()
+    run_id = airflow.trigger(DAG_ID)
+    # The run succeeds: its last task, the fallback, did.
+    assert airflow.wait_for_run(DAG_ID, run_id, timeout=300) == "success", airflow.describe_run(
+        DAG_ID, run_id
+    )
+    tis = {ti["task_id"]: ti for ti in airflow.task_instances(DAG_ID, run_id)}
+    states = {task_id: ti["state"] for task_id, ti in tis.items()}
+    assert states == {"first": "success", "second": "success", "refused": "failed", "fallback": "success"}
+    assert tis["refused"]["try_number"] == 1  # retries=2, none taken
+
+    refused = airflow.xcom(DAG_ID, run_id, "refused", key="llm_meta")
+    assert refused["error"]["kind"] == "budget"
+    assert (
+        "budget_usd of $" in refused["error"]["message"]
+        and "would be exceeded" in refused["error"]["message"]
+    )
+    assert [a["status"] for a in refused["attempts"]] == [None]  # refused before sending
+    fallback = airflow.xcom(DAG_ID, run_id, "fallback", key="llm_meta")
+    assert fallback["conn_id"] == "llm_default" and fallback["attempts"][0]["reason"]["kind"] == "budget"
+    # Three answers (first, second, fallback) and nothing else reached the server.
+    assert fake_llm.stats()["requests"] == 3
+    assert_requests_explained(airflow, fake_llm.stats(), [(DAG_ID, run_id)])
+
+    spent = sum(airflow.xcom(DAG_ID, run_id, t, key="llm_meta")["cost_usd"] for t in ("first", "second"))
+    [held] = [int(client.get(key)) for key in client.scan_iter(f"{KEY_PREFIX}llm_budget:*")]
+    assert held / 1e9 == pytest.approx(spent, abs=1e-9)  # settled to the real costs
+    client.close()
+
+    monitor = subprocess.run(
+        [AIRFLOW_LLM, "monitor", "--once", "--json"],
+        env=airflow.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert monitor.returncode == 0, monitor.stderr[-2000:]
+    budgets = {row["conn_id"]: row for row in json.loads(monitor.stdout.splitlines()[-1])["budgets"]}
+    row = budgets["llm_budget"]
+    assert (row["budget_usd"], row["per"], row["source"]) == (pytest.approx(BUDGET_USD), "day", "redis")
+    assert row["spent_usd"] == pytest.approx(spent, abs=1e-6)
+    assert row["left_usd"] == pytest.approx(BUDGET_USD - spent, abs=1e-6)
