@@ -38,6 +38,13 @@ If the caller runs with ``PYTHONDONTWRITEBYTECODE`` set, the components get a ``
 under ``~/.cache/airflow-llm-async`` instead: otherwise each of them recompiles all of Airflow, which
 doubled the start-up time.
 
+``celery_workers=K`` runs the CeleryExecutor instead, with K ``airflow celery worker`` processes
+(``celery-worker-<i>``): broker ``celery_broker_url`` (Redis), results in the stack's own database,
+tasks on a queue of the stack's own (so two stacks can share one broker), ``[celery]
+worker_concurrency`` 2. Each worker stands for a host of its own: its task instances record
+``127.0.1.<i+1>`` as their hostname (still loopback). ``start()`` waits until every worker answers a
+Celery ping. The provider ``apache-airflow-providers-celery`` must be installed (the ``test`` extra).
+
 Processes the harness starts carry a marker environment variable; ``stop()`` kills every process that
 still carries it (e.g. task processes orphaned by a ``kill -9`` of the scheduler, which run in their own
 process groups), so nothing is left behind.
@@ -79,8 +86,10 @@ __all__ = [
 ]
 
 DEFAULT_POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
+DEFAULT_CELERY_BROKER = "redis://127.0.0.1:6379/5"
 TERMINAL_RUN_STATES = frozenset({"success", "failed"})
 _MARKER_ENV = "LLM_ASYNC_AIRFLOW_STACK_ID"
+_HOSTNAME_ENV = "LLM_ASYNC_AIRFLOW_STACK_HOSTNAME"  # a component's own host name (Celery workers)
 _LOG_TAIL_LINES = 60
 _STOP_GRACE_SECONDS = 5.0
 _POLL_SECONDS = 0.5
@@ -103,8 +112,11 @@ def free_port() -> int:
 
 
 def loopback_hostname() -> str:
-    """``[core] hostname_callable`` of the stack: keeps task/job host names (and log fetches) on loopback."""
-    return "127.0.0.1"
+    """``[core] hostname_callable`` of the stack: keeps task/job host names (and log fetches) on loopback.
+
+    127.0.0.1, or the loopback address a component was given as its own host (a Celery worker's).
+    """
+    return os.environ.get(_HOSTNAME_ENV, "127.0.0.1")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -209,6 +221,7 @@ class _Process:
     name: str
     args: list[str]
     log_path: Path
+    env: dict[str, str] | None = None  # on top of the stack's
     popen: subprocess.Popen | None = None
     wanted: bool = False  # started and not deliberately stopped: exiting would be a failure
 
@@ -230,6 +243,8 @@ class AirflowStack:
         db_url: str | None = None,
         api_port: int | None = None,
         triggerers: int = 1,
+        celery_workers: int = 0,
+        celery_broker_url: str = DEFAULT_CELERY_BROKER,
         parallelism: int = 4,
         env: dict[str, str] | None = None,
         config: dict[str, dict[str, str]] | None = None,
@@ -242,6 +257,8 @@ class AirflowStack:
         self.api_port = api_port or free_port()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         self.triggerers = triggerers
+        self.celery_workers = celery_workers
+        self.celery_broker_url = celery_broker_url
         self.parallelism = parallelism
         self.migrate = migrate
         self.password = secrets.token_urlsafe(16)
@@ -294,6 +311,16 @@ class AirflowStack:
             # Pick up new/changed DAG files within seconds instead of 5 min / 30 s.
             "dag_processor": {"refresh_interval": "2", "min_file_process_interval": "5"},
         }
+        if self.celery_workers:
+            config["core"]["executor"] = "CeleryExecutor"
+            config["celery"] = {
+                "broker_url": self.celery_broker_url,
+                "result_backend": f"db+{self.db_url}",
+                "worker_concurrency": "2",
+            }
+            # The Celery queue (and exchange) of the stack's tasks: another stack's workers on the same
+            # broker never take them, and messages left by an earlier stack are never delivered here.
+            config["operators"] = {"default_queue": f"airflow_llm_stack_{self._stack_id}"}
         for section, options in overrides.items():
             config.setdefault(section.lower(), {}).update({k.lower(): str(v) for k, v in options.items()})
         return config
@@ -326,7 +353,23 @@ class AirflowStack:
         }
         for i in range(self.triggerers):
             commands[f"triggerer-{i}"] = ["triggerer", "--skip-serve-logs"]
-        return {name: _Process(name, args, self.log_dir / f"{name}.log") for name, args in commands.items()}
+        processes = {
+            name: _Process(name, args, self.log_dir / f"{name}.log") for name, args in commands.items()
+        }
+        for i, node in enumerate(self.celery_nodes):
+            name = f"celery-worker-{i}"
+            queue = self.config["operators"]["default_queue"]
+            args = ["celery", "worker", "--celery-hostname", node.removeprefix("celery@"), "--queues", queue,
+                    "--skip-serve-logs", "--without-mingle", "--without-gossip",
+                    "--pid", str(self.home / f"{name}.pid")]  # fmt: skip
+            env = {_HOSTNAME_ENV: f"127.0.1.{i + 1}"}
+            processes[name] = _Process(name, args, self.log_dir / f"{name}.log", env)
+        return processes
+
+    @property
+    def celery_nodes(self) -> list[str]:
+        """The Celery node names of the workers (``celery@<hostname>``), unique per stack."""
+        return [f"celery@celery-worker-{i}-{self._stack_id}" for i in range(self.celery_workers)]
 
     @property
     def _passwords_file(self) -> Path:
@@ -419,7 +462,7 @@ class AirflowStack:
         with open(proc.log_path, "ab") as log:
             proc.popen = subprocess.Popen(
                 self._airflow_argv(*proc.args),
-                env=self.env,
+                env={**self.env, **(proc.env or {})},
                 cwd=self.home,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -450,23 +493,41 @@ class AirflowStack:
         psutil.wait_procs(leftovers, timeout=10)
 
     def wait_until_healthy(self, timeout: float = 120) -> None:
-        """Until /api/v2/monitor/health says every started component is healthy; then log in."""
+        """Until /api/v2/monitor/health says every started component is healthy and every Celery worker
+        answers a ping; then log in."""
         deadline = time.monotonic() + timeout
         needed = {"metadatabase", "scheduler", "dag_processor"}
         if self.triggerers:
             needed.add("triggerer")
         health: dict[str, Any] = {}
+        unhealthy: set[str] = set()
         while time.monotonic() < deadline:
             self._raise_if_exited()
             health = self.health()
             unhealthy = {c for c in needed if (health.get(c) or {}).get("status") != "healthy"}
             if not unhealthy:
+                unhealthy = self._silent_celery_workers()
+            if not unhealthy:
                 self._login()
                 return
             time.sleep(_POLL_SECONDS)
         raise TimeoutError(
-            f"Airflow stack not healthy after {timeout:.0f}s; last health: {health}\n{self.process_logs()}"
+            f"Airflow stack not healthy after {timeout:.0f}s; last health: {health}; not ready: "
+            f"{sorted(unhealthy)}\n{self.process_logs()}"
         )
+
+    def _silent_celery_workers(self) -> set[str]:
+        """The Celery workers that do not answer a ping yet (tasks queued now could not go to them)."""
+        if not self.celery_workers:
+            return set()
+        from celery import Celery
+
+        app = Celery(broker=self.celery_broker_url)
+        try:
+            replies = app.control.ping(destination=self.celery_nodes, timeout=1.0)
+        finally:
+            app.close()
+        return set(self.celery_nodes) - {node for reply in replies for node in reply}
 
     def health(self) -> dict:
         """``GET /api/v2/monitor/health`` (needs no token); ``{}`` while the api-server does not answer."""
