@@ -6,7 +6,9 @@ import json
 import subprocess
 
 import pytest
+import redis
 
+from airflow_llm_async.core import cache
 from tests.e2e.conftest import API_KEY, ECHOED_SECRETS
 from tests.e2e.polling import wait_for
 from tests.e2e.server_calls import assert_requests_explained
@@ -15,6 +17,7 @@ pytestmark = pytest.mark.e2e
 
 PIPELINE = "llm_content_pipeline"
 ERRORS = "llm_error_handling"
+CACHED_PIPELINE = "e2e_pipeline_cached"
 
 
 def run_dag(airflow, dag_id: str, conf: dict | None = None) -> tuple[str, str]:
@@ -80,6 +83,40 @@ def test_content_pipeline_waits_in_the_triggerer_and_ends_with_an_analysis(airfl
     # No fault injected: each call reached the server once per attempt its llm_meta records.
     assert_requests_explained(airflow, fake_llm.stats(), [(PIPELINE, run_id)])
     assert fake_llm.stats()["requests"] == 6
+
+
+def test_a_second_run_of_the_pipeline_with_the_cache_on_sends_nothing(airflow, fake_llm):
+    """tests/e2e/dags/e2e_pipeline_cached.py: the article pipeline with cache_ttl on connection llm_cache."""
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=2)
+    try:  # answers an earlier session kept (the articles never change) would make the first run free too
+        stale = list(client.scan_iter(f"{cache.KEY_PREFIX}*"))
+        if stale:
+            client.delete(*stale)
+    except redis.RedisError as exc:
+        pytest.fail(f"connection llm_cache keeps answers in Redis at 127.0.0.1:6379, which is down: {exc}")
+    finally:
+        client.close()
+    llm_tasks = [("summarize_articles", i) for i in range(5)] + [("analyze_trends", -1)]
+    runs = []
+    for _ in range(2):
+        fake_llm.reset()
+        run_id, state = run_dag(airflow, CACHED_PIPELINE)
+        assert state == "success", airflow.describe_run(CACHED_PIPELINE, run_id)
+        answers = {
+            task: airflow.xcom(CACHED_PIPELINE, run_id, task, map_index=index) for task, index in llm_tasks
+        }
+        answers["aggregate_results"] = airflow.xcom(CACHED_PIPELINE, run_id, "aggregate_results")
+        answers["analysis"] = airflow.xcom(CACHED_PIPELINE, run_id, "analyze_trends", key="analysis")
+        metas = [
+            airflow.xcom(CACHED_PIPELINE, run_id, task, key="llm_meta", map_index=index)
+            for task, index in llm_tasks
+        ]
+        runs.append((fake_llm.stats()["requests"], answers, metas))
+    (first_requests, first, first_metas), (second_requests, second, second_metas) = runs
+    assert first_requests == 6 and not any(meta["cache_hit"] for meta in first_metas)
+    assert second_requests == 0  # every answer came from the cache
+    assert second == first  # the same XComs
+    assert all(meta["cache_hit"] and meta["cost_usd"] == 0 for meta in second_metas), second_metas
 
 
 @pytest.mark.parametrize(
