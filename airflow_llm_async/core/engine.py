@@ -367,6 +367,7 @@ class _Call:
             f'the probe, or turn the breaker off with the connection\'s extra "circuit_breaker": false',
         )
         attempt.result, attempt.reason = "error", error.to_dict()
+        attempt.cost_usd = 0.0  # never sent: a budget reservation made for it settles to nothing
         if not recorded:
             self.attempts.append(attempt)
         self.error = error
