@@ -176,7 +176,8 @@ def _ask(
     spec, conn_id = call.spec, endpoint.conn_id
     policy = retry_policy(spec, endpoint)
     price = pricing.price_of(endpoint.prices, model)
-    retries = quality_tries = 0
+    retries = refusals = quality_tries = 0
+    refused_since: float | None = None  # the link's first rate-limit refusal (monotonic), for the patience
     while True:
         refusal = call.refusal(endpoint, model, price)
         if refusal is not None:
@@ -194,19 +195,41 @@ def _ask(
                     return pause
                 yield Wait(pause)
                 continue
-            decision = policy.decide(exc.retryable, retries, exc.headers, rand=rand, now=call.clock.now)
+            # A 429 on the last link is waited out within the connection's patience, not counted: no
+            # other model can answer instead (an earlier link hands over to its fallback after its count).
+            refused_for = None
+            if last and policy.patient(exc.kind, exc.code):
+                refused_since = call.clock.monotonic() if refused_since is None else refused_since
+                refused_for = call.clock.monotonic() - refused_since
+            patient = refused_for is not None
+            decision = policy.decide(
+                *(exc.retryable, refusals if patient else retries, exc.headers),
+                rand=rand,
+                now=call.clock.now,
+                refused_for=refused_for,
+            )
             if decision.wait is None:
-                if exc.retryable and retries < policy.max_retries:  # a rule other than the count
+                if patient:
+                    call.error = _impatient_error(exc, decision.why)
+                if patient or (exc.retryable and retries < policy.max_retries):  # not the count
                     log.warning("%s on %s: not retried: %s", model, conn_id, decision.why)
                 return None
             if spec.deadline is not None and call.clock.now() + decision.wait >= spec.deadline:
                 return call.failure(_deadline_error(exc), conn_id, model)
-            retries += 1
             call.observer.count("retries", conn_id, model)
-            log.warning(
-                "%s on %s: %s; retry %d of %d in %.2f s",
-                *(model, conn_id, exc.message, retries, policy.max_retries, decision.wait),
-            )
+            if patient:
+                refusals += 1
+                log.warning(
+                    "%s on %s: %s; rate-limited for %.1f s (patience %g s): retry in %.2f s",
+                    *(model, conn_id, exc.message, refused_for),
+                    *(policy.rate_limit_patience, decision.wait),
+                )
+            else:
+                retries += 1
+                log.warning(
+                    "%s on %s: %s; retry %d of %d in %.2f s",
+                    *(model, conn_id, exc.message, retries, policy.max_retries, decision.wait),
+                )
             reply = yield Wait(decision.wait, endpoint, model)
             if isinstance(reply, NoAnswer) and reply.kind == "circuit_open":  # opened meanwhile: move on now
                 exc = call.skipped(Attempt(conn_id, model), reply, endpoint)
@@ -271,7 +294,10 @@ def resolve_models(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> list[tu
 
 def retry_policy(spec: CallSpec, endpoint: Endpoint) -> RetryPolicy:
     max_retries = spec.max_retries if spec.max_retries is not None else endpoint.max_retries
-    return RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
+    patience = endpoint.rate_limit_patience_s
+    if max_retries is None:
+        return RetryPolicy(rate_limit_patience=patience)
+    return RetryPolicy(max_retries=max_retries, rate_limit_patience=patience)
 
 
 def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -> Completion:
@@ -301,6 +327,21 @@ def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -
         error = LLMCallError("timeout", f"no complete answer within {timeout:.1f} s")
         raise _deadline_error(error) if capped else error
     raise TypeError(f"a Send step must be answered with an Answer or a NoAnswer, got {reply!r}")
+
+
+def _impatient_error(cause: LLMCallError, why: str) -> LLMCallError:
+    """The last 429 of a link that stopped waiting it out: what happened, and what to change."""
+    error = LLMCallError(
+        cause.kind,
+        f"{cause.message} (not retried: {why}; raise the connection's rate_limit_patience_s, lower the "
+        f"calls' concurrency or rate (max_concurrency, requests_per_minute), or add a fallback model)",
+        status=cause.status,
+        code=cause.code,
+        type_=cause.type,
+        param=cause.param,
+    )
+    error.headers = cause.headers
+    return error
 
 
 def _deadline_error(cause: LLMCallError) -> LLMCallError:
