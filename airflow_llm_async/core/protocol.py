@@ -17,6 +17,7 @@ from typing import Any
 from airflow_llm_async.core import breaker
 from airflow_llm_async.core.budget import BudgetConfig
 from airflow_llm_async.core.pricing import DEFAULT_PRICES, Price
+from airflow_llm_async.core.retry import DEFAULT_RATE_LIMIT_PATIENCE_S
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Chat answers are kilobytes; a body past this is a broken or hostile server (connection extra
@@ -91,6 +92,8 @@ class Endpoint:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_retries: int | None = None
+    # Seconds the last link of a chain keeps retrying 429s, from its first (core/retry.py); 0: counted.
+    rate_limit_patience_s: float = DEFAULT_RATE_LIMIT_PATIENCE_S
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES  # a larger answer is not read
     # Shared request/token buckets across triggerer hosts, e.g. redis://host:6379/0 (may hold a password).
     rate_limit_backend: str | None = field(default=None, repr=False)

@@ -39,6 +39,7 @@ _KNOWN_EXTRAS = (
     "prices",
     "circuit_breaker",
     "budget_usd",
+    "rate_limit_patience_s",
     *_POSITIVE_INT_EXTRAS,
 )
 
@@ -49,7 +50,9 @@ class LLMHook(BaseHook):
 
     Connection fields: host = base URL (default ``https://api.openai.com/v1``), password = API key,
     extra = ``default_model``, ``organization``, ``timeout`` (seconds per attempt), ``headers``,
-    ``max_retries``, ``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute``,
+    ``max_retries``, ``rate_limit_patience_s`` (seconds the last model of a chain keeps retrying 429s,
+    default 120; 0 counts them as ``max_retries``; see docs/rate-limits.md), ``max_concurrency``,
+    ``requests_per_minute``, ``tokens_per_minute``,
     ``rate_limit_backend`` (``redis://...`` to share the request/token buckets across hosts),
     ``cache_backend`` (``redis://...``: where calls with ``cache_ttl`` keep answers; default: in this
     process, see docs/cache.md),
@@ -189,6 +192,8 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
                 f"got {extra['max_retries']!r}."
             )
         options["max_retries"] = value
+    if extra.get("rate_limit_patience_s") is not None:
+        options["rate_limit_patience_s"] = _patience(conn_id, extra["rate_limit_patience_s"])
     if extra.get("rate_limit_backend"):
         try:
             options["rate_limit_backend"] = limits.check_backend(extra["rate_limit_backend"])
@@ -227,6 +232,21 @@ def endpoint_from_connection(conn: Connection) -> Endpoint:
         default_model=extra.get("default_model") or None,
         **options,
     )
+
+
+def _patience(conn_id: str, given: Any) -> float:
+    """The extra ``rate_limit_patience_s``: seconds >= 0 (0: 429s count as retries, as other failures do)."""
+    value = given.strip() if isinstance(given, str) else given  # a URI-form connection's extras are text
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = None
+    if isinstance(value, bool) or seconds is None or not 0 <= seconds < float("inf"):
+        raise LLMConfigError(
+            f"The LLM connection {conn_id!r} extra 'rate_limit_patience_s' must be a number of seconds "
+            f">= 0 (how long to keep retrying 429s; 0 counts them as max_retries), got {given!r}."
+        )
+    return seconds
 
 
 def _circuit_breaker(conn_id: str, given: Any) -> BreakerConfig | None:

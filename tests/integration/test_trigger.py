@@ -316,7 +316,13 @@ async def test_a_json_schema_gate_retries_until_the_answer_matches(fake_llm):
     assert isinstance(json.loads(payload["text"]), dict)
 
 
-async def test_a_rate_limit_that_never_ends_stops_after_the_retry_budget(fake_llm):
+async def test_a_rate_limit_that_never_ends_stops_after_the_retry_budget_with_patience_0(
+    fake_llm, monkeypatch
+):
+    # With rate_limit_patience_s (default 120 s) 429s are waited out instead: test_storm_defaults.py.
+    point_connection(
+        monkeypatch, "llm_fake", fake_llm.base_url, default_model="gpt-4", rate_limit_patience_s=0
+    )
     fake_llm.set_fault("gpt-4", "429")
     payload = await run(trigger(models=["gpt-4"], max_retries=2))
     assert outcomes(payload) == [("gpt-4", 429, "error")] * 3

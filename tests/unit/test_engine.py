@@ -357,6 +357,88 @@ def test_a_model_without_a_price_makes_the_total_unknown():
     assert drive(spec(models=("gpt-unknown",)), [answer()]).outcome.cost_usd is None
 
 
+# ---- rate-limit storms: 429s waited out within the connection's patience ------------------------------
+
+
+def storm(until: float, clock: FakeClock, **headers) -> Callable[[Send], Answer]:
+    """429 (retry-after-ms 300 unless ``headers`` say otherwise) until the fake clock reaches ``until``."""
+    headers = headers or {"retry_after_ms": "300"}
+    return lambda send: error(429, **headers) if clock.wall < until else answer()
+
+
+def test_a_60_s_storm_of_429s_is_outlasted_with_the_default_settings():
+    clock = FakeClock()
+    run = drive(spec(), storm(START + 60, clock), clock=clock)  # max_retries 2, patience 120 s
+    assert run.outcome.ok and len(run.sends) > 3
+    refused = [a for a in run.outcome.attempts if a.status == 429]
+    assert len(refused) == len(run.sends) - 1 and len(run.waits) == len(refused)
+    # Never sooner than the server asked; ever sparser as the storm goes on, up to the back-off's cap
+    # (8 s, full jitter: 4 s at rand 0.5): 60 s of storm cost 17 refusals, not 60 / 0.8 = 75 (the
+    # server's 300 ms and a 0.5 s round trip each time).
+    assert min(run.waits) >= 0.3 and run.waits == sorted(run.waits)
+    assert run.waits[:5] == [0.3, 0.5, 1.0, 2.0, 4.0] and max(run.waits) == 4.0
+    assert len(refused) == 17
+
+
+def test_the_call_deadline_ends_a_storm_before_the_patience_does():
+    clock = FakeClock()
+    run = drive(spec(deadline=START + 30), storm(START + 60, clock), clock=clock)
+    assert run.outcome.error.kind == "deadline" and "HTTP 429" in run.outcome.error.message
+    assert clock.wall < START + 30  # no wait was started that would end past the deadline
+
+
+def test_a_storm_longer_than_the_patience_fails_with_the_extra_to_raise():
+    clock = FakeClock()
+    endpoints = {"c1": endpoint(rate_limit_patience_s=10)}
+    run = drive(spec(), storm(START + 600, clock), endpoints, clock=clock)
+    error = run.outcome.error
+    assert (error.kind, error.status) == ("rate_limit", 429)
+    assert "rate_limit_patience_s of 10 s" in error.message and "raise the connection's" in error.message
+    # The first 429 came back 0.5 s in; the last retry went out within the 10 s after it.
+    assert clock.wall - 0.5 <= START + 0.5 + 10
+
+
+def test_other_retryable_errors_keep_their_count_during_and_after_a_storm():
+    run = drive(spec(), lambda send: error(500))
+    assert len(run.sends) == 3 and run.outcome.error.status == 500  # the default max_retries: 2
+    replies = [error(429, retry_after_ms="300")] * 5 + [error(503)] * 3 + [answer()]
+    run = drive(spec(), replies)
+    assert not run.outcome.ok and len(run.sends) == 8  # five 429s waited out, then 503: 2 retries
+
+
+def test_patience_0_counts_429s_as_retries_as_before():
+    clock = FakeClock()
+    endpoints = {"c1": endpoint(rate_limit_patience_s=0)}
+    run = drive(spec(), storm(START + 60, clock), endpoints, clock=clock)
+    assert len(run.sends) == 3 and run.outcome.error.kind == "rate_limit"
+    assert run.waits == [0.3, 0.3]  # retry-after-ms, exactly, as openai-python waits
+    assert "rate_limit_patience_s" not in run.outcome.error.message
+
+
+def test_a_call_with_max_retries_0_still_waits_a_storm_out_on_its_last_model():
+    clock = FakeClock()
+    run = drive(spec(max_retries=0), storm(START + 20, clock), clock=clock)
+    assert run.outcome.ok and len(run.sends) > 3
+
+
+def test_a_link_with_a_fallback_after_it_hands_over_after_its_count():
+    clock = FakeClock()
+    run = drive(
+        spec(models=("m1", "m2")),
+        lambda send: (
+            error(429, retry_after_ms="300") if send.model == "m1" or clock.wall < START + 20 else answer()
+        ),
+        clock=clock,
+    )
+    assert run.sends[:4] == [("c1", "m1")] * 3 + [("c1", "m2")]
+    assert run.outcome.ok and run.outcome.requested_model == "m2" and len(run.sends) > 5
+
+
+def test_an_exhausted_quota_is_counted_not_waited_out():
+    run = drive(spec(), lambda send: error(429, code="insufficient_quota"))
+    assert len(run.sends) == 3 and run.outcome.error.code == "insufficient_quota"
+
+
 # ---- deadline ---------------------------------------------------------------------------------------
 
 

@@ -253,3 +253,22 @@ def test_a_bad_budget_extra_names_the_connection_and_the_fix(monkeypatch, budget
         LLMHook("llm_b").get_endpoint()
     assert "The LLM connection 'llm_b' extra 'budget_usd'" in str(info.value)
     assert fragment in str(info.value)
+
+
+def test_rate_limit_patience_defaults_to_two_minutes_and_is_read_in_json_and_uri_form(monkeypatch):
+    set_conn(monkeypatch, "llm_plain", password="k")
+    set_conn(monkeypatch, "llm_counted", password="k", extra={"rate_limit_patience_s": 0})
+    monkeypatch.setenv("AIRFLOW_CONN_LLM_U", "llm://:sk-2@gateway.internal/v1?rate_limit_patience_s=30.5")
+    assert LLMHook("llm_plain").get_endpoint().rate_limit_patience_s == 120.0
+    assert LLMHook("llm_counted").get_endpoint().rate_limit_patience_s == 0.0
+    assert LLMHook("llm_u").get_endpoint().rate_limit_patience_s == 30.5
+
+
+@pytest.mark.parametrize("given", [-1, "forever", True, float("inf"), [60]])
+def test_a_bad_rate_limit_patience_names_the_connection_and_the_fix(monkeypatch, given):
+    set_conn(monkeypatch, "llm_p", password="k", extra={"rate_limit_patience_s": given})
+    with pytest.raises(LLMConfigError) as info:
+        LLMHook("llm_p").get_endpoint()
+    assert "The LLM connection 'llm_p' extra 'rate_limit_patience_s' must be a number of seconds >= 0" in str(
+        info.value
+    )

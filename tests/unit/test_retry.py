@@ -109,3 +109,46 @@ def test_a_date_in_the_past_means_no_wait():
 def test_bad_policies_are_refused(bad):
     with pytest.raises(ValueError):
         RetryPolicy(**bad)
+
+
+def patient_wait(policy: RetryPolicy, refusals: int, refused_for: float, headers=None, *, rand=1.0):
+    return policy.decide(True, refusals, headers, rand=lambda: rand, now=lambda: NOW, refused_for=refused_for)
+
+
+def test_a_429_within_the_patience_is_retried_whatever_the_count():
+    policy = RetryPolicy(max_retries=2)  # patience: 120 s by default
+    assert policy.rate_limit_patience == 120.0
+    decision = patient_wait(policy, 40, 100.0, {"retry-after-ms": "300"})
+    assert decision.wait == 8.0 and decision.why == "rate limit: patience"
+
+
+@pytest.mark.parametrize(
+    ("refusals", "rand", "waited"), [(0, 1.0, 0.5), (0, 0.2, 0.3), (3, 0.5, 2.0), (9, 0.01, 0.3)]
+)
+def test_a_patient_wait_is_the_longer_of_the_servers_and_the_growing_back_off(refusals, rand, waited):
+    policy = RetryPolicy()
+    assert patient_wait(policy, refusals, 1.0, {"retry-after-ms": "300"}, rand=rand).wait == waited
+
+
+def test_a_wait_that_would_end_past_the_patience_is_not_started():
+    policy = RetryPolicy(rate_limit_patience=10)
+    assert patient_wait(policy, 4, 1.9, rand=1.0).wait == 8.0  # ends at 9.9 s
+    decision = patient_wait(policy, 4, 2.1, rand=1.0)
+    assert decision.wait is None and "rate_limit_patience_s of 10 s" in decision.why
+
+
+def test_the_server_still_decides_first_and_a_long_retry_after_still_moves_on():
+    policy = RetryPolicy()
+    assert patient_wait(policy, 0, 0.0, {"x-should-retry": "false"}).wait is None
+    assert patient_wait(policy, 0, 0.0, {"retry-after": "600"}).wait is None
+
+
+def test_patience_0_or_an_exhausted_quota_counts_429s_as_retries():
+    counted = RetryPolicy(max_retries=2, rate_limit_patience=0)
+    assert patient_wait(counted, 2, 1.0).wait is None
+    assert not counted.patient("rate_limit", None)
+    policy = RetryPolicy()
+    assert policy.patient("rate_limit", None) and policy.patient("rate_limit", "rate_limit_exceeded")
+    assert not policy.patient("rate_limit", "insufficient_quota") and not policy.patient("server", None)
+    with pytest.raises(ValueError, match="rate_limit_patience must be >= 0"):
+        RetryPolicy(rate_limit_patience=-1)
