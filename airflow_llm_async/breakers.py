@@ -42,6 +42,8 @@ class LocalBreaker:
         self.conn_id, self.model, self.config = conn_id, model, config
         self.state = State()
         self._clock = clock
+        self.in_flight = 0  # this process's requests to the model now (capped while it is in doubt)
+        self._waiters: list[asyncio.Future[None]] = []  # calls with no fallback waiting for a trial
 
     def peek(self) -> Skip | None:
         """The Skip a call would get now (no side effect): lets a call leave before queueing for limits."""
@@ -50,10 +52,26 @@ class LocalBreaker:
         return breaker.peek(self.state, self.config, self._clock())
 
     async def admit(self, lease_s: float) -> str | Skip:
-        if self.state.open_until is None:
+        if self.state.open_until is None and not self.state.failures:  # healthy: the hot path
             return breaker.SEND
-        decision, self.state = breaker.admit(self.state, self.config, self._clock(), lease_s)
+        decision, self.state = breaker.admit(self.state, self.config, self._clock(), lease_s, self.in_flight)
         return decision
+
+    async def turn(self, seconds: float) -> None:
+        """Wait until a request to the model reports (or ``seconds``): a call in doubt asks again then."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.remove(waiter)
+
+    def wake(self) -> None:
+        for waiter in self._waiters:  # each on its own loop (sync mode runs calls in private loops)
+            if not waiter.done():
+                waiter.get_loop().call_soon_threadsafe(_set, waiter)
 
     def record(self, failed: bool, error: str = "", *, probe: bool = False) -> None:
         if not (failed or probe or self.state.failures):  # a success with nothing to forget
@@ -82,6 +100,11 @@ class LocalBreaker:
         }
 
 
+def _set(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def changed(item: LocalBreaker, change: str) -> None:
     """The circuit opened or closed (reported once, by the process whose result moved it)."""
     state = item.state
@@ -106,23 +129,44 @@ def skip_for(endpoint: Endpoint | None, model: str | None) -> NoAnswer | None:
     return None if skip is None else NoAnswer("circuit_open", circuit=skip)
 
 
-async def through(gate: LocalBreaker | None, lease_s: float, send: Callable[[], Awaitable[Reply]]) -> Reply:
+async def through(
+    gate: LocalBreaker | None,
+    lease_s: float,
+    send: Callable[[], Awaitable[Reply]],
+    *,
+    fallback: bool = False,
+) -> Reply:
     """``send()`` if the circuit lets the call go (and tell it the result), else the skip as the reply.
 
     ``lease_s`` bounds the round trip: a probe that has not reported by then lets another one go.
+    While the model is in doubt (it failed, and enough trials are in flight) a call with a
+    ``fallback`` skips to it; one without waits for a trial to report, up to ``lease_s``, then goes
+    anyway: the breaker never fails a call by itself.
     """
     if gate is None:
         return await send()
     decision = await gate.admit(lease_s + LEASE_MARGIN_S)
+    if isinstance(decision, Skip) and decision.in_doubt and not fallback:
+        until = time.monotonic() + lease_s
+        while isinstance(decision, Skip) and decision.in_doubt and time.monotonic() < until:
+            await gate.turn(min(until - time.monotonic(), max(gate.config.cooldown_s / 10, 0.1)))
+            decision = await gate.admit(lease_s + LEASE_MARGIN_S)
+        if isinstance(decision, Skip) and decision.in_doubt:
+            decision = breaker.SEND
     if isinstance(decision, Skip):
         return NoAnswer("circuit_open", circuit=decision)
     probe = decision == breaker.PROBE
+    gate.in_flight += 1
     try:
         reply = await send()
     except BaseException:  # cancelled mid-flight: says nothing about the server
         if probe:
             gate.release()
         raise
+    finally:
+        gate.in_flight -= 1
+        if gate._waiters:
+            gate.wake()
     status = reply.status if isinstance(reply, Answer) else None
     kind = reply.kind if isinstance(reply, NoAnswer) else None
     failed = breaker.verdict(status, kind)

@@ -100,6 +100,8 @@ async def run(spec: CallSpec, endpoints: Mapping[str, Endpoint], *, looked_up: b
 async def _drive(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> Outcome:
     """Drive the engine until it returns the outcome."""
     flow = call_flow(spec, endpoints, observer=metrics, host=metrics.hostname(), pid=os.getpid())
+    conn_id, model = spec.chain[-1]
+    last = (conn_id, model or endpoints[conn_id].default_model)  # a model in doubt is skipped for a later one
     step = _advance(flow, None)
     while not isinstance(step, Outcome):
         if isinstance(step, Wait):
@@ -108,7 +110,7 @@ async def _drive(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> Outcome:
                 await asyncio.sleep(step.seconds)
             step = _advance(flow, skip)
         else:
-            step = await _send(flow, step)
+            step = await _send(flow, step, (step.endpoint.conn_id, step.model) != last)
     return step
 
 
@@ -120,14 +122,14 @@ def _advance(flow: Flow, reply: Reply) -> Step | Outcome:
         return done.value
 
 
-async def _send(flow: Flow, step: Send) -> Step | Outcome:
+async def _send(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
     """Wait for the connection's limits, make the round trip, tell the engine, then the limiter."""
     endpoint, model = step.endpoint, step.model
     skip = breakers.skip_for(endpoint, model)  # an open circuit: answered before queueing for the limits
     if skip is not None:
         return _advance(flow, skip)
     if endpoint.budget_usd is None:
-        return await _round_trip(flow, step)
+        return await _round_trip(flow, step, fallback)
     # The connection's budget: the worst case is held before the request queues, so a refused
     # request never reaches the server, and settled to the real cost once the engine has priced it.
     held = await budget_store.reserve(endpoint, step.worst_cost_usd or 0.0)
@@ -135,13 +137,13 @@ async def _send(flow: Flow, step: Send) -> Step | Outcome:
         metrics.error(endpoint.conn_id, model, "budget")
         return _advance(flow, NoAnswer("budget", held))
     try:
-        return await _round_trip(flow, step)
+        return await _round_trip(flow, step, fallback)
     finally:
         cost = step.attempt.cost_usd  # None: not priced (or cancelled mid-flight): keep the worst case
         await budget_store.settle(endpoint, held, budget.to_usd(held.nano) if cost is None else cost)
 
 
-async def _round_trip(flow: Flow, step: Send) -> Step | Outcome:
+async def _round_trip(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
     endpoint, model = step.endpoint, step.model
     limiter = limits.limiter_for(endpoint)
     deadline = step.deadline
@@ -164,6 +166,7 @@ async def _round_trip(flow: Flow, step: Send) -> Step | Outcome:
                         timeout,
                         endpoint.max_response_bytes,
                     ),
+                    fallback=fallback,
                 )
             else:
                 reply = NoAnswer("limits")

@@ -6,7 +6,16 @@ in-process fake server, and prints the requests the dead primary received, the w
 ratios. Then the hot-path cost: calls to a healthy model with the breaker off and on (closed), in
 this process and shared through Redis (127.0.0.1:6379).
 
+Then the issue's target, for each way a primary is down (``503``; ``stall``: no answer, each
+request times out; ``refused``: nothing listens on the primary connection's port): ``--tasks`` calls
+arriving ``--rate`` a second (as mapped tasks reach a triggerer), then ``--items`` all at once,
+the breaker off and on. It prints the requests the primary received (attempts sent to it, from
+``llm_meta``), the latency the calls that started after the circuit opened had beyond a healthy
+call's, and, with the fault cleared, how long until calls return to the primary (within one
+cool-down, ``--cooldown``).
+
     .venv/bin/python bench/breaker.py [--calls 60] [--items 100] [--hot-calls 20000]
+                                      [--tasks 200] [--rate 100] [--cooldown 3] [--only outage]
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import argparse
 import asyncio
 import json
 import os
+import socket
+import statistics
 import sys
 import time
 import uuid
@@ -23,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from airflow_llm_async import breakers, driver, limits, limits_redis, transport  # noqa: E402
-from airflow_llm_async.core.outcome import CallSpec  # noqa: E402
+from airflow_llm_async.core.outcome import CallSpec, Outcome  # noqa: E402
 from airflow_llm_async.testing.fake_server import FakeLLMServer  # noqa: E402
 
 PRIMARY, FALLBACK = "gpt-4", "gpt-3.5-turbo"
@@ -150,12 +161,159 @@ async def hot_path(n: int) -> None:
     )
 
 
+# --- the issue's target: a primary down three ways, calls arriving as tasks do ------------------------
+
+FAULTS = ("503", "stall", "refused")
+TIMEOUT_S = 1.0  # the connections' timeout: what a stalled request costs
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (a refused connection), free to bind again for the recovery."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sent_to(outcomes: list[Outcome], conn_id: str) -> int:
+    """Requests that went out to ``conn_id``: its attempts, less the ones the breaker skipped."""
+    return sum(
+        1
+        for o in outcomes
+        for a in o.attempts
+        if a.conn_id == conn_id and not (a.reason and a.reason.get("kind") == "circuit_open")
+    )
+
+
+async def outage(fault: str, breaker_extra, tasks: int, rate: float, items: int, cooldown: float) -> dict:
+    """``tasks`` calls at ``rate`` a second, then a fan-out of ``items``, then the recovery."""
+    breakers.reset()
+    port = closed_port()
+    tag = uuid.uuid4().hex[:6]
+    primary, fallback = f"bench_primary_{tag}", f"bench_fallback_{tag}"
+    async with FakeLLMServer(api_key=KEY, faults={} if fault == "refused" else {PRIMARY: fault}) as server:
+        primary_url = f"http://127.0.0.1:{port}/v1" if fault == "refused" else server.base_url
+        extra = {"timeout": TIMEOUT_S, "circuit_breaker": breaker_extra}
+        connect(primary, primary_url, **extra)
+        connect(fallback, server.base_url, **extra)
+        chain = CallSpec(request=REQUEST, chain=[(primary, PRIMARY), (fallback, FALLBACK)], max_retries=2)
+        healthy = CallSpec(request=REQUEST, chain=[(fallback, FALLBACK)], max_retries=2)
+        base = statistics.median([await _timed(healthy) for _ in range(20)])
+
+        started_at: list[float] = []
+        outcomes: list[Outcome] = []
+
+        async def task(index: int) -> None:
+            await asyncio.sleep(index / rate)
+            started_at.append(time.time())
+            outcomes.append(await driver.complete(chain))
+
+        wall = time.perf_counter()
+        await asyncio.gather(*(task(i) for i in range(tasks)))
+        wall = time.perf_counter() - wall
+        gate = breakers._local.get((primary, PRIMARY))
+        opened_at = (
+            None if gate is None or gate.state.open_until is None else gate.state.open_until - cooldown
+        )
+        after = [
+            o.finished_at - o.started_at
+            for o in outcomes
+            if opened_at is not None and o.started_at >= opened_at
+        ]
+        task_requests = sent_to(outcomes, primary)
+
+        # Then a burst: every call starts at once (a fan-out's items, or a backlog of deferred tasks).
+        burst = await asyncio.gather(*(driver.complete(chain) for _ in range(items)))
+        fan_requests = sent_to(burst, primary)
+        ok = sum(o.ok for o in outcomes) + sum(o.ok for o in burst)
+
+        recovery = None
+        if breaker_extra is not False:
+            recovery = await _recover(server, fault, port, chain)
+    await limits.close_loop_limiters()
+    return {
+        "ok": ok,
+        "calls": tasks + items,
+        "task_requests": task_requests,
+        "fan_requests": fan_requests,
+        "server_primary": server.stats()["by_model"].get(PRIMARY, 0) if fault != "refused" else None,
+        "wall_s": wall,
+        "base_s": base,
+        "after": after,
+        "recovery_s": recovery,
+    }
+
+
+async def _timed(spec: CallSpec) -> float:
+    started = time.perf_counter()
+    assert (await driver.complete(spec)).ok
+    return time.perf_counter() - started
+
+
+async def _recover(server: FakeLLMServer, fault: str, port: int, chain: CallSpec) -> float:
+    """Clear the fault, call every 20 ms: seconds until a call is answered by the primary again."""
+    revived = None
+    if fault == "refused":
+        revived = FakeLLMServer(api_key=KEY, port=port)
+        await revived.start()
+    else:
+        server.set_fault(PRIMARY, None)
+    cleared = time.perf_counter()
+    try:
+        while (await driver.complete(chain)).model != PRIMARY:  # noqa: ASYNC110 (calls spread over time)
+            await asyncio.sleep(0.02)
+        return time.perf_counter() - cleared
+    finally:
+        if revived is not None:
+            await revived.stop()
+
+
+async def outages(tasks: int, rate: float, items: int, cooldown: float) -> None:
+    for fault in FAULTS:
+        results = {}
+        for label, extra in (("off", False), ("on", {"cooldown_s": cooldown})):
+            results[label] = await outage(fault, extra, tasks, rate, items, cooldown)
+        print(
+            f"primary down ({fault}), fallback up: {tasks} calls at {rate:.0f}/s, then {items} at once "
+            f"(max_retries=2, timeout {TIMEOUT_S:.0f} s, cooldown {cooldown:.0f} s)"
+        )
+        for label, r in results.items():
+            after = r["after"]
+            extra = ""
+            if after:
+                median, worst = ((x - r["base_s"]) * 1000 for x in (statistics.median(after), max(after)))
+                extra = (
+                    f", {len(after)} started after it opened: extra latency median {median:.0f} ms, "
+                    f"max {worst:.0f} ms"
+                )
+            print(
+                f"  breaker {label:>3}: {r['ok']}/{r['calls']} ok; primary requests: "
+                f"calls {r['task_requests']}, burst {r['fan_requests']}"
+                + (f" (server counted {r['server_primary']})" if r["server_primary"] is not None else "")
+                + f"; calls' wall {r['wall_s']:.2f} s{extra}"
+                + (
+                    f"; back on the primary {r['recovery_s']:.2f} s after the fault cleared"
+                    if r["recovery_s"] is not None
+                    else ""
+                )
+            )
+        total = {k: r["task_requests"] + r["fan_requests"] for k, r in results.items()}
+        print(f"  ratio on/off: primary requests {total['on'] / total['off']:.3f}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=60)
     parser.add_argument("--items", type=int, default=100)
     parser.add_argument("--hot-calls", type=int, default=20000)
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--cooldown", type=float, default=3.0)
+    parser.add_argument("--only", choices=["outage"], help="run only the issue's target scenarios")
     args = parser.parse_args()
+    if args.only == "outage":
+        await outages(args.tasks, args.rate, args.items, args.cooldown)
+        await transport.close_shared_session()
+        return
     await scenario(
         f"{args.calls} calls one after another (max_retries=2)",
         lambda s, c: calls(s, c, args.calls, 1),
@@ -166,6 +324,7 @@ async def main() -> None:
     )
     await scenario(f"a fan-out of {args.items} items (max_retries=2)", lambda s, c: fan_out(s, c, args.items))
     await hot_path(args.hot_calls)
+    await outages(args.tasks, args.rate, args.items, args.cooldown)
     await transport.close_shared_session()
 
 

@@ -6,6 +6,12 @@ or dropped connection) is remembered; any other answer (2xx, and 4xx too: the se
 open the circuit: calls skip the model for ``cooldown_s``. Then one call goes out as the probe
 (half-open; the others still skip): its success closes the circuit, its failure opens it again.
 
+Between the first failure and the verdict (an answer, or the circuit opening) the model is in doubt:
+only as many requests may be in flight to it as failures are still needed to open the circuit
+(:func:`trials`); a call past that skips to its fallback, or waits for a trial to report when it has
+none. So a dead model sees the requests already in flight when its first failure came back, plus
+``failures`` at most, however many calls arrive meanwhile; a model with no failure is never capped.
+
 The state is a small immutable :class:`State`, so the same functions serve a process's own
 breakers (``breakers.py``) and the state shared through Redis (``limits_redis.py``), which reads
 it, applies them and writes it back in one transaction.
@@ -77,27 +83,54 @@ class State:
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """Why a call must not go out: the circuit is open (or another call is its probe)."""
+    """Why a call must not go out: the circuit is open (or another call is its probe), or ``in_doubt``:
+    the model failed and enough requests to decide are already in flight (see :func:`trials`)."""
 
-    failures: int  # consecutive failures that opened it
+    failures: int  # consecutive failures that opened it (in doubt: seen so far)
     last_error: str
     probe_at: float  # when a call may go out again (as the probe, or once the probe has reported)
+    in_doubt: bool = False
 
 
 # What admit() answers besides a Skip.
 SEND, PROBE = "send", "probe"
 
 
-def admit(state: State, config: BreakerConfig, now: float, lease_s: float) -> tuple[str | Skip, State]:
+def admit(
+    state: State, config: BreakerConfig, now: float, lease_s: float, in_flight: int = 0
+) -> tuple[str | Skip, State]:
     """May a call go out now? ``SEND``, ``PROBE`` (it is the one probe: report its result with
     ``probe=True``) or a :class:`Skip`; and the new state. A probe that has not reported within
-    ``lease_s`` (its process died, or it was never sent and not released) lets another one go."""
+    ``lease_s`` (its process died, or it was never sent and not released) lets another one go.
+    ``in_flight``: this process's requests to the model now (see :func:`trials`)."""
     status = state.status(now)
     if status == CLOSED:
+        cap = trials(state, config, now)
+        if cap is not None and in_flight >= cap:
+            return doubt(state, config, now), state
         return SEND, state
     if status == HALF_OPEN and (state.probe_until is None or state.probe_until <= now):
         return PROBE, replace(state, probe_until=now + lease_s)
     return skip_of(state, now, config), state
+
+
+def trials(state: State, config: BreakerConfig, now: float) -> int | None:
+    """How many requests may be in flight to a closed circuit's model: None (no cap) until it fails.
+
+    After a failure, as many as failures are still needed to open it: if they all fail it opens
+    having been sent no more than that; one success ends the doubt. A cap of its own per process
+    (the in-flight count is local), so with shared state each host sends at most that many.
+    """
+    if state.open_until is not None or not state.failures:
+        return None
+    recent = sum(1 for t in state.failures if now - t <= config.window_s)
+    return None if recent == 0 else max(1, config.failures - recent)
+
+
+def doubt(state: State, config: BreakerConfig, now: float) -> Skip:
+    """The Skip of a call past :func:`trials`: the trials in flight report within the cool-down's tenth
+    or their own timeout; look again then (a waiting call is woken as soon as one reports)."""
+    return Skip(len(state.failures), state.last_error, now + max(config.cooldown_s / 10, 0.1), in_doubt=True)
 
 
 def peek(state: State, config: BreakerConfig, now: float) -> Skip | None:

@@ -400,13 +400,19 @@ class _Call:
         conn_id, model = endpoint.conn_id, attempt.model
         probe_in = max(0.0, skip.probe_at - self.clock.now())
         probe_at = time.strftime("%H:%M:%S UTC", time.gmtime(skip.probe_at))
-        error = LLMCallError(
-            "circuit_open",
+        message = (
             f"the circuit breaker of {model} on {conn_id!r} is open after {skip.failures} consecutive "
             f"failures (last: {skip.last_error}); it probes the model again at {probe_at} (in {probe_in:.0f} "
             f's). Add a fallback (fallback_models, fallback_conn_ids), pass circuit_open="wait" to wait for '
-            f'the probe, or turn the breaker off with the connection\'s extra "circuit_breaker": false',
+            f'the probe, or turn the breaker off with the connection\'s extra "circuit_breaker": false'
         )
+        if skip.in_doubt:  # failed, and the requests that decide it are in flight (core/breaker.trials)
+            message = (
+                f"the circuit breaker of {model} on {conn_id!r} is in doubt after {skip.failures} "
+                f"consecutive failures (last: {skip.last_error}): the requests that decide whether it "
+                "opens are in flight, so this call went on to its fallback"
+            )
+        error = LLMCallError("circuit_open", message)
         attempt.result, attempt.reason = "error", error.to_dict()
         attempt.cost_usd = 0.0  # never sent: a budget reservation made for it settles to nothing
         if not recorded:

@@ -243,3 +243,71 @@ async def test_a_probe_cancelled_in_flight_lets_the_next_call_probe_at_once():
     with pytest.raises(asyncio.CancelledError):
         await probe
     assert await gate.admit(60.0) == "probe"
+
+
+# ---- in doubt: between the first failure and the circuit opening ------------------------------------
+
+
+@pytest.fixture
+async def fallback_server():
+    """The fallback on a server of its own, so that holding the primary's server does not hold it."""
+    async with FakeLLMServer(api_key=API_KEY) as server:
+        yield server
+
+
+def chain_spec(primary: str, fallback: str | None = None, **options) -> CallSpec:
+    chain = [(primary, PRIMARY)] + ([(fallback, FALLBACK)] if fallback else [])
+    return CallSpec(request=REQUEST, chain=chain, **{"max_retries": 2, **options})
+
+
+async def test_after_a_failure_only_the_requests_that_decide_go_out_and_the_other_calls_take_the_fallback(
+    dead_primary, fallback_server, monkeypatch
+):
+    primary = connect(monkeypatch, dead_primary, "llm_dead")
+    fallback = connect(monkeypatch, fallback_server, "llm_ok")
+    first = await driver.complete(chain_spec(primary, fallback, max_retries=0))
+    assert first.ok and primary_requests(dead_primary) == 1  # one failure: the model is in doubt
+    dead_primary.hold()  # the next 503s wait at the server: their requests are in flight
+    calls = [asyncio.ensure_future(driver.complete(chain_spec(primary, fallback))) for _ in range(50)]
+    async with asyncio.timeout(10):
+        await dead_primary.wait_for(lambda s: s["held"] == THRESHOLD - 1)
+        await fallback_server.wait_for(lambda s: s["by_model"].get(FALLBACK, 0) == 1 + 50 - (THRESHOLD - 1))
+    assert primary_requests(dead_primary) == THRESHOLD  # not 51: the others went to the fallback at once
+    dead_primary.release()  # the trials fail: the circuit opens, their retries skip
+    outcomes = await asyncio.gather(*calls)
+    assert all(o.ok and o.model == FALLBACK for o in outcomes)
+    assert primary_requests(dead_primary) == THRESHOLD
+    skipped = next(o for o in outcomes if kinds(o) == ["circuit_open", None])
+    assert (
+        "is in doubt after 1 consecutive failures (last: HTTP 503)" in skipped.attempts[0].reason["message"]
+    )
+    assert breakers.snapshots()[0]["status"] == "open"
+
+
+async def test_in_doubt_a_call_with_no_fallback_waits_for_the_trials_instead_of_sending(
+    dead_primary, monkeypatch
+):
+    primary = connect(monkeypatch, dead_primary, "llm_dead")
+    await driver.complete(chain_spec(primary, max_retries=0))
+    dead_primary.hold()
+    trials = [asyncio.ensure_future(driver.complete(chain_spec(primary, max_retries=0))) for _ in range(4)]
+    async with asyncio.timeout(10):
+        await dead_primary.wait_for(lambda s: s["held"] == THRESHOLD - 1)
+    waiting = asyncio.ensure_future(driver.complete(chain_spec(primary)))
+    await wait_until(lambda: breakers.snapshots()[0]["failures"] == 1 and not waiting.done())
+    assert primary_requests(dead_primary) == THRESHOLD  # the fifth call has not gone out
+    dead_primary.release()
+    failed = await waiting
+    assert failed.error.kind == "circuit_open" and kinds(failed) == ["circuit_open"]
+    assert primary_requests(dead_primary) == THRESHOLD
+    await asyncio.gather(*trials)
+
+
+async def test_a_model_that_has_not_failed_gets_every_request_at_once(fallback_server, monkeypatch):
+    conn_id = connect(monkeypatch, fallback_server, "llm_ok")
+    fallback_server.hold()
+    calls = [asyncio.ensure_future(driver.complete(chain_spec(conn_id, conn_id))) for _ in range(50)]
+    async with asyncio.timeout(10):
+        await fallback_server.wait_for(lambda s: s["held"] == 50)  # no cap: all 50 in flight together
+    fallback_server.release()
+    assert all(o.model == PRIMARY for o in await asyncio.gather(*calls))

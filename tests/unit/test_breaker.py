@@ -25,6 +25,7 @@ from airflow_llm_async.core.breaker import (
     peek,
     record,
     release,
+    trials,
     verdict,
 )
 
@@ -168,6 +169,47 @@ def test_a_success_on_a_closed_circuit_without_failures_keeps_the_same_state():
     assert succeed(state, 1.0) == (state, None)
 
 
+def test_a_model_that_never_failed_is_never_capped_however_many_requests_are_in_flight():
+    assert trials(State(), CONFIG, 0.0) is None
+    assert admit(State(), CONFIG, 0.0, LEASE, in_flight=100_000) == (SEND, State())
+    state, _ = succeed(fail(State(), 1.0)[0], 2.0)  # a success ends the doubt
+    assert admit(state, CONFIG, 3.0, LEASE, in_flight=100_000)[0] == SEND
+
+
+def test_in_doubt_only_the_requests_still_needed_to_open_it_may_be_in_flight():
+    state, _ = fail(State(), 1.0)
+    assert trials(state, CONFIG, 2.0) == CONFIG.failures - 1
+    assert admit(state, CONFIG, 2.0, LEASE, in_flight=1)[0] == SEND
+    decision, after = admit(state, CONFIG, 2.0, LEASE, in_flight=2)
+    assert after == state and isinstance(decision, Skip) and decision.in_doubt
+    assert (decision.failures, decision.last_error) == (1, "HTTP 503") and decision.probe_at > 2.0
+    state, _ = fail(state, 2.0)
+    assert trials(state, CONFIG, 3.0) == 1  # one more failure opens it: one trial at a time
+    assert isinstance(admit(state, CONFIG, 3.0, LEASE, in_flight=1)[0], Skip)
+    assert peek(state, CONFIG, 3.0) is None  # not open: nothing to skip before a call has queued
+
+
+def test_the_doubt_ends_when_its_failures_leave_the_window():
+    state, _ = fail(State(), 1.0)
+    assert trials(state, CONFIG, 1.0 + CONFIG.window_s + 0.1) is None
+    assert admit(state, CONFIG, 1.0 + CONFIG.window_s + 0.1, LEASE, in_flight=50)[0] == SEND
+
+
+def test_a_dead_model_is_sent_at_most_its_threshold_after_its_first_failure_however_many_calls_come():
+    """Calls arrive without end while results report one by one: the model sees ``failures`` requests
+    from the first failure on (the requests in flight before it are the only others)."""
+    state, now, in_flight, sent = fail(State(), 0.0)[0], 0.0, 0, 1
+    while state.status(now) == CLOSED:
+        now += 0.01
+        decision, state = admit(state, CONFIG, now, LEASE, in_flight)
+        if decision == SEND:
+            in_flight, sent = in_flight + 1, sent + 1
+        elif in_flight:  # a trial reports its failure
+            state, _ = fail(state, now)
+            in_flight -= 1
+    assert sent == CONFIG.failures
+
+
 def test_every_sequence_of_events_keeps_the_invariants():
     """All sequences of 7 events from {fail, succeed, admit, release} over a moving clock."""
     events = ("fail", "ok", "admit", "release")
@@ -176,14 +218,16 @@ def test_every_sequence_of_events_keeps_the_invariants():
         for event in sequence:
             now += 6.0
             if event == "admit":
-                decision, state = admit(state, CONFIG, now, LEASE)
+                decision, state = admit(state, CONFIG, now, LEASE, in_flight=3)
                 if decision == PROBE:
                     assert (
                         not probe_out or now >= granted + LEASE
                     )  # one probe at a time, unless its lease ended
                     probe_out, granted = True, now
                 if isinstance(decision, Skip):
-                    assert state.status(now) != CLOSED and decision.probe_at > now
+                    assert decision.probe_at > now
+                    assert (state.status(now) == CLOSED) == decision.in_doubt
+                    assert not decision.in_doubt or trials(state, CONFIG, now) <= 3
             elif event == "release":
                 state, probe_out = release(state), False
             else:
