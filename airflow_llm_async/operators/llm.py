@@ -65,7 +65,8 @@ class LLMOperator(BaseOperator):
         ``json_schema`` support, also pass ``response_format={"type": "json_object"}``.
     :param response_format: passed through, e.g. ``{"type": "json_object"}``.
     :param extra_body: more request fields passed through as they are (e.g. ``seed``, ``top_p``).
-    :param max_retries: retries per model on 408/409/429/5xx/timeouts (default: the connection's, else 2).
+    :param max_retries: retries per model on 408/409/429/5xx/timeouts (default: the connection's, else 2);
+        429s on the chain's last model are retried within the connection's ``rate_limit_patience_s`` instead.
     :param quality: rules checked in the trigger (``core.quality.QualitySpec`` fields).
     :param quality_retries: how often to ask the same model again when an answer fails the rules.
     :param on_quality_failure: ``fail`` the task, or ``return`` the answer with the verdict in ``llm_meta``.
