@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "airflow_llm_async:ratelimit:"
 # A Redis that does not answer within this many seconds counts as down (the whole line waits on it).
 SOCKET_TIMEOUT = 2.0
+# Connections per event loop and URL; more calls wait for one (each round trip is well under a ms).
+MAX_CONNECTIONS = 16
 # After a failure, how long the process limits on its own before trying Redis again.
 RETRY_SECONDS = 10.0
 
@@ -230,14 +232,20 @@ def client_for(url: str) -> Redis:
     clients = _clients.setdefault(asyncio.get_running_loop(), {})
     client = clients.get(url)
     if client is None:
-        client = clients[url] = Redis.from_url(
+        # A bounded pool: a burst of calls (a fan-out's or a hundred tasks' budget reservations) queues
+        # for a few connections instead of opening one each; a hundred connects at once on a busy loop
+        # missed SOCKET_TIMEOUT and sent every process to its own ledger (test_budget_processes.py).
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,
             socket_timeout=SOCKET_TIMEOUT,
             # One immediate retry for a pooled connection the server closed; a timeout is not retried,
             # as the script may have run. Anything longer would hold up the whole line.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        client = clients[url] = Redis.from_pool(pool)
     return client
 
 
@@ -321,7 +329,10 @@ class SharedBreaker(breakers.LocalBreaker):
             self._synced_at = time.monotonic()  # one refresh at a time
             _track(asyncio.ensure_future(self._sync()))
         if self.state.status(self._clock()) == breaker.CLOSED:
-            return breaker.SEND
+            if not self.state.failures:
+                return breaker.SEND
+            # In doubt: the cap counts this process's requests (see core/breaker.trials).
+            return breaker.admit(self.state, self.config, self._clock(), lease_s, self.in_flight)[0]
         skip = self.peek()
         if skip is not None:
             return skip
