@@ -44,7 +44,10 @@ def test_a_spent_budget_refuses_calls_without_sending_them_or_retrying(airflow, 
     )
     tis = {ti["task_id"]: ti for ti in airflow.task_instances(DAG_ID, run_id)}
     states = {task_id: ti["state"] for task_id, ti in tis.items()}
-    assert states == {"first": "success", "second": "success", "refused": "failed", "fallback": "success"}
+    metas = {task_id: airflow.xcom(DAG_ID, run_id, task_id, key="llm_meta") for task_id in states}
+    assert states == {"first": "success", "second": "success", "refused": "failed", "fallback": "success"}, (
+        f"{airflow.describe_run(DAG_ID, run_id)}\nllm_meta: {metas}"
+    )
     assert tis["refused"]["try_number"] == 1  # retries=2, none taken
 
     refused = airflow.xcom(DAG_ID, run_id, "refused", key="llm_meta")
