@@ -4,23 +4,17 @@ fallback on another connection answers, and the monitor shows what is spent and 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import redis
 
 from airflow_llm_async.budget_store import KEY_PREFIX
 from tests.e2e.dags.e2e_budget import BUDGET_USD
+from tests.e2e.redis_keys import fresh_redis
 from tests.e2e.server_calls import assert_requests_explained
+from tests.e2e.test_monitor_dashboard import monitor_json
 
 pytestmark = pytest.mark.e2e
 
 DAG_ID = "e2e_budget"
-REDIS_URL = "redis://127.0.0.1:6379/0"
-AIRFLOW_LLM = str(Path(sys.executable).parent / "airflow-llm")
 
 
 def meta_or_why(airflow, run_id: str, task_id: str) -> object:
@@ -31,16 +25,8 @@ def meta_or_why(airflow, run_id: str, task_id: str) -> object:
 
 
 def test_a_spent_budget_refuses_calls_without_sending_them_or_retrying(airflow, fake_llm):
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        # The day's ledger of an earlier session on this Redis would leave less room: start from none.
-        stale = list(client.scan_iter(f"{KEY_PREFIX}llm_budget:*"))
-        if stale:
-            client.delete(*stale)
-    except redis.RedisError as exc:
-        pytest.fail(
-            f"connection llm_budget keeps its ledger in Redis at 127.0.0.1:6379, which is down: {exc}"
-        )
+    # The day's ledger of an earlier session on this Redis would leave less room: start from none.
+    client = fresh_redis("connection llm_budget", f"{KEY_PREFIX}llm_budget:*")
     airflow.wait_for_dag(DAG_ID)
     airflow.unpause(DAG_ID)
     fake_llm.reset()
@@ -75,15 +61,7 @@ def test_a_spent_budget_refuses_calls_without_sending_them_or_retrying(airflow, 
     assert held / 1e9 == pytest.approx(spent, abs=1e-9)  # settled to the real costs
     client.close()
 
-    monitor = subprocess.run(
-        [AIRFLOW_LLM, "monitor", "--once", "--json"],
-        env=airflow.env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert monitor.returncode == 0, monitor.stderr[-2000:]
-    budgets = {row["conn_id"]: row for row in json.loads(monitor.stdout.splitlines()[-1])["budgets"]}
+    budgets = {row["conn_id"]: row for row in monitor_json(airflow)["budgets"]}
     row = budgets["llm_budget"]
     assert (row["budget_usd"], row["per"], row["source"]) == (pytest.approx(BUDGET_USD), "day", "redis")
     assert row["spent_usd"] == pytest.approx(spent, abs=1e-6)

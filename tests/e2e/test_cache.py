@@ -4,9 +4,9 @@ and none of its calls reaches the server the second time; the XComs are the same
 from __future__ import annotations
 
 import pytest
-import redis
 
 from tests.e2e.dags.e2e_cache import ITEMS
+from tests.e2e.redis_keys import fresh_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -23,10 +23,7 @@ def metas(airflow, run_id: str) -> dict:
 
 
 def test_a_cleared_run_sends_no_request_for_the_answers_it_already_has(airflow, fake_llm):
-    try:
-        redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"connection llm_cache keeps answers in Redis at 127.0.0.1:6379, which is down: {exc}")
+    fresh_redis("connection llm_cache").close()
     airflow.wait_for_dag(DAG_ID)
     airflow.unpause(DAG_ID)
     fake_llm.reset()

@@ -6,11 +6,11 @@ import json
 import subprocess
 
 import pytest
-import redis
 
 from airflow_llm_async.core import cache
 from tests.e2e.conftest import API_KEY, ECHOED_SECRETS
 from tests.e2e.polling import wait_for
+from tests.e2e.redis_keys import fresh_redis
 from tests.e2e.server_calls import assert_requests_explained
 
 pytestmark = pytest.mark.e2e
@@ -87,15 +87,8 @@ def test_content_pipeline_waits_in_the_triggerer_and_ends_with_an_analysis(airfl
 
 def test_a_second_run_of_the_pipeline_with_the_cache_on_sends_nothing(airflow, fake_llm):
     """tests/e2e/dags/e2e_pipeline_cached.py: the article pipeline with cache_ttl on connection llm_cache."""
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=2)
-    try:  # answers an earlier session kept (the articles never change) would make the first run free too
-        stale = list(client.scan_iter(f"{cache.KEY_PREFIX}*"))
-        if stale:
-            client.delete(*stale)
-    except redis.RedisError as exc:
-        pytest.fail(f"connection llm_cache keeps answers in Redis at 127.0.0.1:6379, which is down: {exc}")
-    finally:
-        client.close()
+    # Answers an earlier session kept (the articles never change) would make the first run free too.
+    fresh_redis("connection llm_cache", f"{cache.KEY_PREFIX}*").close()
     llm_tasks = [("summarize_articles", i) for i in range(5)] + [("analyze_trends", -1)]
     runs = []
     for _ in range(2):

@@ -45,7 +45,7 @@ def monitor_json(airflow) -> dict:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    return json.loads(result.stdout.splitlines()[-1])  # the JSON is one line, after any warning printed
 
 
 # The snapshot the dashboard computes for a user who may read only the DAG named by each argument.
