@@ -37,13 +37,24 @@ class LocalBreaker:
     kind = "local"
 
     def __init__(
-        self, conn_id: str, model: str, config: BreakerConfig, *, clock: Callable[[], float] = time.time
+        self,
+        conn_id: str,
+        model: str,
+        config: BreakerConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.conn_id, self.model, self.config = conn_id, model, config
         self.state = State()
         self._clock = clock
+        self._timer = timer  # round trips and silences (the state's times are wall-clock, shared)
         self.in_flight = 0  # this process's requests to the model now (capped while it is in doubt)
         self._waiters: list[asyncio.Future[None]] = []  # calls with no fallback waiting for a trial
+        # For a stall (core/breaker.stall_after): since when requests have been out with no answer,
+        # and what answers took lately (a decaying maximum; None until the first answer).
+        self._quiet_since = 0.0
+        self.typical_s: float | None = None
 
     def peek(self) -> Skip | None:
         """The Skip a call would get now (no side effect): lets a call leave before queueing for limits."""
@@ -51,11 +62,46 @@ class LocalBreaker:
             return None
         return breaker.peek(self.state, self.config, self._clock())
 
-    async def admit(self, lease_s: float) -> str | Skip:
+    async def admit(self, lease_s: float, timeout_s: float | None = None) -> str | Skip:
+        """``timeout_s``: the request's own timeout (``lease_s`` less its margin), for a stall."""
+        silent_s = 0.0
         if self.state.open_until is None and not self.state.failures:  # healthy: the hot path
-            return breaker.SEND
-        decision, self.state = breaker.admit(self.state, self.config, self._clock(), lease_s, self.in_flight)
+            # Too few requests out to be capped (no clock read), or answers coming back: send.
+            if self.in_flight < self.config.failures:
+                return breaker.SEND
+            silent_s = self.silent_s(timeout_s or lease_s)
+            if not silent_s:
+                return breaker.SEND
+        elif self.in_flight:
+            silent_s = self.silent_s(timeout_s or lease_s)
+        decision, self.state = breaker.admit(
+            self.state, self.config, self._clock(), lease_s, self.in_flight, silent_s
+        )
         return decision
+
+    def silent_s(self, timeout_s: float) -> float:
+        """How long requests have been out with no answer, if past ``stall_after`` (else 0)."""
+        if not self.in_flight:
+            return 0.0
+        silent = self._timer() - self._quiet_since
+        return silent if silent > breaker.stall_after(self.typical_s, timeout_s) else 0.0
+
+    def sent(self) -> float:
+        """A request goes out: when (for :meth:`answered`)."""
+        now = self._timer()
+        if not self.in_flight:  # the first one out: the silence starts now
+            self._quiet_since = now
+        self.in_flight += 1
+        return now
+
+    def answered(self, sent_at: float) -> None:
+        """The server answered a request sent at ``sent_at``: the silence ends, and its time is learned.
+        A slower answer raises ``typical_s`` at once; faster ones bring it down by 5 % each."""
+        now = self._timer()
+        self._quiet_since = now
+        took = now - sent_at
+        typical = self.typical_s
+        self.typical_s = took if typical is None or took > typical else max(took, typical * 0.95)
 
     async def turn(self, seconds: float) -> None:
         """Wait until a request to the model reports (or ``seconds``): a call in doubt asks again then."""
@@ -141,22 +187,23 @@ async def through(
     ``lease_s`` bounds the round trip: a probe that has not reported by then lets another one go.
     While the model is in doubt (it failed, and enough trials are in flight) a call with a
     ``fallback`` skips to it; one without waits for a trial to report, up to ``lease_s``, then goes
-    anyway: the breaker never fails a call by itself.
+    anyway: the breaker never fails a call by itself. In doubt for a stall (no failure yet, only
+    silence) a call without a fallback goes at once: the model may only be slow.
     """
     if gate is None:
         return await send()
-    decision = await gate.admit(lease_s + LEASE_MARGIN_S)
+    decision = await gate.admit(lease_s + LEASE_MARGIN_S, lease_s)
     if isinstance(decision, Skip) and decision.in_doubt and not fallback:
         until = time.monotonic() + lease_s
-        while isinstance(decision, Skip) and decision.in_doubt and time.monotonic() < until:
+        while _held(decision) and time.monotonic() < until:
             await gate.turn(min(until - time.monotonic(), max(gate.config.cooldown_s / 10, 0.1)))
-            decision = await gate.admit(lease_s + LEASE_MARGIN_S)
+            decision = await gate.admit(lease_s + LEASE_MARGIN_S, lease_s)
         if isinstance(decision, Skip) and decision.in_doubt:
             decision = breaker.SEND
     if isinstance(decision, Skip):
         return NoAnswer("circuit_open", circuit=decision)
     probe = decision == breaker.PROBE
-    gate.in_flight += 1
+    sent_at = gate.sent()
     try:
         reply = await send()
     except BaseException:  # cancelled mid-flight: says nothing about the server
@@ -169,6 +216,8 @@ async def through(
             gate.wake()
     status = reply.status if isinstance(reply, Answer) else None
     kind = reply.kind if isinstance(reply, NoAnswer) else None
+    if status is not None:
+        gate.answered(sent_at)
     failed = breaker.verdict(status, kind)
     if failed is None:
         if probe:
@@ -176,6 +225,11 @@ async def through(
     else:
         gate.record(failed, breaker.describe_error(status, kind), probe=probe)
     return reply
+
+
+def _held(decision: str | Skip) -> bool:
+    """A call with no fallback waits for the trials of a model that failed, not for a silent one."""
+    return isinstance(decision, Skip) and decision.in_doubt and not decision.silent_s
 
 
 # A probe's round trip is bounded by its timeout; this much more covers the reply's way back.

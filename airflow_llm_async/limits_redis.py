@@ -318,9 +318,9 @@ class SharedBreaker(breakers.LocalBreaker):
         # A key outlives every time the policy looks back at: the window, and a cool-down with its probe.
         self._ttl_ms = int(1000 * (config.window_s + config.cooldown_s + 600))
 
-    async def admit(self, lease_s: float) -> str | Skip:
+    async def admit(self, lease_s: float, timeout_s: float | None = None) -> str | Skip:
         if time.monotonic() < self._down_until:
-            return await super().admit(lease_s)
+            return await super().admit(lease_s, timeout_s)
         if self._synced_at == -math.inf:  # first calls of this process: learn the state before sending
             if self._first_sync is None or self._first_sync.done():  # none yet, or it failed
                 self._first_sync = asyncio.ensure_future(self._sync())
@@ -329,16 +329,18 @@ class SharedBreaker(breakers.LocalBreaker):
             self._synced_at = time.monotonic()  # one refresh at a time
             _track(asyncio.ensure_future(self._sync()))
         if self.state.status(self._clock()) == breaker.CLOSED:
-            if not self.state.failures:
+            if not self.state.failures and self.in_flight < self.config.failures:
                 return breaker.SEND
-            # In doubt: the cap counts this process's requests (see core/breaker.trials).
-            return breaker.admit(self.state, self.config, self._clock(), lease_s, self.in_flight)[0]
+            # In doubt (failures, or a stall this process sees): the cap counts this process's
+            # requests (see core/breaker.trials).
+            silent_s = self.silent_s(timeout_s or lease_s)
+            return breaker.admit(self.state, self.config, self._clock(), lease_s, self.in_flight, silent_s)[0]
         skip = self.peek()
         if skip is not None:
             return skip
         # Half-open in this copy: take the probe in Redis, where only one host gets it.
         decision = await self._transact(lambda state, now: breaker.admit(state, self.config, now, lease_s))
-        return decision if decision is not None else await super().admit(lease_s)
+        return decision if decision is not None else await super().admit(lease_s, timeout_s)
 
     def record(self, failed: bool, error: str = "", *, probe: bool = False) -> None:
         before = self.state

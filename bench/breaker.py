@@ -14,8 +14,14 @@ the breaker off and on. It prints the requests the primary received (attempts se
 call's, and, with the fault cleared, how long until calls return to the primary (within one
 cool-down, ``--cooldown``).
 
+Then a slow but healthy primary (every answer takes ``--slow`` seconds, some under and some over
+half the timeout, when a silent model is first in doubt): the same calls, the breaker off and on,
+and how many the primary answered; the breaker must not send a model that answers to its fallback,
+except before its first answer when that takes over half the timeout.
+
     .venv/bin/python bench/breaker.py [--calls 60] [--items 100] [--hot-calls 20000]
-                                      [--tasks 200] [--rate 100] [--cooldown 3] [--only outage]
+                                      [--tasks 200] [--rate 100] [--cooldown 3] [--slow 0.4 0.7]
+                                      [--only outage|hot|slow]
 """
 
 from __future__ import annotations
@@ -300,6 +306,48 @@ async def outages(tasks: int, rate: float, items: int, cooldown: float) -> None:
         print(f"  ratio on/off: primary requests {total['on'] / total['off']:.3f}")
 
 
+async def slow_primary(latency: float, breaker_extra, tasks: int, rate: float) -> dict:
+    """``tasks`` calls at ``rate`` a second to a healthy primary whose answers take ``latency``."""
+    breakers.reset()
+    tag = uuid.uuid4().hex[:6]
+    primary, fallback = f"bench_slow_{tag}", f"bench_fallback_{tag}"
+    async with FakeLLMServer(api_key=KEY, latency=latency) as slow, FakeLLMServer(api_key=KEY) as server:
+        extra = {"timeout": TIMEOUT_S, "circuit_breaker": breaker_extra}
+        connect(primary, slow.base_url, **extra)
+        connect(fallback, server.base_url, **extra)
+        chain = CallSpec(request=REQUEST, chain=[(primary, PRIMARY), (fallback, FALLBACK)], max_retries=2)
+
+        async def task(index: int) -> Outcome:
+            await asyncio.sleep(index / rate)
+            return await driver.complete(chain)
+
+        outcomes = await asyncio.gather(*(task(i) for i in range(tasks)))
+        latencies = [o.finished_at - o.started_at for o in outcomes if o.model == PRIMARY]
+    await limits.close_loop_limiters()
+    return {
+        "primary": sum(o.model == PRIMARY for o in outcomes),
+        "fallback": sum(o.model == FALLBACK for o in outcomes),
+        "median_s": statistics.median(latencies) if latencies else float("nan"),
+    }
+
+
+async def slow_primaries(latencies: list[float], tasks: int, rate: float) -> None:
+    for latency in latencies:
+        results = {}
+        for label, extra in (("off", False), ("on", {})):
+            results[label] = await slow_primary(latency, extra, tasks, rate)
+        print(
+            f"healthy primary answering in {latency:.2f} s: {tasks} calls at {rate:.0f}/s "
+            f"(timeout {TIMEOUT_S:.0f} s: a silent model is in doubt after {TIMEOUT_S / 2:.1f} s before "
+            "its first answer)"
+        )
+        for label, r in results.items():
+            print(
+                f"  breaker {label:>3}: primary answered {r['primary']}, fallback {r['fallback']}, "
+                f"median latency of the primary's {r['median_s'] * 1000:.0f} ms"
+            )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=60)
@@ -308,10 +356,20 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--cooldown", type=float, default=3.0)
-    parser.add_argument("--only", choices=["outage"], help="run only the issue's target scenarios")
+    parser.add_argument("--slow", type=float, nargs="+", default=[0.4, 0.7])
+    parser.add_argument(
+        "--only",
+        choices=["outage", "hot", "slow"],
+        help="only the issue's target scenarios, the hot path, or the slow healthy primary",
+    )
     args = parser.parse_args()
-    if args.only == "outage":
-        await outages(args.tasks, args.rate, args.items, args.cooldown)
+    if args.only:
+        if args.only == "outage":
+            await outages(args.tasks, args.rate, args.items, args.cooldown)
+        elif args.only == "hot":
+            await hot_path(args.hot_calls)
+        else:
+            await slow_primaries(args.slow, args.tasks, args.rate)
         await transport.close_shared_session()
         return
     await scenario(
@@ -325,6 +383,7 @@ async def main() -> None:
     await scenario(f"a fan-out of {args.items} items (max_retries=2)", lambda s, c: fan_out(s, c, args.items))
     await hot_path(args.hot_calls)
     await outages(args.tasks, args.rate, args.items, args.cooldown)
+    await slow_primaries(args.slow, args.tasks, args.rate)
     await transport.close_shared_session()
 
 

@@ -10,7 +10,12 @@ Between the first failure and the verdict (an answer, or the circuit opening) th
 only as many requests may be in flight to it as failures are still needed to open the circuit
 (:func:`trials`); a call past that skips to its fallback, or waits for a trial to report when it has
 none. So a dead model sees the requests already in flight when its first failure came back, plus
-``failures`` at most, however many calls arrive meanwhile; a model with no failure is never capped.
+``failures`` at most, however many calls arrive meanwhile.
+
+A stalled model sends no failure back before its first timeout, so it is also in doubt while it
+has requests out and has answered none of them for :func:`stall_after` (twice what its answers took
+lately): calls with a fallback take it, calls without one still go out (a slow model must not make
+them wait), and its first answer ends the doubt. A model that answers is never capped.
 
 The state is a small immutable :class:`State`, so the same functions serve a process's own
 breakers (``breakers.py``) and the state shared through Redis (``limits_redis.py``), which reads
@@ -90,6 +95,7 @@ class Skip:
     last_error: str
     probe_at: float  # when a call may go out again (as the probe, or once the probe has reported)
     in_doubt: bool = False
+    silent_s: float = 0.0  # in doubt because requests are out with no answer for this long (a stall)
 
 
 # What admit() answers besides a Skip.
@@ -97,17 +103,22 @@ SEND, PROBE = "send", "probe"
 
 
 def admit(
-    state: State, config: BreakerConfig, now: float, lease_s: float, in_flight: int = 0
+    state: State, config: BreakerConfig, now: float, lease_s: float, in_flight: int = 0, silent_s: float = 0.0
 ) -> tuple[str | Skip, State]:
     """May a call go out now? ``SEND``, ``PROBE`` (it is the one probe: report its result with
     ``probe=True``) or a :class:`Skip`; and the new state. A probe that has not reported within
     ``lease_s`` (its process died, or it was never sent and not released) lets another one go.
-    ``in_flight``: this process's requests to the model now (see :func:`trials`)."""
+    ``in_flight``: this process's requests to the model now (see :func:`trials`); ``silent_s``: how
+    long they have been out with no answer, when that is past :func:`stall_after` (else 0)."""
     status = state.status(now)
     if status == CLOSED:
         cap = trials(state, config, now)
+        if cap is None and silent_s > 0:  # no failure, but silent: maybe a stall, none reported yet
+            cap = config.failures
+        else:
+            silent_s = 0.0  # failures decide (their cap holds a call with no fallback)
         if cap is not None and in_flight >= cap:
-            return doubt(state, config, now), state
+            return doubt(state, config, now, silent_s), state
         return SEND, state
     if status == HALF_OPEN and (state.probe_until is None or state.probe_until <= now):
         return PROBE, replace(state, probe_until=now + lease_s)
@@ -115,7 +126,8 @@ def admit(
 
 
 def trials(state: State, config: BreakerConfig, now: float) -> int | None:
-    """How many requests may be in flight to a closed circuit's model: None (no cap) until it fails.
+    """How many requests may be in flight to a closed circuit's model: None (no cap) until it fails
+    (or, see :func:`admit`, stalls: then ``failures``).
 
     After a failure, as many as failures are still needed to open it: if they all fail it opens
     having been sent no more than that; one success ends the doubt. A cap of its own per process
@@ -127,10 +139,31 @@ def trials(state: State, config: BreakerConfig, now: float) -> int | None:
     return None if recent == 0 else max(1, config.failures - recent)
 
 
-def doubt(state: State, config: BreakerConfig, now: float) -> Skip:
+def doubt(state: State, config: BreakerConfig, now: float, silent_s: float = 0.0) -> Skip:
     """The Skip of a call past :func:`trials`: the trials in flight report within the cool-down's tenth
     or their own timeout; look again then (a waiting call is woken as soon as one reports)."""
-    return Skip(len(state.failures), state.last_error, now + max(config.cooldown_s / 10, 0.1), in_doubt=True)
+    probe_at = now + max(config.cooldown_s / 10, 0.1)
+    return Skip(len(state.failures), state.last_error, probe_at, in_doubt=True, silent_s=silent_s)
+
+
+# Requests out with no answer for less than this never make a model in doubt: event-loop pauses
+# and network jitter, on a model whose answers are fast (unless the timeout is shorter still).
+STALL_FLOOR_S = 2.0
+
+
+def stall_after(typical_s: float | None, timeout_s: float) -> float:
+    """How long a model may have requests out and answer none before it is in doubt (a stall).
+
+    ``typical_s``: what its answers took lately in this process (a decaying maximum, so one slow
+    answer raises it at once and it comes down over the next ones); twice that, at least
+    :data:`STALL_FLOOR_S` (or half the timeout when that is shorter: the user says answers take less).
+    None (it has not answered in this process yet): half the timeout, so a first answer that is
+    legitimately slow is not doubted unless it takes over half the time the user allows it.
+    """
+    half = timeout_s / 2
+    if typical_s is None:
+        return half
+    return max(2 * typical_s, min(STALL_FLOOR_S, half))
 
 
 def peek(state: State, config: BreakerConfig, now: float) -> Skip | None:

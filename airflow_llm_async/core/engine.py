@@ -412,6 +412,12 @@ class _Call:
                 f"consecutive failures (last: {skip.last_error}): the requests that decide whether it "
                 "opens are in flight, so this call went on to its fallback"
             )
+            if skip.silent_s:  # no failure yet: requests out and none answered (core/breaker.stall_after)
+                message = (
+                    f"the circuit breaker of {model} on {conn_id!r} is in doubt: its requests in flight "
+                    f"have had no answer for {skip.silent_s:.1f} s, longer than its answers take, so it "
+                    "may be stalled: this call went on to its fallback"
+                )
         error = LLMCallError("circuit_open", message)
         attempt.result, attempt.reason = "error", error.to_dict()
         attempt.cost_usd = 0.0  # never sent: a budget reservation made for it settles to nothing

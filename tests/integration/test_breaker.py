@@ -311,3 +311,56 @@ async def test_a_model_that_has_not_failed_gets_every_request_at_once(fallback_s
         await fallback_server.wait_for(lambda s: s["held"] == 50)  # no cap: all 50 in flight together
     fallback_server.release()
     assert all(o.model == PRIMARY for o in await asyncio.gather(*calls))
+
+
+# ---- a stall: no failure comes back before the first timeout -------------------------------------
+
+
+async def test_a_stalled_primary_is_in_doubt_before_its_first_timeout_and_the_next_calls_take_the_fallback(
+    fallback_server, monkeypatch
+):
+    async with FakeLLMServer(api_key=API_KEY, faults={PRIMARY: "stall"}) as stalled:
+        primary = connect(monkeypatch, stalled, "llm_stalled")  # timeout 2 s: in doubt after 1 s
+        fallback = connect(monkeypatch, fallback_server, "llm_ok")
+        first = [
+            asyncio.ensure_future(driver.complete(chain_spec(primary, fallback))) for _ in range(THRESHOLD)
+        ]
+        async with asyncio.timeout(10):
+            await stalled.wait_for(lambda s: s["in_flight"] == THRESHOLD)
+        gate = breakers.breaker_for(await _endpoint(primary), PRIMARY)
+        await wait_until(lambda: gate.silent_s(2.0) > 0)  # a second with nothing answered
+        later = await asyncio.gather(*(driver.complete(chain_spec(primary, fallback)) for _ in range(20)))
+        assert all(o.ok and o.model == FALLBACK and kinds(o) == ["circuit_open", None] for o in later)
+        assert "have had no answer for 1." in later[0].attempts[0].reason["message"]
+        assert primary_requests(stalled) == THRESHOLD  # not 25: the later calls were not sent
+        assert fallback_server.stats()["by_model"][FALLBACK] == 20
+        # The first five time out: five failures open the circuit, their retries take the fallback.
+        outcomes = await asyncio.gather(*first)
+        assert all(o.ok and o.model == FALLBACK for o in outcomes)
+        assert primary_requests(stalled) == THRESHOLD
+        assert breakers.snapshots()[0]["status"] == "open"
+
+
+async def test_a_silent_model_is_not_capped_for_a_call_without_fallback_and_its_answer_ends_the_doubt(
+    fallback_server, monkeypatch
+):
+    conn_id = "llm_slow"
+    point_connection(monkeypatch, conn_id, fallback_server.base_url, timeout=3)  # in doubt after 1.5 s
+    fallback_server.hold()  # answers wait at the server: a slow model, not a dead one
+    held = [asyncio.ensure_future(driver.complete(chain_spec(conn_id, conn_id))) for _ in range(THRESHOLD)]
+    async with asyncio.timeout(10):
+        await fallback_server.wait_for(lambda s: s["held"] == THRESHOLD)
+    gate = breakers.breaker_for(await _endpoint(conn_id), PRIMARY)
+    await wait_until(lambda: gate.silent_s(3.0) > 0)
+    alone = asyncio.ensure_future(driver.complete(chain_spec(conn_id)))  # no fallback: sent at once,
+    async with asyncio.timeout(1):  # not held until the others time out (at 3 s)
+        await fallback_server.wait_for(lambda s: s["held"] == THRESHOLD + 1)
+    fallback_server.release()
+    assert all(o.ok and o.model == PRIMARY for o in await asyncio.gather(*held, alone))
+    after = await driver.complete(chain_spec(conn_id, conn_id))  # answered: no doubt, no cap
+    assert after.model == PRIMARY and kinds(after) == [None]
+    assert breakers.snapshots() == []  # never a failure
+
+
+async def _endpoint(conn_id: str):
+    return (await driver.resolve(chain_spec(conn_id)))[conn_id]

@@ -6,6 +6,7 @@ cool-down, where exactly one call goes out as the probe; its success closes, its
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 
@@ -208,6 +209,107 @@ def test_a_dead_model_is_sent_at_most_its_threshold_after_its_first_failure_howe
             state, _ = fail(state, now)
             in_flight -= 1
     assert sent == CONFIG.failures
+
+
+# ---- a stall: requests out, none answered, no failure reported yet ---------------------------------
+
+
+def test_a_stall_is_silence_past_twice_what_answers_took_lately_at_least_the_floor():
+    assert breaker.stall_after(None, 60.0) == 30.0  # never answered here: half the timeout
+    assert breaker.stall_after(0.3, 60.0) == breaker.STALL_FLOOR_S  # fast answers: the floor
+    assert breaker.stall_after(8.0, 60.0) == 16.0  # twice what answers took
+    assert breaker.stall_after(0.01, 1.0) == 0.5  # a timeout shorter than twice the floor: its half
+
+
+def test_a_silent_model_with_enough_requests_out_is_in_doubt_and_says_how_long_it_has_been_silent():
+    decision, after = admit(State(), CONFIG, 5.0, LEASE, in_flight=CONFIG.failures, silent_s=2.5)
+    assert after == State() and isinstance(decision, Skip) and decision.in_doubt
+    assert (decision.failures, decision.silent_s) == (0, 2.5)
+    # Fewer out than failures needed to open it: they are the trials, the call goes.
+    assert admit(State(), CONFIG, 5.0, LEASE, in_flight=CONFIG.failures - 1, silent_s=2.5)[0] == SEND
+
+
+def test_once_a_failure_came_back_the_failures_decide_not_the_silence():
+    state, _ = fail(State(), 1.0)
+    decision, _ = admit(state, CONFIG, 2.0, LEASE, in_flight=CONFIG.failures - 1, silent_s=2.5)
+    assert isinstance(decision, Skip) and decision.in_doubt and decision.silent_s == 0.0
+
+
+class FakeTimer:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def local_breaker(timer: FakeTimer):
+    from airflow_llm_async.breakers import LocalBreaker
+
+    return LocalBreaker("llm", "gpt-4", CONFIG, clock=timer, timer=timer)
+
+
+async def test_requests_out_with_no_answer_for_half_the_timeout_put_a_model_never_answered_in_doubt():
+    timer = FakeTimer()
+    gate = local_breaker(timer)
+    for _ in range(CONFIG.failures):
+        gate.sent()
+    timer.now += 4.9
+    assert await gate.admit(LEASE + 5, 10.0) == SEND  # under half the 10 s timeout
+    timer.now += 0.2
+    decision = await gate.admit(LEASE + 5, 10.0)
+    assert isinstance(decision, Skip) and decision.in_doubt and decision.silent_s == pytest.approx(5.1)
+    assert gate.state == State()  # nothing remembered: no failure, and the first answer ends it
+
+
+async def test_a_slow_model_that_answers_is_not_capped_and_its_first_answer_ends_the_doubt():
+    timer = FakeTimer()
+    gate = local_breaker(timer)
+    sent = [gate.sent() for _ in range(CONFIG.failures)]
+    timer.now += 6.0
+    assert isinstance(await gate.admit(LEASE + 5, 10.0), Skip)
+    gate.answered(sent[0])  # it was only slow: answered after 6 s
+    gate.in_flight -= 1
+    gate.sent()
+    assert gate.typical_s == pytest.approx(6.0)
+    timer.now += 11.0  # silent 11 s, under twice what its answer took
+    assert await gate.admit(LEASE + 5, 60.0) == SEND
+    timer.now += 1.1
+    assert isinstance(await gate.admit(LEASE + 5, 60.0), Skip)
+
+
+def test_what_answers_took_falls_back_slowly_after_a_slow_one():
+    timer = FakeTimer()
+    gate = local_breaker(timer)
+    started = gate.sent()
+    timer.now += 10.0
+    gate.answered(started)
+    for _ in range(5):  # fast answers bring it down 5 % each, never below themselves
+        gate.answered(timer.now - 0.1)
+    assert gate.typical_s == pytest.approx(10.0 * 0.95**5)
+
+
+async def test_in_a_stall_a_call_with_a_fallback_skips_and_one_without_is_sent():
+    from airflow_llm_async.breakers import through
+    from airflow_llm_async.core.engine import Answer
+
+    timer = FakeTimer()
+    gate = local_breaker(timer)
+    for _ in range(CONFIG.failures):
+        gate.sent()
+    timer.now += 6.0  # past half the 10 s timeout, nothing answered
+    sent = []
+
+    async def send():
+        sent.append(1)
+        return Answer(200)
+
+    skipped = await through(gate, 10.0, send, fallback=True)
+    assert skipped.kind == "circuit_open" and skipped.circuit.silent_s == pytest.approx(6.0) and not sent
+    async with asyncio.timeout(1):  # nothing else to try: it goes at once, never held for the timeout
+        answered = await through(gate, 10.0, send)
+    assert answered.status == 200 and sent == [1]
+    assert await gate.admit(LEASE + 5, 10.0) == SEND  # that answer ended the silence
 
 
 def test_every_sequence_of_events_keeps_the_invariants():
