@@ -74,6 +74,7 @@ def conn_id():
     client.close()
 
 
+@pytest.mark.slow  # three spawned processes import the provider and Airflow
 def test_three_processes_and_300_concurrent_calls_never_spend_past_the_budget(conn_id, monkeypatch):
     with FakeServerProcess(api_key=API_KEY) as server:
         extra = {"default_model": "gpt-4", "rate_limit_backend": REDIS_URL, "budget_usd": {"usd": BUDGET}}

@@ -19,7 +19,7 @@ from airflow_llm_async.hooks.llm import shared_endpoint
 from airflow_llm_async.testing.fake_server import FakeLLMServer
 from tests.integration.conftest import API_KEY, chat_trigger, point_connection
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a 5 s storm, twice
 
 CALLS = 20
 STORM_S = 5.0
