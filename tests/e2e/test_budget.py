@@ -8,6 +8,7 @@ import pytest
 
 from airflow_llm_async.budget_store import KEY_PREFIX
 from tests.e2e.dags.e2e_budget import BUDGET_USD
+from tests.e2e.polling import run_dag
 from tests.e2e.redis_keys import fresh_redis
 from tests.e2e.server_calls import assert_requests_explained
 from tests.e2e.test_monitor_dashboard import monitor_json
@@ -27,14 +28,9 @@ def meta_or_why(airflow, run_id: str, task_id: str) -> object:
 def test_a_spent_budget_refuses_calls_without_sending_them_or_retrying(airflow, fake_llm):
     # The day's ledger of an earlier session on this Redis would leave less room: start from none.
     client = fresh_redis("connection llm_budget", f"{KEY_PREFIX}llm_budget:*")
-    airflow.wait_for_dag(DAG_ID)
-    airflow.unpause(DAG_ID)
     fake_llm.reset()
-    run_id = airflow.trigger(DAG_ID)
-    # The run succeeds: its last task, the fallback, did.
-    assert airflow.wait_for_run(DAG_ID, run_id, timeout=300) == "success", airflow.describe_run(
-        DAG_ID, run_id
-    )
+    run_id, state = run_dag(airflow, DAG_ID)
+    assert state == "success", airflow.describe_run(DAG_ID, run_id)  # its last task, the fallback, did
     tis = {ti["task_id"]: ti for ti in airflow.task_instances(DAG_ID, run_id)}
     states = {task_id: ti["state"] for task_id, ti in tis.items()}
     metas = {task_id: meta_or_why(airflow, run_id, task_id) for task_id in states}

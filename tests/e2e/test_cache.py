@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.dags.e2e_cache import ITEMS
+from tests.e2e.polling import run_dag
 from tests.e2e.redis_keys import fresh_redis
 
 pytestmark = pytest.mark.e2e
@@ -24,13 +25,9 @@ def metas(airflow, run_id: str) -> dict:
 
 def test_a_cleared_run_sends_no_request_for_the_answers_it_already_has(airflow, fake_llm):
     fresh_redis("connection llm_cache").close()
-    airflow.wait_for_dag(DAG_ID)
-    airflow.unpause(DAG_ID)
     fake_llm.reset()
-    run_id = airflow.trigger(DAG_ID)
-    assert airflow.wait_for_run(DAG_ID, run_id, timeout=300) == "success", airflow.describe_run(
-        DAG_ID, run_id
-    )
+    run_id, state = run_dag(airflow, DAG_ID)
+    assert state == "success", airflow.describe_run(DAG_ID, run_id)
     assert fake_llm.stats()["by_model"] == {"gpt-4": len(CALLS) + len(ITEMS)}  # each call once
     first, first_metas = answers(airflow, run_id), metas(airflow, run_id)
     assert not any(first_metas[task_id]["cache_hit"] for task_id in CALLS)

@@ -9,7 +9,7 @@ import pytest
 
 from airflow_llm_async.core import cache
 from tests.e2e.conftest import API_KEY, ECHOED_SECRETS
-from tests.e2e.polling import wait_for
+from tests.e2e.polling import run_dag, wait_for
 from tests.e2e.redis_keys import fresh_redis
 from tests.e2e.server_calls import assert_requests_explained
 
@@ -18,13 +18,6 @@ pytestmark = pytest.mark.e2e
 PIPELINE = "llm_content_pipeline"
 ERRORS = "llm_error_handling"
 CACHED_PIPELINE = "e2e_pipeline_cached"
-
-
-def run_dag(airflow, dag_id: str, conf: dict | None = None) -> tuple[str, str]:
-    airflow.wait_for_dag(dag_id)
-    airflow.unpause(dag_id)
-    run_id = airflow.trigger(dag_id, conf)
-    return run_id, airflow.wait_for_run(dag_id, run_id, timeout=300)
 
 
 def test_content_pipeline_waits_in_the_triggerer_and_ends_with_an_analysis(airflow, fake_llm):
