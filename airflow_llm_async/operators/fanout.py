@@ -49,9 +49,9 @@ class LLMFanOutOperator(LLMOperator):
     Every other parameter is :class:`~airflow_llm_async.operators.llm.LLMOperator`'s (model,
     temperature, max_tokens, llm_conn_id, fallback_models, fallback_conn_ids, response_format,
     extra_body, max_retries, quality, quality_retries, on_quality_failure, cache_ttl, circuit_open,
-    timeout); they apply to every item, and ``timeout`` limits the whole fan-out. With ``cache_ttl`` each item is
-    looked up first (one round trip to Redis for the whole list) and only the misses are sent.
-    ``prompt`` and ``messages`` are not taken.
+    timeout); they apply to every item, and ``timeout`` limits the whole fan-out. With ``cache_ttl``
+    each item is looked up first (one round trip to Redis for the whole list) and only the misses
+    are sent. ``prompt`` and ``messages`` are not taken.
     """
 
     template_fields: Sequence[str] = ("prompts", "system_prompt")
