@@ -7,6 +7,9 @@ input price when not given). The table a connection uses is, from lowest to high
 ``prices`` extra. All three have the same shape:
 ``{"gpt-4o": {"input": 2.5, "output": 10, "cached_input": 1.25}}``. I/O-free: the hook reads the prices
 file (``hooks/llm.py``).
+
+Answers of the Batch API (``LLMFanOutOperator(batch=True)``) cost the batch price: half of each price,
+unless the entry gives ``batch_input`` and ``batch_output`` (:meth:`Price.batch`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class Price(NamedTuple):
     input: float
     output: float
     cached_input: float | None = None  # None: cached prompt tokens cost the input price
+    batch_input: float | None = None  # the Batch API's prices; None: half the price above
+    batch_output: float | None = None
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> float:
         """What the tokens cost; ``cached`` of the ``prompt_tokens`` at the cached input price."""
@@ -30,6 +35,17 @@ class Price(NamedTuple):
         usd = (prompt_tokens - cached) * self.input + cached * cached_input + completion_tokens * self.output
         return usd / 1_000_000
 
+    def batch(self) -> Price:
+        """The price of the same tokens answered through the Batch API."""
+        return Price(
+            BATCH_DISCOUNT * self.input if self.batch_input is None else self.batch_input,
+            BATCH_DISCOUNT * self.output if self.batch_output is None else self.batch_output,
+            None if self.cached_input is None else BATCH_DISCOUNT * self.cached_input,
+        )
+
+
+# What the Batch API charges of the list price (OpenAI: half, for every model it batches).
+BATCH_DISCOUNT = 0.5
 
 # OpenAI's list prices (standard tier, no batch discount; cached input where the model has prompt
 # caching), as published on platform.openai.com/docs/pricing and reproduced in pricing tables
@@ -67,7 +83,8 @@ def parse_prices(table: Any, where: str) -> dict[str, Price]:
     """Validate ``{"model": {"input": usd_per_1m, "output": usd_per_1m[, "cached_input": usd_per_1m]}}``."""
     shape = (
         '{"model": {"input": <USD per 1M prompt tokens>, "output": <USD per 1M completion tokens>, '
-        '"cached_input": <USD per 1M cached prompt tokens, optional: input>}}'
+        '"cached_input": <USD per 1M cached prompt tokens, optional: input>, "batch_input", "batch_output": '
+        "<the Batch API's prices, optional: half>}}"
     )
     if not isinstance(table, dict):
         raise PriceTableError(f"{where} must be an object {shape}, got a {type(table).__name__}.")
@@ -75,19 +92,19 @@ def parse_prices(table: Any, where: str) -> dict[str, Price]:
     for model, entry in table.items():
         if not isinstance(entry, dict) or not {"input", "output"} <= set(entry) <= _PRICE_FIELDS:
             raise PriceTableError(
-                f"{where} entry {model!r} must have input and output, and may have cached_input: {shape}."
+                f"{where} entry {model!r} must have input and output, and may have cached_input, batch_input "
+                f"and batch_output: {shape}."
             )
-        values = [entry[name] for name in ("input", "output", "cached_input") if name in entry]
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values):
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in entry.values()):
             raise PriceTableError(
-                f"{where} entry {model!r}: input, output and cached_input must be numbers >= 0 (USD per "
+                f"{where} entry {model!r}: input, output and the other prices must be numbers >= 0 (USD per "
                 f"million tokens), got {entry!r}."
             )
-        prices[str(model)] = Price(*(float(v) for v in values))
+        prices[str(model)] = Price(**{name: float(value) for name, value in entry.items()})
     return prices
 
 
-_PRICE_FIELDS = frozenset({"input", "output", "cached_input"})
+_PRICE_FIELDS = frozenset(Price._fields)
 
 
 def price_of(prices: Mapping[str, Price], model: str | None) -> Price | None:

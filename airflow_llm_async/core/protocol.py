@@ -149,7 +149,7 @@ class LLMCallError(Exception):
 
     ``kind`` is one of: ``rate_limit``, ``server``, ``timeout``, ``connection``,
     ``invalid_response`` (retryable), or ``client``, ``config``, ``deadline``, ``quality``,
-    ``budget``, ``circuit_open`` (not retryable).
+    ``budget``, ``circuit_open``, ``batch`` (the Batch API did not answer the item; not retryable).
     """
 
     RETRYABLE_KINDS = frozenset({"rate_limit", "server", "timeout", "connection", "invalid_response"})
