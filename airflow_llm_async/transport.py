@@ -26,10 +26,11 @@ import logging
 import ssl
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from typing import Any
 
 import aiohttp
+import aiohttp.payload
 
 from airflow_llm_async.core.engine import Answer, NoAnswer
 
@@ -194,3 +195,83 @@ async def _read_at_most(stream: aiohttp.StreamReader, max_bytes: int) -> bytes |
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# --- Files and Batches (LLMFanOutOperator(batch=True)): a few requests per batch, never on the hot path ---
+
+
+async def request(
+    method: str, url: str, headers: Mapping[str, str], body: bytes | None, time_limit: float, max_bytes: int
+) -> Answer | NoAnswer:
+    """One request of the Files or Batches API; the whole answer, or why there is none."""
+    try:
+        async with shared_session().request(
+            method, url, data=body, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
+        ) as response:
+            data = await _read_at_most(response.content, max_bytes)
+            if data is None:
+                return NoAnswer("too_large", f"more than {max_bytes} bytes")
+            return Answer(response.status, response.headers, data)
+    except TimeoutError:
+        return NoAnswer("timeout")
+    except aiohttp.ClientError as exc:
+        return NoAnswer("connection", f"{type(exc).__name__}: {exc}")
+
+
+async def upload(
+    url: str,
+    headers: Mapping[str, str],
+    fields: Mapping[str, str],
+    filename: str,
+    chunks: AsyncIterable[bytes],
+    time_limit: float,
+) -> Answer | NoAnswer:
+    """POST a multipart form whose file part is sent as ``chunks`` come (chunked): the file is never
+    whole in memory."""
+    with aiohttp.MultipartWriter("form-data") as form:
+        for name, value in fields.items():
+            form.append(value).set_content_disposition("form-data", name=name)
+        part = form.append_payload(
+            aiohttp.payload.AsyncIterablePayload(chunks, content_type="application/jsonl")
+        )
+        part.set_content_disposition("form-data", name="file", filename=filename)
+    try:
+        async with shared_session().post(
+            url, data=form, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
+        ) as response:
+            data = await _read_at_most(response.content, 1 << 20)
+            return Answer(response.status, response.headers, data or b"")
+    except TimeoutError:
+        return NoAnswer("timeout")
+    except aiohttp.ClientError as exc:
+        return NoAnswer("connection", f"{type(exc).__name__}: {exc}")
+
+
+async def read_lines(
+    url: str, headers: Mapping[str, str], time_limit: float, on_line: Callable[[bytes], None]
+) -> Answer | NoAnswer:
+    """GET a JSONL file and hand ``on_line`` each line as it arrives: the file is never whole in memory.
+
+    A 2xx answer comes back with an empty body (its lines went to ``on_line``); any other, whole.
+    """
+    try:
+        async with shared_session().get(
+            url, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
+        ) as response:
+            if not 200 <= response.status < 300:
+                data = await _read_at_most(response.content, 1 << 20)
+                return Answer(response.status, response.headers, data or b"")
+            rest = b""
+            async for chunk in response.content.iter_chunked(1 << 16):
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        on_line(line)
+            if rest.strip():
+                on_line(rest)
+            return Answer(response.status, response.headers, b"")
+    except TimeoutError:
+        return NoAnswer("timeout")
+    except aiohttp.ClientError as exc:
+        return NoAnswer("connection", f"{type(exc).__name__}: {exc}")

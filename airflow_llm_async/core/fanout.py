@@ -34,7 +34,7 @@ FAILURES_SHOWN = 5
 Record = dict[str, Any]
 
 
-def parse_items(value: Any) -> list[Any]:
+def parse_items(value: Any, max_items: int = MAX_ITEMS) -> list[Any]:
     """The rendered ``prompts``: a list, or JSON text of one (an XCom rendered without native objects)."""
     if isinstance(value, str):
         try:
@@ -48,9 +48,10 @@ def parse_items(value: Any) -> list[Any]:
             )
     if not isinstance(value, list | tuple):
         raise ValueError(f"prompts must be a list of prompts or message lists, got {type(value).__name__}.")
-    if len(value) > MAX_ITEMS:
+    if len(value) > max_items:
         raise ValueError(
-            f"prompts has {len(value)} items; one task takes at most {MAX_ITEMS}: split the list."
+            f"prompts has {len(value)} items; one task takes at most {max_items}: split the list"
+            + (" (batch=True takes more)." if max_items == MAX_ITEMS else ".")
         )
     return list(value)
 

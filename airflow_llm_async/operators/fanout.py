@@ -10,11 +10,13 @@ from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llm_async import compat, driver
+from airflow_llm_async.core import batch as batch_api
 from airflow_llm_async.core import fanout
 from airflow_llm_async.core.outcome import CallSpec, FanOutOutcome, task_xcoms
 from airflow_llm_async.core.protocol import LLMCallError
 from airflow_llm_async.hooks.llm import LLMConfigError
 from airflow_llm_async.operators.llm import LLMOperator, fail_task, push_xcoms, read_event
+from airflow_llm_async.triggers.batch import BatchTrigger
 from airflow_llm_async.triggers.fanout import FanOutTrigger
 
 
@@ -45,6 +47,22 @@ class LLMFanOutOperator(LLMOperator):
     :param start_from_trigger: worker-free mode (default ``True``): the task starts and ends in the
         triggerer. ``False`` with ``deferrable=True`` renders on a worker and defers; ``deferrable=False``
         runs every call on the worker.
+    :param batch: send the items through the Batch API (``POST /files``, ``POST /batches``) at the batch
+        price (half the list price at OpenAI), answered within ``batch_completion_window`` instead of
+        seconds; the trigger polls until the batch ends. Same XComs; ``llm_meta["batch"]`` adds each
+        batch's id and counts, its cost and the real-time cost. A restart or a task retry finds the
+        batch it paid for instead of sending again; killing the task, or its ``timeout``, cancels the
+        batch and keeps its partial answers. See docs/batch.md.
+    :param batch_completion_window: the batch's completion window (``"24h"``, OpenAI's only one).
+    :param batch_poll_interval: seconds before the first poll (default 30); each next poll waits 1.5
+        times longer, up to ``batch_poll_max_interval`` (default 600).
+    :param batch_retry: an item the batch did not answer well (an error line, a failed quality gate, an
+        expired or cancelled batch) is asked again in real time, with its retries and fallbacks
+        (``"realtime"``, the default), or counted as failed (``"none"``).
+    :param batch_max_requests: requests per batch (OpenAI's limit, 50,000); more items go into several.
+    :param batch_max_bytes: bytes per input file (OpenAI's limit, 200 MB); likewise.
+    :param batch_resubmit: send a new batch even if one for the same task and input exists (default:
+        reuse it, so a retry never pays twice).
 
     Every other parameter is :class:`~airflow_llm_async.operators.llm.LLMOperator`'s (model,
     temperature, max_tokens, llm_conn_id, fallback_models, fallback_conn_ids, response_format,
@@ -65,6 +83,14 @@ class LLMFanOutOperator(LLMOperator):
         max_failures: int | float = 0,
         output_key: str = "return_value",
         start_from_trigger: bool | None = True,
+        batch: bool = False,
+        batch_completion_window: str = "24h",
+        batch_poll_interval: float = 30.0,
+        batch_poll_max_interval: float = 600.0,
+        batch_retry: str = "realtime",
+        batch_max_requests: int = batch_api.MAX_REQUESTS,
+        batch_max_bytes: int = batch_api.MAX_BYTES,
+        batch_resubmit: bool = False,
         **kwargs: Any,
     ) -> None:
         for name in ("prompt", "messages"):
@@ -75,12 +101,24 @@ class LLMFanOutOperator(LLMOperator):
                 )
         self.prompts = prompts
         self.max_failures = max_failures
+        self.batch = batch
+        self.batch_options = dict(
+            completion_window=batch_completion_window,
+            poll_interval=batch_poll_interval,
+            poll_max_interval=batch_poll_max_interval,
+            retry=batch_retry,
+            max_requests=batch_max_requests,
+            max_bytes=batch_max_bytes,
+            resubmit=batch_resubmit,
+        )
+        if batch:  # per instance: the trigger worker-free mode starts
+            self.trigger_class = BatchTrigger
         super().__init__(output_key=output_key, start_from_trigger=start_from_trigger, **kwargs)
 
     def _validate_input(self, where: str) -> None:
         if isinstance(self.prompts, list | tuple):
             try:
-                fanout.parse_items(self.prompts)
+                fanout.parse_items(self.prompts, self.trigger_class.max_items)
                 for item in self.prompts:
                     if not _has_jinja(item):  # a templated item is checked once rendered
                         fanout.item_messages(item, None)
@@ -93,14 +131,32 @@ class LLMFanOutOperator(LLMOperator):
             )
         try:
             fanout.check_max_failures(self.max_failures)
+            if self.batch is not False:
+                self._check_batch()
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+
+    def _check_batch(self) -> None:
+        if self.batch is not True:
+            raise ValueError(f"batch must be True or False, got {self.batch!r}.")
+        batch_api.BatchOptions(**self.batch_options)
+        if not self.deferrable:
+            raise ValueError(
+                "batch=True waits hours for the batch: it needs deferrable=True (the default), not a worker "
+                "slot."
+            )
+        if self.cache_ttl is not None:
+            raise ValueError("batch=True does not take cache_ttl: batch answers are not cached.")
+
+    def _trigger_kwargs(self) -> dict[str, Any]:
+        """What a BatchTrigger takes besides a FanOutTrigger's kwargs."""
+        return {"batch": batch_api.BatchOptions(**self.batch_options).to_json()} if self.batch else {}
 
     def worker_free_trigger_kwargs(self) -> dict[str, Any]:
         """Kwargs fixed at parse time: the templates travel unrendered; the triggerer renders them."""
         # A list with no Jinja in it travels as ``items``, which the triggerer does not render.
         literal = isinstance(self.prompts, list | tuple) and not _has_jinja(self.prompts)
-        return FanOutTrigger(
+        return self.trigger_class(
             spec=self.call_spec(with_messages=False).to_json(),
             items=list(self.prompts) if literal else None,
             prompts=None if literal else self.prompts,
@@ -109,15 +165,16 @@ class LLMFanOutOperator(LLMOperator):
             max_failures=self.max_failures,
             output_key=self.output_key,
             end="here",
+            **self._trigger_kwargs(),
         ).kwargs()
 
     def build_trigger(self) -> FanOutTrigger:
         """The trigger ``execute`` defers to, from the rendered fields, with a wall-clock deadline."""
         try:
-            items = fanout.parse_items(self.prompts)
+            items = fanout.parse_items(self.prompts, self.trigger_class.max_items)
         except ValueError as exc:
             raise AirflowFailException(f"{type(self).__name__} {self.task_id!r}: {exc}") from None
-        return FanOutTrigger(
+        return self.trigger_class(
             spec=self.call_spec(with_messages=False, deadline=self._deadline()).to_json(),
             items=items,
             system_prompt=self.system_prompt,
@@ -125,6 +182,7 @@ class LLMFanOutOperator(LLMOperator):
             output_key=self.output_key,
             end="on_success" if compat.ends_on_success(self, LLMFanOutOperator) else "resume",
             mapped_output=self.has_dag() and next(self.iter_mapped_dependants(), None) is not None,
+            **self._trigger_kwargs(),
         )
 
     def execute(self, context: Context) -> list[str | None] | None:

@@ -49,6 +49,8 @@ class FanOutTrigger(LLMTrigger):
     ``end_on_success``) are still read.
     """
 
+    max_items = fanout.MAX_ITEMS  # the most items ``prompts`` may render to
+
     def __init__(
         self,
         *,
@@ -103,7 +105,7 @@ class FanOutTrigger(LLMTrigger):
         base = CallSpec.from_json(self.spec)
         if self.time_limit is not None:
             base = replace(base, deadline=time.time() + self.time_limit)
-        items = self.items if self.items is not None else fanout.parse_items(self.prompts)
+        items = self.items if self.items is not None else fanout.parse_items(self.prompts, self.max_items)
         return fanout.item_specs(items, base, self.system_prompt)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -168,7 +170,7 @@ class FanOutTrigger(LLMTrigger):
         ti = self.task_instance
         if ti is None:  # dag.test(): nowhere to store progress
             return {}
-        self._progress = progress.XComProgress(ti, progress.fingerprint(specs, _options(self.spec)))
+        self._progress = progress.XComProgress(ti, progress.fingerprint(specs, call_options(self.spec)))
         try:
             done = await self._progress.load(len(specs))
         except Exception:  # progress is an optimisation: without it every item is called
@@ -218,6 +220,6 @@ class FanOutTrigger(LLMTrigger):
         return task is not None and next(task.iter_mapped_dependants(), None) is not None
 
 
-def _options(spec: dict[str, Any]) -> dict[str, Any]:
+def call_options(spec: dict[str, Any]) -> dict[str, Any]:
     """What, besides its request, decides an item's answer: the spec without request and deadline."""
     return {key: value for key, value in spec.items() if key not in ("request", "deadline")}

@@ -1,0 +1,402 @@
+"""A fan-out through the Batch API: submit (or find again), poll, collect, and ask again in real time.
+
+The decisions are ``core/batch.py``'s; this module does the I/O, with the trigger
+(``triggers/batch.py``) as its only caller. Paid for once: each part's batch carries metadata naming
+the task instance, the input's fingerprint and the part (:func:`core.batch.batch_metadata`). Before
+it creates a batch, a run looks for that batch: first under the ids the trigger stored (the task's
+``llm_batch`` XCom), then on the server (``GET /batches``, newest first). So a triggerer restarted
+(kill -9 included) after ``POST /batches`` answered, a task retry, or a worker-free re-run finds the
+batch it already paid for and creates none; ``batch_resubmit=True`` is the only way to send again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from airflow_llm_async import driver, transport
+from airflow_llm_async.core import batch, fanout, protocol
+from airflow_llm_async.core.batch import BatchOptions, LineResult
+from airflow_llm_async.core.engine import NoAnswer
+from airflow_llm_async.core.outcome import CallSpec
+from airflow_llm_async.core.protocol import Endpoint, LLMCallError
+
+log = logging.getLogger(__name__)
+
+# A Files or Batches API request (not an answer of the model): a few seconds, whatever the model.
+REQUEST_TIMEOUT_S = 60.0
+UPLOAD_TIMEOUT_S = 1800.0  # 200 MB at ~1 Mbit/s
+MAX_ANSWER_BYTES = 16 << 20
+# How often a failed request of the API (5xx, 429, timeout, no connection) is sent again before the
+# run gives up, and the longest pause between two.
+API_TRIES = 6
+API_MAX_PAUSE_S = 30.0
+# Looking for a part's batch on the server: newest first, at most this many pages of 100, and no
+# batch older than this (a task instance's batches are younger than its DAG run).
+FIND_PAGES = 20
+FIND_MAX_AGE_S = 30 * 86400
+# After cancelling (timeout, the task killed), how long to wait for the batch to say it is cancelled.
+CANCEL_WAIT_S = 60.0
+UPLOAD_CHUNK_BYTES = 256 << 10
+
+
+class BatchAPI:
+    """The Files and Batches API of one connection. Every failure is an :class:`LLMCallError`."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.base = endpoint.base_url.rstrip("/")
+
+    def _headers(self, json_body: bool = True) -> dict[str, str]:
+        headers = self.endpoint.request_headers()
+        if not json_body:
+            headers.pop("Content-Type", None)
+        return headers
+
+    async def _json(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        answer = await _patiently(
+            lambda: transport.request(
+                method, self.base + path, self._headers(), data, REQUEST_TIMEOUT_S, MAX_ANSWER_BYTES
+            ),
+            self.endpoint,
+            f"{method} {path}",
+        )
+        return _document(answer.body, self.endpoint, f"{method} {path}")
+
+    async def upload(self, lines: Callable[[], AsyncIterator[bytes]], filename: str) -> dict[str, Any]:
+        answer = await _patiently(
+            lambda: transport.upload(
+                self.base + "/files",
+                self._headers(False),
+                {"purpose": "batch"},
+                filename,
+                lines(),
+                UPLOAD_TIMEOUT_S,
+            ),
+            self.endpoint,
+            "POST /files",
+        )
+        return _document(answer.body, self.endpoint, "POST /files")
+
+    async def create(self, file_id: str, window: str, metadata: Mapping[str, str]) -> dict[str, Any]:
+        body = {"input_file_id": file_id, "endpoint": batch.ENDPOINT, "completion_window": window}
+        return await self._json("POST", "/batches", {**body, "metadata": dict(metadata)})
+
+    async def retrieve(self, batch_id: str) -> dict[str, Any]:
+        return await self._json("GET", f"/batches/{batch_id}")
+
+    async def cancel(self, batch_id: str) -> dict[str, Any]:
+        return await self._json("POST", f"/batches/{batch_id}/cancel")
+
+    async def find(self, wanted: Mapping[int, Mapping[str, str]]) -> dict[int, dict[str, Any]]:
+        """The batches on the server made for these parts (part -> metadata), newest first."""
+        found: dict[int, dict[str, Any]] = {}
+        oldest = time.time() - FIND_MAX_AGE_S
+        after = None
+        for _ in range(FIND_PAGES):
+            page = await self._json("GET", "/batches?limit=100" + (f"&after={after}" if after else ""))
+            data = page.get("data") or []
+            for item in data:
+                for part, metadata in wanted.items():
+                    if part not in found and batch.same_part(item, metadata):
+                        found[part] = item
+            if len(found) == len(wanted) or not page.get("has_more") or not data:
+                return found
+            if (data[-1].get("created_at") or 0) < oldest:
+                return found
+            after = data[-1].get("id")
+        log.warning("LLM batch: looked through %d pages of batches without finding every part", FIND_PAGES)
+        return found
+
+    async def lines(self, file_id: str, on_line: Callable[[bytes], None]) -> None:
+        answer = await _patiently(
+            lambda: transport.read_lines(
+                f"{self.base}/files/{file_id}/content", self._headers(), UPLOAD_TIMEOUT_S, on_line
+            ),
+            self.endpoint,
+            f"GET /files/{file_id}/content",
+        )
+        del answer
+
+
+async def _patiently(
+    send: Callable[[], Awaitable[transport.Answer | NoAnswer]], endpoint: Endpoint, what: str
+) -> transport.Answer:
+    """Send until a 2xx answer; a 5xx, 429, timeout or lost connection is sent again (API_TRIES in all)."""
+    pause = 1.0
+    for tries in range(1, API_TRIES + 1):
+        answer = await send()
+        if isinstance(answer, transport.Answer) and 200 <= answer.status < 300:
+            return answer
+        error = _error(answer, endpoint, what)
+        if not error.retryable or tries == API_TRIES:
+            raise error
+        log.warning("LLM batch: %s: %s; trying again in %.0f s", what, error.message, pause)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, API_MAX_PAUSE_S)
+    raise AssertionError("unreachable")
+
+
+def _error(answer: transport.Answer | NoAnswer, endpoint: Endpoint, what: str) -> LLMCallError:
+    if isinstance(answer, NoAnswer):
+        kind = "timeout" if answer.kind == "timeout" else "connection"
+        detail = protocol.redact(answer.detail, endpoint.secrets) or answer.kind
+        return LLMCallError(kind, f"{what} on {endpoint.base_url}: {detail}")
+    error = protocol.classify_status(answer.status, answer.body, endpoint.secrets)
+    error.message = f"{what}: {error.message}"
+    return error
+
+
+def _document(body: bytes, endpoint: Endpoint, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise LLMCallError(
+            "invalid_response", f"{what}: the answer is not a JSON object ({endpoint.base_url})"
+        )
+    return data
+
+
+class BatchRun:
+    """One fan-out's batches, from submission to records.
+
+    :param save: stores the run's state (``{"fingerprint", "parts", "batches": {part: counts}}``) where a
+        later run finds it (the task's ``llm_batch`` XCom); called once each batch exists and when one
+        changes.
+    :param known: that state as an earlier run stored it, or None.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[CallSpec | fanout.Record],
+        endpoints: Mapping[str, Endpoint],
+        options: BatchOptions,
+        where: Mapping[str, Any],
+        fingerprint: str,
+        save: Callable[[dict[str, Any]], Awaitable[None]],
+        known: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.specs = specs
+        self.endpoints = endpoints
+        self.options = options
+        self.where = where
+        self.fingerprint = fingerprint
+        self.save = save
+        self.known = known if known and known.get("fingerprint") == fingerprint else None
+        self.usable = [index for index, spec in enumerate(specs) if isinstance(spec, CallSpec)]
+        first = specs[self.usable[0]] if self.usable else None
+        self.deadline = first.deadline if isinstance(first, CallSpec) else None
+        self.endpoint, self.model = (
+            batch.primary(first, endpoints) if isinstance(first, CallSpec) else (None, "")
+        )
+        self.api = BatchAPI(self.endpoint) if self.endpoint is not None else None
+        self.parts: list[list[int]] = []
+        self.oversized: dict[int, int] = {}  # item -> its line's bytes, too many for one batch file
+        self.batches: dict[int, dict[str, Any]] = {}  # part -> the batch as last retrieved
+        self.created = 0  # batches this run created
+        self.summary: dict[str, Any] = {}  # llm_meta["batch"], once collected
+
+    # --- the whole run ---
+
+    async def run(self) -> list[fanout.Record]:
+        """Every item's record in input order (failed items too). LLMCallError when the API refuses."""
+        if self.api is None:  # no usable item: every record is an input error
+            return [spec for spec in self.specs if not isinstance(spec, CallSpec)]
+        self._plan()
+        await self._submit()
+        await self._wait()
+        return await self._collect()
+
+    def _plan(self) -> None:
+        sizes = []
+        for index in self.usable:
+            length = len(batch.request_line(index, self.specs[index], self.model))
+            sizes.append((index, length))
+            if length > self.options.max_bytes:
+                self.oversized[index] = length
+        self.parts = batch.plan_parts(sizes, self.options.max_requests, self.options.max_bytes)
+        log.info(
+            "LLM batch: %d items to %s on %r in %d batch(es)",
+            len(self.usable) - len(self.oversized),
+            self.model,
+            self.endpoint.conn_id,
+            len(self.parts),
+        )
+
+    def _metadata(self, part: int) -> dict[str, str]:
+        return batch.batch_metadata(self.where, self.fingerprint, part, len(self.parts))
+
+    async def _submit(self) -> None:
+        """Find each part's batch (stored ids, then the server's list), and create those not found."""
+        if not self.options.resubmit:
+            stored = (self.known or {}).get("batches") or {}
+            for part in range(len(self.parts)):
+                batch_id = (stored.get(str(part)) or {}).get("id")
+                if batch_id:
+                    found = await self.api.retrieve(batch_id)
+                    if found.get("status") != "failed":
+                        self.batches[part] = found
+            missing = {
+                part: self._metadata(part) for part in range(len(self.parts)) if part not in self.batches
+            }
+            if missing:
+                self.batches.update(await self.api.find(missing))
+            if self.batches:
+                log.info(
+                    "LLM batch: found %d of %d batch(es) already submitted",
+                    len(self.batches),
+                    len(self.parts),
+                )
+                await self._save()
+        for part in range(len(self.parts)):
+            if part not in self.batches:
+                self.batches[part] = await self._create(part)
+                self.created += 1
+                await self._save()  # before the first poll: a restart finds it here
+                log.info(batch.describe(part, len(self.parts), self.batches[part]))
+
+    async def _create(self, part: int) -> dict[str, Any]:
+        indices = self.parts[part]
+
+        async def lines() -> AsyncIterator[bytes]:
+            chunk: list[bytes] = []
+            size = 0
+            for index in indices:
+                line = batch.request_line(index, self.specs[index], self.model)
+                chunk.append(line)
+                size += len(line)
+                if size >= UPLOAD_CHUNK_BYTES:
+                    yield b"".join(chunk)
+                    chunk, size = [], 0
+                    await asyncio.sleep(0)  # let the triggerer's other triggers run between chunks
+            if chunk:
+                yield b"".join(chunk)
+
+        name = f"{self.where.get('dag_id')}.{self.where.get('task_id')}.part{part + 1}.jsonl"
+        file = await self.api.upload(lines, name)
+        metadata = self._metadata(part)
+        try:
+            return await self.api.create(file["id"], self.options.completion_window, metadata)
+        except LLMCallError as exc:
+            if not exc.retryable:
+                raise
+            # The server may have made it before the answer was lost: look before the task tries again.
+            found = await self.api.find({part: metadata})
+            if part in found:
+                return found[part]
+            raise
+
+    async def _save(self) -> None:
+        state = {
+            "fingerprint": self.fingerprint,
+            "parts": len(self.parts),
+            "batches": {str(part): batch.counts(found) for part, found in self.batches.items()},
+        }
+        try:
+            await self.save(state)
+        except Exception:  # the server's metadata still finds the batch: only the fast path is lost
+            log.warning(
+                "LLM batch: could not store the batch ids; a restart will look them up", exc_info=True
+            )
+
+    async def _wait(self) -> None:
+        """Poll every part until each batch has ended; past the deadline, cancel them."""
+        interval = self.options.poll_interval
+        while True:
+            active = [part for part, found in self.batches.items() if found.get("status") not in batch.ENDED]
+            if not active:
+                return
+            if self.deadline is not None and time.time() >= self.deadline:
+                log.warning("LLM batch: the task's timeout passed: cancelling %d batch(es)", len(active))
+                await self.cancel()
+                await self._wait_cancelled()
+                return
+            pause = (
+                interval if self.deadline is None else min(interval, max(0.0, self.deadline - time.time()))
+            )
+            await asyncio.sleep(pause)
+            interval = batch.next_poll(interval, self.options)
+            changed = False
+            for part in active:
+                found = await self.api.retrieve(self.batches[part]["id"])
+                if batch.counts(found) != batch.counts(self.batches[part]):
+                    changed = True
+                    log.info(
+                        "%s; next poll in %.0f s", batch.describe(part, len(self.parts), found), interval
+                    )
+                self.batches[part] = found
+            if changed:
+                await self._save()
+
+    async def cancel(self) -> None:
+        """Cancel every batch still running (the task was killed, or timed out)."""
+        for part, found in self.batches.items():
+            if found.get("status") in batch.ENDED or found.get("status") == "cancelling":
+                continue
+            try:
+                self.batches[part] = await self.api.cancel(found["id"])
+                log.warning("LLM batch: cancelled %s", found["id"])
+            except LLMCallError as exc:
+                log.warning("LLM batch: could not cancel %s: %s", found["id"], exc.message)
+
+    async def _wait_cancelled(self) -> None:
+        ends = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < ends:
+            active = [part for part, found in self.batches.items() if found.get("status") not in batch.ENDED]
+            if not active:
+                return
+            await asyncio.sleep(min(2.0, self.options.poll_interval))
+            for part in active:
+                self.batches[part] = await self.api.retrieve(self.batches[part]["id"])
+
+    async def _collect(self) -> list[fanout.Record]:
+        """Each item's record from its batch's output and error files; the misses asked again if so chosen."""
+        await self._save()
+        results: dict[int, LineResult] = {}
+        for part, found in self.batches.items():
+            expected = set(self.parts[part])
+
+            def on_line(raw: bytes, found: Mapping[str, Any] = found, expected: set[int] = expected) -> None:
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    log.warning("LLM batch: %s: a line of its files is not JSON; ignored", found.get("id"))
+                    return
+                index = batch.item_index(
+                    line.get("custom_id") if isinstance(line, dict) else None, len(self.specs)
+                )
+                if index is None or index not in expected or index in results:
+                    return
+                results[index] = batch.line_record(
+                    line, self.specs[index], self.endpoint, self.model, self.options, found["id"]
+                )
+
+            for file_id in (found.get("output_file_id"), found.get("error_file_id")):
+                if file_id:
+                    await self.api.lines(file_id, on_line)
+            for index in expected - set(results):
+                results[index] = batch.unanswered(found, self.options)
+        for index, length in self.oversized.items():  # never sent: asked in real time, if so chosen
+            error = batch.too_large(length, self.options.max_bytes)
+            results[index] = LineResult(
+                fanout.error_record(error), self.options.retry == "realtime", 0.0, 0.0
+            )
+        records = [spec if not isinstance(spec, CallSpec) else None for spec in self.specs]
+        for index, line in results.items():
+            records[index] = line.record
+        again = sorted(index for index, line in results.items() if line.again)
+        if again:
+            log.info("LLM batch: asking %d item(s) again in real time (batch_retry=realtime)", len(again))
+            done = {index: record for index, record in enumerate(records) if index not in again}
+            realtime = await driver.fan_out(self.specs, self.endpoints, done)
+            for index in again:
+                records[index] = batch.merge_realtime(results[index], realtime[index])
+        self.summary = batch.summary(list(self.batches.values()), results.values(), len(again), self.options)
+        return records
