@@ -1,8 +1,11 @@
 """Benchmark DAG (Airflow): N independent LLM tasks, all in one mode.
 
 ``bench.worker_slots`` copies this file into its DAGs folder once per DAG, as
-``worker_slots_<mode>_<n>.py``; the file reads its mode and N from its own name. One DAG per file
-keeps the comparison fair: a worker that parses its task's file builds only that DAG.
+``worker_slots_<mode>_<n>_<latency>s.py`` (``0.5`` written ``0p5``); the file reads its mode, N and
+call latency from its own name. One DAG per file keeps the comparison fair: a worker that parses its
+task's file builds only that DAG. The operator modes call through the connection ``llm_<latency>s``,
+which asks the fake server for that latency (header ``x-fake-latency``); the TaskFlow modes use the
+default connections, answered at the fake server's own latency.
 
 The operator modes use one layout, N plain ``LLMOperator`` tasks (not ``.expand()``: mapped tasks
 lose the per-instance StartTriggerArgs, so they cannot start from the triggerer). The TaskFlow modes
@@ -37,7 +40,8 @@ TASKFLOW_DECORATORS = {
     ),
     "taskflow_deferred": lambda: task.llm_deferred(system_prompt=SYSTEM_PROMPT, max_tokens=MAX_TOKENS),
 }
-_NAME = re.compile(rf"worker_slots_(?P<mode>{'|'.join([*MODE_KWARGS, *TASKFLOW_DECORATORS])})_(?P<n>\d+)")
+_MODES = "|".join([*MODE_KWARGS, *TASKFLOW_DECORATORS])
+_NAME = re.compile(rf"worker_slots_(?P<mode>{_MODES})_(?P<n>\d+)_(?P<latency>[0-9p]+)s")
 
 
 def summarize(article: str) -> str:
@@ -46,7 +50,7 @@ def summarize(article: str) -> str:
 
 _match = _NAME.fullmatch(Path(__file__).stem)
 if _match:
-    _mode, _n = _match["mode"], int(_match["n"])
+    _mode, _n, _latency = _match["mode"], int(_match["n"]), _match["latency"]
     with DAG(
         dag_id=Path(__file__).stem,
         schedule=None,
@@ -67,5 +71,6 @@ if _match:
                     task_id=f"llm_{i:03d}",
                     prompt=f"Summarize item {i} in one sentence.",
                     max_tokens=MAX_TOKENS,
+                    llm_conn_id=f"llm_{_latency}s",
                     **MODE_KWARGS[_mode],
                 )
