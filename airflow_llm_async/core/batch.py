@@ -99,7 +99,7 @@ def item_index(value: Any, items: int) -> int | None:
     if not isinstance(value, str) or not value.startswith("item-"):
         return None
     number = value[5:]
-    if not number.isdigit() or (len(number) > 1 and number[0] == "0"):
+    if not (number.isascii() and number.isdigit()) or (len(number) > 1 and number[0] == "0"):
         return None
     index = int(number)
     return index if index < items else None
@@ -237,7 +237,11 @@ def line_record(
     response = line.get("response")
     if not isinstance(response, Mapping):  # never answered: the batch expired or was cancelled first
         error = line.get("error") if isinstance(line.get("error"), Mapping) else {}
-        code = error.get("code") if isinstance(error.get("code"), str) else None
+        code = (
+            protocol.redact(error["code"], endpoint.secrets)[:100]
+            if isinstance(error.get("code"), str)
+            else None
+        )
         text = protocol.redact(str(error.get("message") or "no answer"), endpoint.secrets)[:500]
         error = LLMCallError("batch", f"batch {batch_id}: {text}", code=code)
         return _failed(attempt, error, options, 0.0, 0.0, batch_id)
@@ -329,7 +333,9 @@ def merge_realtime(batch_line: LineResult, realtime: fanout.Record) -> fanout.Re
     counted in."""
     meta = dict(realtime["meta"])
     meta["attempts"] = meta.get("attempts", 0) + batch_line.record["meta"].get("attempts", 0)
-    if batch_line.cost_usd:
+    if batch_line.cost_usd is None:  # the batch answer's tokens were billed at a price nobody knows
+        meta["cost_usd"] = None
+    elif batch_line.cost_usd:
         meta["cost_usd"] = (
             None if meta.get("cost_usd") is None else round(meta["cost_usd"] + batch_line.cost_usd, 10)
         )

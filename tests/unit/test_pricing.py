@@ -186,3 +186,89 @@ def test_the_defaults_know_openais_cached_input_prices():
     assert DEFAULT_PRICES["gpt-4"].cached_input is None  # no prompt caching: the input price applies
     for model, price in DEFAULT_PRICES.items():
         assert price.cached_input is None or 0 < price.cached_input < price.input, model
+
+
+# ---- the Batch API's price (issue 13) ---------------------------------------------------------------
+
+
+def test_the_batch_price_is_half_of_each_price():
+    assert Price(2.5, 10.0, 1.25).batch() == Price(1.25, 5.0, 0.625)
+    assert Price(30.0, 60.0).batch() == Price(15.0, 30.0)  # no cached price: cached tokens cost batch input
+    assert Price(30.0, 60.0).batch().cached_input is None
+    assert Price(0, 0).batch() == Price(0, 0)
+    assert pricing.BATCH_DISCOUNT == 0.5
+
+
+def test_a_batch_answer_costs_half_the_real_time_answer_cached_tokens_included():
+    price = DEFAULT_PRICES["gpt-4o"]
+    assert price.batch().cost(2_000, 500, cached=1_920) == pytest.approx(
+        (80 * 1.25 + 1_920 * 0.625 + 500 * 5.0) / 1e6
+    )
+    assert price.batch().cost(2_000, 500, cached=1_920) == pytest.approx(
+        price.cost(2_000, 500, cached=1_920) / 2
+    )
+    assert Price(30.0, 60.0).batch().cost(2_000, 500, cached=1_920) == pytest.approx(
+        (2_000 * 15 + 500 * 30) / 1e6
+    )
+
+
+@pytest.mark.parametrize(
+    ("price", "batch"),
+    [
+        (Price(1.0, 2.0, batch_input=0.2, batch_output=0.3), Price(0.2, 0.3)),
+        (Price(1.0, 2.0, batch_input=0.2), Price(0.2, 1.0)),  # each one given or halved on its own
+        (Price(1.0, 2.0, batch_output=0.3), Price(0.5, 0.3)),
+        (Price(1.0, 2.0, 0.4, batch_input=0.2, batch_output=0.3), Price(0.2, 0.3, 0.2)),
+        (Price(1.0, 2.0, batch_input=0.0, batch_output=0.0), Price(0.0, 0.0)),  # free is a price, not "none"
+    ],
+)
+def test_a_price_may_name_its_batch_prices(price, batch):
+    assert price.batch() == batch
+
+
+def test_the_real_time_price_ignores_the_batch_prices():
+    assert Price(1.0, 2.0, batch_input=0.2, batch_output=0.3).cost(1_000, 500) == Price(1.0, 2.0).cost(
+        1_000, 500
+    )
+
+
+def test_a_price_table_may_give_batch_prices():
+    table = pricing.parse_prices(
+        {
+            "m": {"input": 1, "output": 2, "batch_input": 0.25, "batch_output": 0.75},
+            "n": {"input": 1, "output": 2, "cached_input": 0.5, "batch_input": 0.4},
+            "o": {"input": 1, "output": 2},
+        },
+        "w",
+    )
+    assert table == {
+        "m": Price(1.0, 2.0, None, 0.25, 0.75),
+        "n": Price(1.0, 2.0, 0.5, 0.4, None),
+        "o": Price(1.0, 2.0),
+    }
+    assert all(isinstance(value, float) for value in table["m"] if value is not None)
+    assert table["m"].batch() == Price(0.25, 0.75)
+    assert table["n"].batch() == Price(0.4, 1.0, 0.25)
+    assert table["o"].batch() == Price(0.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"input": 1, "output": 2, "batch_input": -0.1}, "numbers >= 0"),
+        ({"input": 1, "output": 2, "batch_output": "half"}, "numbers >= 0"),
+        ({"input": 1, "output": 2, "batch_output": None}, "numbers >= 0"),
+        ({"input": 1, "output": 2, "batch_input": False}, "numbers >= 0"),
+        ({"input": 1, "output": 2, "batch": 0.5}, "may have cached_input, batch_input and batch_output"),
+        ({"batch_input": 1, "batch_output": 2}, "must have input and output"),
+    ],
+)
+def test_bad_batch_prices_are_refused_with_the_expected_shape(entry, message):
+    with pytest.raises(PriceTableError, match=message) as info:
+        pricing.parse_prices({"m": entry}, "where")
+    assert str(info.value).startswith("where entry 'm'")
+
+
+def test_the_expected_shape_names_the_batch_prices():
+    with pytest.raises(PriceTableError, match='"batch_input", "batch_output"'):
+        pricing.parse_prices([], "where")
