@@ -47,9 +47,10 @@ UPLOAD_CHUNK_BYTES = 256 << 10
 class BatchAPI:
     """The Files and Batches API of one connection. Every failure is an :class:`LLMCallError`."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, first_pause: float = 1.0) -> None:
         self.endpoint = endpoint
         self.base = endpoint.base_url.rstrip("/")
+        self.first_pause = first_pause  # before a failed request is sent again; doubles each time
 
     def _headers(self, json_body: bool = True) -> dict[str, str]:
         headers = self.endpoint.request_headers()
@@ -63,7 +64,7 @@ class BatchAPI:
             lambda: transport.request(
                 method, self.base + path, self._headers(), data, REQUEST_TIMEOUT_S, MAX_ANSWER_BYTES
             ),
-            self.endpoint,
+            self,
             f"{method} {path}",
         )
         return _document(answer.body, self.endpoint, f"{method} {path}")
@@ -78,7 +79,7 @@ class BatchAPI:
                 lines(),
                 UPLOAD_TIMEOUT_S,
             ),
-            self.endpoint,
+            self,
             "POST /files",
         )
         return _document(answer.body, self.endpoint, "POST /files")
@@ -114,26 +115,26 @@ class BatchAPI:
         return found
 
     async def lines(self, file_id: str, on_line: Callable[[bytes], None]) -> None:
-        answer = await _patiently(
+        # A download cut short is read again from the start: lines already read are ignored then.
+        await _patiently(
             lambda: transport.read_lines(
                 f"{self.base}/files/{file_id}/content", self._headers(), UPLOAD_TIMEOUT_S, on_line
             ),
-            self.endpoint,
+            self,
             f"GET /files/{file_id}/content",
         )
-        del answer
 
 
 async def _patiently(
-    send: Callable[[], Awaitable[transport.Answer | NoAnswer]], endpoint: Endpoint, what: str
+    send: Callable[[], Awaitable[transport.Answer | NoAnswer]], api: BatchAPI, what: str
 ) -> transport.Answer:
     """Send until a 2xx answer; a 5xx, 429, timeout or lost connection is sent again (API_TRIES in all)."""
-    pause = 1.0
+    pause = api.first_pause
     for tries in range(1, API_TRIES + 1):
         answer = await send()
         if isinstance(answer, transport.Answer) and 200 <= answer.status < 300:
             return answer
-        error = _error(answer, endpoint, what)
+        error = _error(answer, api.endpoint, what)
         if not error.retryable or tries == API_TRIES:
             raise error
         log.warning("LLM batch: %s: %s; trying again in %.0f s", what, error.message, pause)
@@ -196,7 +197,9 @@ class BatchRun:
         self.endpoint, self.model = (
             batch.primary(first, endpoints) if isinstance(first, CallSpec) else (None, "")
         )
-        self.api = BatchAPI(self.endpoint) if self.endpoint is not None else None
+        # A failed API request is sent again after the poll interval or 1 s, whichever is shorter.
+        pause = min(1.0, options.poll_interval)
+        self.api = BatchAPI(self.endpoint, pause) if self.endpoint is not None else None
         self.parts: list[list[int]] = []
         self.oversized: dict[int, int] = {}  # item -> its line's bytes, too many for one batch file
         self.batches: dict[int, dict[str, Any]] = {}  # part -> the batch as last retrieved
