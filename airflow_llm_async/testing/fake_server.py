@@ -59,14 +59,16 @@ Test-control API (no auth)
 --------------------------
 * ``GET /_fake/stats`` - requests and in_flight (all ``/v1`` requests), max_in_flight, held,
   by_model (chat requests), by_status, faults_applied, connections (that carried a request),
-  stale_resets (below). A request cut short by a client disconnect or by shutdown counts as
-  status ``499``.
+  stale_resets and batches (both below). A request cut short by a client disconnect or by shutdown
+  counts as status ``499``.
 * ``GET /_fake/faults`` - the model rules as ``{model: spec}``; ``POST /_fake/faults`` with
   ``{"gpt-4": "503*2", "gpt-3.5-turbo": null}`` sets rules (``null`` clears) and returns them.
 * ``POST /_fake/hold`` - every following chat request waits, after validation and before its
   latency and answer, until ``POST /_fake/release``.
+* ``GET /_fake/batches`` - the batch settings (below); ``POST /_fake/batches`` with some of them,
+  e.g. ``{"batch_expire_after": 0.5}``, changes them for the batches created from then on.
 * ``POST /_fake/reset`` - back to the start-up state: counters, start-up fault rules (re-armed),
-  header rule counts, random seed, open gate.
+  header rule counts, random seed, open gate, batch settings; files and batches are forgotten.
 
 Rate limits per model
 ---------------------
@@ -99,6 +101,33 @@ OpenAI's do, and the answer a ``system_fingerprint``. Like OpenAI's prompt cachi
 tokens rounded down to a multiple of 128. ``reasoning_tokens`` is always 0. ``POST /_fake/reset``
 forgets the prompts seen.
 
+Files and Batches
+-----------------
+OpenAI's Batch API for chat completions (the code is in ``fake_batches``): ``POST /v1/files``
+(multipart, read as a stream; purpose ``batch`` needs a ``.jsonl`` name), ``GET`` and ``DELETE
+/v1/files/{id}``, ``GET /v1/files/{id}/content``, ``POST /v1/batches`` (endpoint
+``/v1/chat/completions``, window ``24h``, metadata), ``GET /v1/batches/{id}``, ``GET
+/v1/batches?limit=N&after=ID`` (newest first) and ``POST /v1/batches/{id}/cancel``, in OpenAI's shapes.
+Each input line is answered once, by the chat endpoint's code: the same answer for the same body, the
+model's fault rule drawn per line (``{"gpt-4": "503%20"}``: about a fifth of the lines in the error
+file; ``short``, ``refusal``...: 200 lines with such content; ``stall``, ``endless``, ``redirect``,
+``echo``, ``malformed``: 500 lines), no latency, hold or rate limit.
+
+A batch's state is computed from the clock when it is looked at: ``validating`` for the first 10 % of
+``batch_processing_s`` (default 1), ``in_progress`` until 90 % (lines answered in proportion to the
+time passed), ``finalizing``, ``completed``. ``batch_expire_after`` (a share 0-1; default None, never)
+expires it once that share of its lines is answered; a cancel while validating or in progress makes it
+``cancelling``, ``cancelled`` 10 % later. Either way the lines not answered are in the error file as
+``batch_expired`` or ``batch_cancelled``. Validation fails a batch, with errors naming the lines, for a
+line that is not JSON, lacks custom_id/method/url/body, repeats a custom_id, or names another URL or
+model; for more than ``batch_max_requests`` lines (default 50,000: ``too_many_tasks``); and, with
+``batch_fail_validation``, always (``token_limit_exceeded``). A batch upload over
+``batch_max_file_bytes`` (default 200 MiB) is refused: 400 ``File is too large.``. The settings are
+``create_app`` keyword arguments, CLI flags (``--batch-processing-s`` ...) and ``/_fake/batches``.
+Stats ``batches``: files_uploaded, batches_created, batches_cancelled, lines_answered, lines_failed
+(answered other than 200), lines_answered_twice (answered although an earlier batch had already
+answered the same custom_id and body with 200: a retried failed line is not one).
+
 Run it standalone with ``airflow-llm-fake-server --port 0`` (or ``python -m
 airflow_llm_async.testing.fake_server``); it prints ``fake LLM server listening on <base_url>``.
 """
@@ -125,7 +154,15 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+
+from airflow_llm_async.testing.fake_batches import (
+    DEFAULT_BATCH_MAX_FILE_BYTES,
+    DEFAULT_BATCH_MAX_REQUESTS,
+    ApiError,
+    BatchSettings,
+    BatchStore,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +176,8 @@ ERROR_KINDS = ("400", "400auth", "400model", "401", "404", "429", "429gateway", 
 FAULT_KINDS = (*ERROR_KINDS, "malformed", "garbled", "empty", "tool_calls", "refusal", "short", "length",
                "redirect", "endless", "echo", "stall", "none")  # fmt: skip
 REDIRECT_TARGET = "http://127.0.0.1:9/v1/chat/completions"
+# Faults whose answer is no JSON body to write into a batch output file: a batch line gets a 500.
+_NOT_IN_A_FILE = frozenset({"stall", "endless", "redirect", "echo", "malformed"})
 # OpenAI caches prompts from this length on (platform.openai.com/docs/guides/prompt-caching).
 PROMPT_CACHE_MIN_TOKENS = 1024
 # uvicorn's default (timeout_keep_alive), which LiteLLM and vLLM serve with.
@@ -305,6 +344,7 @@ class _State:
     prompts_seen: set[str] = field(default_factory=set)
     # When each open connection last finished a request (loop time), to tell a stale one when reused.
     idle_since: weakref.WeakKeyDictionary[Any, float] = field(default_factory=weakref.WeakKeyDictionary)
+    batches: BatchStore | None = None  # the Files and Batches APIs (create_app sets it)
 
     def reset(self) -> None:
         """Back to the start-up configuration; requests still running keep being counted in flight."""
@@ -319,6 +359,8 @@ class _State:
         self.windows.clear()
         for counter in (self.by_model, self.by_status, self.faults_applied):
             counter.clear()
+        if self.batches is not None:
+            self.batches.reset()
 
     def set_fault(self, model: str, spec: str | None) -> None:
         if spec is None:
@@ -340,6 +382,7 @@ class _State:
             "faults_applied": dict(self.faults_applied),
             "connections": self.connections,
             "stale_resets": self.stale_resets,
+            "batches": self.batches.snapshot() if self.batches is not None else {},
         }
 
     def pick_fault(self, header_spec: str | None, model: str) -> str | None:
@@ -914,8 +957,6 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         await _park(state, asyncio.get_running_loop().create_future())
     if latency:
         await asyncio.sleep(latency)
-    if fault in ERROR_KINDS:
-        return _error_fault(fault, chat, state.retry_after_ms)
     if fault == "redirect":
         return web.Response(status=307, headers={"Location": REDIRECT_TARGET})
     if fault == "endless":
@@ -923,9 +964,35 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     if fault == "echo":
         lines = [f"{request.method} {request.path_qs}", *(f"{k}: {v}" for k, v in request.headers.items())]
         return web.Response(status=500, text="\n".join(lines))
+    return _respond(state, chat, fault)
+
+
+def _respond(state: _State, chat: _Chat, fault: str | None) -> web.Response:
+    """The answer to a validated chat request: an error fault, a content fault or the normal answer.
+    The chat endpoint and batch lines (:func:`answer_batch_line`) both answer with it."""
+    if fault in ERROR_KINDS:
+        return _error_fault(fault, chat, state.retry_after_ms)
     response = _answer(chat) if fault is None else _content_fault(fault, chat)
     response.headers.update(state.budget_headers(chat.model))
     return response
+
+
+def answer_batch_line(state: _State, body: Any) -> tuple[int, Any]:
+    """A batch input line's ``body`` answered as the chat endpoint answers it: (status, JSON body).
+
+    The model's fault rule applies (never a header, latency, hold or rate limit: a batch has none of
+    them); the faults that cannot be written into an output file (stall, endless, redirect, echo,
+    malformed) give the 500 a server error gives.
+    """
+    chat = _parse_chat(body, state.models)
+    if isinstance(chat, web.Response):
+        return chat.status, json.loads(chat.body)
+    chat.cached_tokens = _cached_tokens(state, body, chat.prompt_tokens)
+    fault = state.pick_fault(None, chat.model)
+    if fault in _NOT_IN_A_FILE:
+        fault = "500"
+    response = _respond(state, chat, fault)
+    return response.status, json.loads(response.body)
 
 
 def _model_object(model: str) -> dict[str, Any]:
@@ -949,6 +1016,122 @@ async def _retrieve_model(request: web.Request) -> web.StreamResponse:
 @_api_endpoint
 async def _unknown_url(request: web.Request) -> web.StreamResponse:
     return _error(404, f"Invalid URL ({request.method} {request.path})")
+
+
+# --- Files and Batches (the rules are fake_batches'; these handlers read and write HTTP) --------
+
+_BatchCall = Callable[[BatchStore, web.Request], Awaitable[Any]]
+
+
+def _batch_store(state: _State) -> BatchStore:
+    assert state.batches is not None, "create_app gives every server its batch store"
+    return state.batches
+
+
+def _batch_endpoint(call: _BatchCall) -> _Handler:
+    """A Files or Batches route: authenticated and counted as every /v1 route; ``call``'s result is
+    the JSON answer (or the response itself), an ApiError OpenAI's error."""
+
+    @_api_endpoint
+    @functools.wraps(call)
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        store = _batch_store(request.app[STATE])
+        try:
+            result = await call(store, request)
+        except ApiError as exc:
+            return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+        if isinstance(result, web.StreamResponse):
+            return result
+        return web.json_response(result, dumps=_dumps)
+
+    return endpoint
+
+
+async def _upload_file(store: BatchStore, request: web.Request) -> Any:
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(400, "Uploads must be multipart/form-data with the fields 'file' and 'purpose'.")
+    reader = await request.multipart()
+    purpose: str | None = None
+    filename, data, too_large = None, None, False
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise ApiError(400, "Nested multipart bodies are not supported.")
+        if part.name == "purpose":
+            purpose = (await part.read_chunk(1024)).decode(errors="replace").strip()
+        elif part.name == "file" and filename is None:
+            filename, data, limit = part.filename or "upload", bytearray(), store.upload_limit(purpose)
+            while chunk := await part.read_chunk(2**16):  # a stream: no Content-Length needed
+                if len(data) + len(chunk) > limit:
+                    data, too_large = None, True
+                    break
+                data.extend(chunk)
+        await part.release()  # the rest of the part read and dropped (all of a file too large)
+    return store.upload(purpose, filename or "", data, too_large=too_large)
+
+
+async def _retrieve_file(store: BatchStore, request: web.Request) -> Any:
+    return store.file(request.match_info["file_id"]).to_json()
+
+
+async def _delete_file(store: BatchStore, request: web.Request) -> Any:
+    return store.delete_file(request.match_info["file_id"])
+
+
+async def _file_content(store: BatchStore, request: web.Request) -> Any:
+    data = store.file(request.match_info["file_id"]).data
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def _create_batch(store: BatchStore, request: web.Request) -> Any:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    return await store.create(body)
+
+
+async def _retrieve_batch(store: BatchStore, request: web.Request) -> Any:
+    return await store.retrieve(request.match_info["batch_id"])
+
+
+async def _cancel_batch(store: BatchStore, request: web.Request) -> Any:
+    return await store.cancel(request.match_info["batch_id"])
+
+
+async def _list_batches(store: BatchStore, request: web.Request) -> Any:
+    return await store.list_batches(request.query.get("limit"), request.query.get("after"))
+
+
+_BATCH_ROUTES = tuple(
+    (method, path, _batch_endpoint(call))
+    for method, path, call in (
+        ("POST", "/v1/files", _upload_file),
+        ("GET", "/v1/files/{file_id}", _retrieve_file),
+        ("DELETE", "/v1/files/{file_id}", _delete_file),
+        ("GET", "/v1/files/{file_id}/content", _file_content),
+        ("POST", "/v1/batches", _create_batch),
+        ("GET", "/v1/batches", _list_batches),
+        ("GET", "/v1/batches/{batch_id}", _retrieve_batch),
+        ("POST", "/v1/batches/{batch_id}/cancel", _cancel_batch),
+    )
+)
+
+
+async def _get_batch_settings(request: web.Request) -> web.Response:
+    store = _batch_store(request.app[STATE])
+    return web.json_response(store.settings.to_json(), dumps=_dumps)
+
+
+async def _post_batch_settings(request: web.Request) -> web.Response:
+    store = _batch_store(request.app[STATE])
+    try:
+        changes = await request.json()
+    except ValueError:
+        changes = None
+    try:
+        return web.json_response(store.configure(changes), dumps=_dumps)
+    except ApiError as exc:
+        return _error(exc.status, exc.message)
 
 
 async def _stats(request: web.Request) -> web.Response:
@@ -1059,11 +1242,17 @@ def create_app(
     keepalive_timeout: float | None = DEFAULT_KEEPALIVE_TIMEOUT,
     rate_limits: dict[str, RateLimit] | None = None,
     rate_limit_headers: bool = True,
+    batch_processing_s: float = 1.0,
+    batch_expire_after: float | None = None,
+    batch_fail_validation: bool = False,
+    batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS,
+    batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES,
 ) -> web.Application:
-    """The fake server's aiohttp application. Raises ValueError for a bad latency, model list or fault.
+    """The fake server's aiohttp application. Raises ValueError for a bad latency, model list, fault
+    or batch setting.
 
     ``keepalive_timeout`` resets requests on connections idle that long; closing the sockets is the
-    runner's part (:func:`app_runner`).
+    runner's part (:func:`app_runner`). The ``batch_*`` settings are the module docstring's.
     """
     models = tuple(models)
     if not models:
@@ -1085,6 +1274,15 @@ def create_app(
         rate_limits=_check_rate_limits(rate_limits, models),
         rate_limit_headers=rate_limit_headers,
     )
+    settings = BatchSettings(
+        batch_processing_s=batch_processing_s,
+        batch_expire_after=batch_expire_after,
+        batch_fail_validation=batch_fail_validation,
+        batch_max_requests=batch_max_requests,
+        batch_max_file_bytes=batch_max_file_bytes,
+    )
+    answer = functools.partial(answer_batch_line, state)
+    state.batches = BatchStore(settings, answer=answer, notify=state.changed.set)
     state.reset()  # parses the fault rules, seeds the RNG and opens the gate
     middlewares = [_connections, _access_log] if access_log else [_connections]
     # Large prompts are how tests provoke context-length handling: accept bodies up to 64 MiB.
@@ -1093,6 +1291,8 @@ def create_app(
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _list_models)
     app.router.add_get("/v1/models/{model}", _retrieve_model)
+    for method, path, handler in _BATCH_ROUTES:
+        app.router.add_route(method, path, handler)
     app.router.add_route("*", "/v1/{tail:.*}", _unknown_url)
     app.router.add_get("/_fake/stats", _stats)
     app.router.add_get("/_fake/faults", _get_faults)
@@ -1100,6 +1300,8 @@ def create_app(
     app.router.add_post("/_fake/hold", _hold)
     app.router.add_post("/_fake/release", _release)
     app.router.add_post("/_fake/reset", _reset)
+    app.router.add_get("/_fake/batches", _get_batch_settings)
+    app.router.add_post("/_fake/batches", _post_batch_settings)
     app.on_shutdown.append(_on_shutdown)
     return app
 
@@ -1158,6 +1360,11 @@ class FakeLLMServer:
         keepalive_timeout: float | None = DEFAULT_KEEPALIVE_TIMEOUT,
         rate_limits: dict[str, RateLimit] | None = None,
         rate_limit_headers: bool = True,
+        batch_processing_s: float = 1.0,
+        batch_expire_after: float | None = None,
+        batch_fail_validation: bool = False,
+        batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS,
+        batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES,
     ) -> None:
         self.host = _loopback_host(host)
         self.port = port
@@ -1172,6 +1379,11 @@ class FakeLLMServer:
             keepalive_timeout=keepalive_timeout,
             rate_limits=rate_limits,
             rate_limit_headers=rate_limit_headers,
+            batch_processing_s=batch_processing_s,
+            batch_expire_after=batch_expire_after,
+            batch_fail_validation=batch_fail_validation,
+            batch_max_requests=batch_max_requests,
+            batch_max_file_bytes=batch_max_file_bytes,
         )
         self._state = self.app[STATE]
         self._shutdown_timeout = shutdown_timeout
@@ -1231,6 +1443,13 @@ class FakeLLMServer:
     def set_fault(self, model: str, spec: str | None) -> None:
         """Set (or, with None, clear) the fault rule for a model; ``*`` matches every model."""
         self._state.set_fault(model, spec)
+
+    def configure_batches(self, **settings: Any) -> dict[str, Any]:
+        """Change batch settings for the batches created from now on (``POST /_fake/batches``), e.g.
+        ``srv.configure_batches(batch_expire_after=0.5)``; returns them all. ValueError if one is bad."""
+        store = _batch_store(self._state)
+        store.settings = store.settings.updated(settings)
+        return store.settings.to_json()
 
     def hold(self) -> None:
         self._state.gate.clear()
@@ -1294,6 +1513,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME",
         help="serve this model too, e.g. llama3.2 (as a vLLM or Ollama server would); repeatable",
     )
+    batches = parser.add_argument_group("batches", "the Files and Batches APIs")
+    batches.add_argument(
+        "--batch-processing-s", type=float, default=1.0, metavar="SECONDS",
+        help="seconds from a batch's creation to completed (default 1)",
+    )  # fmt: skip
+    batches.add_argument(
+        "--batch-expire-after", type=float, default=None, metavar="SHARE",
+        help="batches expire once this share (0-1) of their lines is answered (default: never)",
+    )  # fmt: skip
+    batches.add_argument("--batch-fail-validation", action="store_true", help="every batch fails validation")
+    batches.add_argument(
+        "--batch-max-requests", type=int, default=DEFAULT_BATCH_MAX_REQUESTS, metavar="N",
+        help="most lines in a batch's input file (default 50,000)",
+    )  # fmt: skip
+    batches.add_argument(
+        "--batch-max-file-bytes", type=int, default=DEFAULT_BATCH_MAX_FILE_BYTES, metavar="N",
+        help="largest batch input file (default 200 MiB)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.models = (*DEFAULT_MODELS, *(m for m in args.model if m not in DEFAULT_MODELS))
     args.keepalive_timeout = args.keepalive_timeout or None  # 0: never give idle connections up
@@ -1305,10 +1542,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             faults=dict(args.fault),
             retry_after_ms=args.retry_after_ms,
             keepalive_timeout=args.keepalive_timeout,
+            **_batch_args(args),
         )
     except ValueError as exc:
         parser.error(str(exc))
     return args
+
+
+def _batch_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("batch_processing_s", "batch_expire_after", "batch_fail_validation", "batch_max_requests",
+             "batch_max_file_bytes")  # fmt: skip
+    return {name: getattr(args, name) for name in names}
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -1327,6 +1571,7 @@ async def _serve(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         retry_after_ms=args.retry_after_ms,
         keepalive_timeout=args.keepalive_timeout,
+        **_batch_args(args),
     )
     try:
         await server.start()
