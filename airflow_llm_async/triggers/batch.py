@@ -52,10 +52,11 @@ class BatchTrigger(FanOutTrigger):
         fingerprint = progress.fingerprint(
             specs, {**call_options(self.spec), "window": options.completion_window}
         )
-        run = self._run = batches.BatchRun(
-            specs, endpoints, options, self._where(), fingerprint, self._save_state, await self._load_state()
-        )
+        known = await self._load_state()
         try:
+            run = self._run = batches.BatchRun(
+                specs, endpoints, options, self._where(), fingerprint, self._save_state, known
+            )
             records = await run.run()
         except LLMCallError as exc:
             outcome = FanOutOutcome.not_started(exc)
