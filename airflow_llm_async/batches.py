@@ -244,7 +244,12 @@ class BatchRun:
             for part in range(len(self.parts)):
                 batch_id = (stored.get(str(part)) or {}).get("id")
                 if batch_id:
-                    found = await self.api.retrieve(batch_id)
+                    try:
+                        found = await self.api.retrieve(batch_id)
+                    except LLMCallError as exc:
+                        if exc.status != 404:
+                            raise
+                        continue  # gone from the server (deleted): looked for, then made again
                     if found.get("status") != "failed":
                         self.batches[part] = found
             missing = {
