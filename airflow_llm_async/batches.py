@@ -206,6 +206,7 @@ class BatchRun:
         self.batches: dict[int, dict[str, Any]] = {}  # part -> the batch as last retrieved
         self.created = 0  # batches this run created
         self.summary: dict[str, Any] = {}  # llm_meta["batch"], once collected
+        self.realtime: dict[str, fanout.Record] = {}  # item -> its successful real-time re-ask's record
 
     # --- the whole run ---
 
@@ -308,6 +309,8 @@ class BatchRun:
             "parts": len(self.parts),
             "batches": {str(part): batch.counts(found) for part, found in self.batches.items()},
         }
+        if self.realtime:
+            state["realtime"] = self.realtime
         try:
             await self.save(state)
         except Exception:  # the server's metadata still finds the batch: only the fast path is lost
@@ -402,10 +405,27 @@ class BatchRun:
             records[index] = line.record
         again = sorted(index for index, line in results.items() if line.again)
         if again:
-            log.info("LLM batch: asking %d item(s) again in real time (batch_retry=realtime)", len(again))
+            # Real-time answers an earlier try stored (worker-free mode keeps them): not paid for twice.
+            stored = (self.known or {}).get("realtime") or {}
+            reused = {i: stored[str(i)] for i in again if _succeeded(stored.get(str(i)))}
+            log.info(
+                "LLM batch: asking %d item(s) again in real time (batch_retry=realtime); %d answered by "
+                "an earlier try",
+                len(again) - len(reused),
+                len(reused),
+            )
             done = {index: record for index, record in enumerate(records) if index not in again}
-            realtime = await driver.fan_out(self.specs, self.endpoints, done)
+            realtime = await driver.fan_out(self.specs, self.endpoints, {**done, **reused})
             for index in again:
-                records[index] = batch.merge_realtime(results[index], realtime[index])
+                if index not in reused:
+                    records[index] = batch.merge_realtime(results[index], realtime[index])
+                else:
+                    records[index] = reused[index]
+            self.realtime = {str(i): records[i] for i in again if _succeeded(records[i])}
+            await self._save()
         self.summary = batch.summary(list(self.batches.values()), results.values(), len(again), self.options)
         return records
+
+
+def _succeeded(record: Any) -> bool:
+    return isinstance(record, dict) and (record.get("meta") or {}).get("status") == "success"

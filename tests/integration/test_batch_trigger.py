@@ -247,3 +247,21 @@ async def test_a_stored_id_the_server_no_longer_knows_is_looked_up_by_metadata(b
     assert isinstance(events[0], TaskSuccessEvent)
     assert xcoms.values["return_value"] == answers
     assert batch_stats(batch_llm)["batches_created"] == 1
+
+
+async def test_a_new_try_reuses_the_real_time_answers_an_earlier_try_stored(batch_llm, xcoms):
+    # Half the batch lines fail, and half their real-time re-asks (no retries): try 1 fails.
+    batch_llm.set_fault("gpt-4", "500%50")
+    events = await events_of(batch_trigger(max_retries=0))
+    assert isinstance(events[0], TaskFailedEvent)
+    asked = sum(batch_llm.stats()["by_model"].values())  # the failed lines, asked in real time
+    answered = len(xcoms.values[STATE_KEY]["realtime"])
+    assert 0 < answered < asked
+    # Try 2 (worker-free mode keeps the XComs): only the re-asks that failed are asked again.
+    batch_llm.set_fault("gpt-4", None)
+    retry = SimpleNamespace(**{**vars(TI), "try_number": 2})
+    events = await events_of(batch_trigger(ti=retry, max_retries=0))
+    assert isinstance(events[0], TaskSuccessEvent)
+    assert sum(batch_llm.stats()["by_model"].values()) == asked + (asked - answered)
+    assert None not in xcoms.values["return_value"]
+    assert batch_stats(batch_llm)["batches_created"] == 1
