@@ -12,13 +12,13 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from airflow_llm_async import compat
 from airflow_llm_async.core.budget import BudgetConfig
 from airflow_llm_async.core.outcome import META_KEY
-from airflow_llm_async.monitor import budgets, figures
+from airflow_llm_async.monitor import batches, budgets, figures
 from airflow_llm_async.monitor.figures import Call, TriggererJob
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,14 @@ def read_calls(
     ``since``..``now``. ``dag_ids``: only these DAGs (the dashboard passes the ones its user may read);
     None: all.
     """
+    return read_calls_and_batch_uses(session, since, now, dag_ids)[0]
+
+
+def read_calls_and_batch_uses(
+    session: Session, since: float, now: float, dag_ids: Collection[str] | None = None
+) -> tuple[list[Call], list[batches.BatchUse]]:
+    """:func:`read_calls`, and what the batch tasks among them cost (``llm_meta["batch"]``, read by
+    :func:`batches.batch_use_from_meta`), from one read of the XComs."""
     from airflow.models.xcom import XComModel
 
     query = select(
@@ -47,13 +55,77 @@ def read_calls(
     if dag_ids is not None:
         query = query.where(XComModel.dag_id.in_(list(dag_ids)))
     calls: list[Call] = []
+    uses: list[batches.BatchUse] = []
     for row in session.execute(query):
         value = decode_value(row)
         calls += figures.calls_from_xcom(
             row.dag_id, row.run_id, row.task_id, row.map_index, value, row.timestamp.timestamp(),
             since=since, now=now,
         )  # fmt: skip
-    return calls
+        use = batches.batch_use_from_meta(row.dag_id, row.run_id, row.task_id, row.map_index, value)
+        if use is not None:
+            uses.append(use)
+    return calls, uses
+
+
+def read_waiting_batches(
+    session: Session,
+    now: float,
+    dag_ids: Collection[str] | None = None,
+    limit: int = batches.MAX_WAITING_ROWS,
+) -> list[dict[str, Any]]:
+    """The batches still waiting: one row per task instance not finished whose ``llm_batch`` XCom holds a
+    batch not ended (or whose task is deferred), the most recently updated first, at most ``limit``.
+
+    The values are untrusted, read by :func:`batches.waiting_from_xcom`. A finished task's state is not
+    read at all: its batches ended, or were cancelled with it. ``dag_ids``: only these DAGs; None: all.
+    """
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+    from airflow.utils.state import State
+
+    query = (
+        select(
+            XComModel.dag_id,
+            XComModel.run_id,
+            XComModel.task_id,
+            XComModel.map_index,
+            XComModel.value,
+            XComModel.timestamp,
+            TaskInstance.state,
+        )
+        .join(
+            TaskInstance,
+            and_(
+                TaskInstance.dag_id == XComModel.dag_id,
+                TaskInstance.run_id == XComModel.run_id,
+                TaskInstance.task_id == XComModel.task_id,
+                TaskInstance.map_index == XComModel.map_index,
+            ),
+        )
+        .where(
+            XComModel.key == batches.STATE_KEY,
+            TaskInstance.state.in_(sorted(state.value for state in State.unfinished if state is not None)),
+        )
+        .order_by(XComModel.timestamp.desc())
+        .limit(limit)
+    )
+    if dag_ids is not None:
+        query = query.where(XComModel.dag_id.in_(list(dag_ids)))
+    rows = (
+        batches.waiting_from_xcom(
+            row.dag_id,
+            row.run_id,
+            row.task_id,
+            row.map_index,
+            decode_value(row),
+            row.timestamp.timestamp(),
+            None if row.state is None else str(row.state),
+            now,
+        )
+        for row in session.execute(query)
+    )
+    return batches.waiting_rows(rows, limit)
 
 
 def decode_value(row: Any) -> Any:
@@ -184,13 +256,17 @@ def load_snapshot(
     job and trigger tables out (for a user who may not see jobs). ``dag_ids``: only the calls of these
     DAGs and, unless they are every DAG, only the triggers of these DAGs, without the capacity left
     (it would tell how many triggers the other DAGs run).
+
+    Besides: ``batches_waiting`` (:func:`read_waiting_batches`: now, whatever the window) and, of the
+    batch tasks that ended in the window, ``batch_costs`` per DAG and model and ``batch_cost_totals``
+    (see ``monitor/batches.py``).
     """
     from airflow.configuration import conf
 
     now = time.time() if now is None else now
     if capacity is None:
         capacity = conf.getint("triggerer", "capacity")
-    calls = read_calls(session, now - window_s, now, dag_ids)
+    calls, batch_uses = read_calls_and_batch_uses(session, now - window_s, now, dag_ids)
     jobs: list[TriggererJob] = []
     running: dict[int | None, int] = {}
     llm_running: dict[int | None, int] = {}
@@ -211,6 +287,9 @@ def load_snapshot(
         with_timeline=with_timeline,
         all_triggers=all_triggers,
     )
+    snapshot["batches_waiting"] = read_waiting_batches(session, now, dag_ids)
+    snapshot["batch_costs"] = batches.batch_cost_figures(batch_uses)
+    snapshot["batch_cost_totals"] = batches.batch_cost_totals(batch_uses)
     # A connection's spending covers every DAG that uses it: shown only to whom may read them all.
     seen = {call.conn_id for call in calls if call.conn_id}
     snapshot["budgets"] = read_budgets(session, now, seen) if all_triggers else []

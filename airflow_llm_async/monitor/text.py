@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from airflow_llm_async.monitor import batches
+
 # C0 controls (ESC among them), DEL and C1 controls: a terminal acts on them. Model names, errors, DAG
 # and run ids, hosts come from servers and DAG authors: printed raw, they set the terminal's title,
 # clear the screen or hide a row.
@@ -55,6 +57,8 @@ def render(snapshot: dict[str, Any]) -> str:
     lines += _models(snapshot["models"])
     lines += _circuits(snapshot.get("circuits") or [])
     lines += _budgets(snapshot.get("budgets") or [])
+    lines += _batches_waiting(snapshot.get("batches_waiting") or [])
+    lines += _batch_costs(snapshot.get("batch_costs") or [], snapshot.get("batch_cost_totals"))
     totals = snapshot["totals"]
     lines += [
         "",
@@ -132,3 +136,51 @@ def _budgets(budgets: list[dict[str, Any]]) -> list[str]:
         for b in budgets
     ]
     return ["", "Budgets (budget_usd)", *table(headers, rows)]
+
+
+def _batches_waiting(rows: list[dict[str, Any]]) -> list[str]:
+    """Tasks whose batches (Batch API) are still waiting, the most recently updated first."""
+    if not rows:
+        return []
+    headers = ["dag", "run", "task", "batches", "status", "completed/failed of total", "age"]
+    table_rows = [
+        [
+            *(r["dag_id"], r["run_id"], batches.task_label(r["task_id"], r["map_index"])),
+            *(batches.ids_text(r), batches.status_text(r["statuses"])),
+            *(f"{r['completed']}/{r['failed']} of {r['total']}", batches.age_text(r["age_s"])),
+        ]
+        for r in rows
+    ]
+    return ["", "Batches waiting (Batch API)", *table(headers, table_rows)]
+
+
+def _batch_costs(rows: list[dict[str, Any]], totals: dict[str, Any] | None) -> list[str]:
+    """Per DAG and model, of the batch tasks that ended in the window: batch cost, real-time cost, saved."""
+    if not rows:
+        return []
+    headers = [
+        "dag",
+        "model",
+        "tasks",
+        "batch answers",
+        "real-time re-asks",
+        "batch $",
+        "real time $",
+        "saved $",
+    ]
+    table_rows = [
+        [
+            *(r["dag_id"], r["model"], r["tasks"], r["batch_items"], r["realtime_items"]),
+            *(money(r["cost_usd"]), money(r["realtime_cost_usd"]), money(r["saved_usd"])),
+        ]
+        for r in rows
+    ]
+    lines = ["", "Batch API cost (batch tasks that ended in the window)", *table(headers, table_rows)]
+    if totals:
+        lines.append(
+            f"  batch answers: ${money(totals['cost_usd'])} at the batch price, "
+            f"${money(totals['realtime_cost_usd'])} in real time: saved ${money(totals['saved_usd'])}"
+        )
+        if totals["unpriced_tasks"]:
+            lines.append(f"  tasks whose model has no known price (not summed): {totals['unpriced_tasks']}")
+    return lines
