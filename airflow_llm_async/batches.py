@@ -59,7 +59,9 @@ class BatchAPI:
             headers.pop("Content-Type", None)
         return headers
 
-    async def _json(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def _json(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, tries: int = API_TRIES
+    ) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
         answer = await _patiently(
             lambda: transport.request(
@@ -67,6 +69,7 @@ class BatchAPI:
             ),
             self,
             f"{method} {path}",
+            tries,
         )
         return _document(answer.body, self.endpoint, f"{method} {path}")
 
@@ -86,8 +89,9 @@ class BatchAPI:
         return _document(answer.body, self.endpoint, "POST /files")
 
     async def create(self, file_id: str, window: str, metadata: Mapping[str, str]) -> dict[str, Any]:
+        """Sent once: a lost answer may hide a batch the server made (the caller looks before again)."""
         body = {"input_file_id": file_id, "endpoint": batch.ENDPOINT, "completion_window": window}
-        return await self._json("POST", "/batches", {**body, "metadata": dict(metadata)})
+        return await self._json("POST", "/batches", {**body, "metadata": dict(metadata)}, tries=1)
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/batches/{batch_id}")
@@ -127,18 +131,21 @@ class BatchAPI:
 
 
 async def _patiently(
-    send: Callable[[], Awaitable[transport.Answer | NoAnswer]], api: BatchAPI, what: str
+    send: Callable[[], Awaitable[transport.Answer | NoAnswer]],
+    api: BatchAPI,
+    what: str,
+    tries: int = API_TRIES,
 ) -> transport.Answer:
-    """Send until a 2xx answer; a 5xx, 429, timeout or lost connection is sent again (API_TRIES in all)."""
+    """Send until a 2xx answer; a 5xx, 429, timeout or lost connection is sent again (``tries`` in all)."""
     pause = api.first_pause
-    for tries in range(1, API_TRIES + 1):
+    for tried in range(1, tries + 1):
         answer = await send()
         if isinstance(answer, transport.Answer) and 200 <= answer.status < 300:
             return answer
         error = _error(answer, api.endpoint, what)
-        if not error.retryable or tries == API_TRIES:
+        if not error.retryable or tried == tries:
             raise error
-        log.warning("LLM batch: %s: %s; trying again in %.0f s", what, error.message, pause)
+        log.warning("LLM batch: %s; trying again in %.0f s", error.message, pause)
         await asyncio.sleep(pause)
         pause = min(pause * 2, API_MAX_PAUSE_S)
     raise AssertionError("unreachable")
@@ -239,32 +246,36 @@ class BatchRun:
         return batch.batch_metadata(self.where, self.fingerprint, part, len(self.parts))
 
     async def _submit(self) -> None:
-        """Find each part's batch (stored ids, then the server's list), and create those not found."""
-        if not self.options.resubmit:
-            stored = (self.known or {}).get("batches") or {}
-            for part in range(len(self.parts)):
-                batch_id = (stored.get(str(part)) or {}).get("id")
-                if batch_id:
-                    try:
-                        found = await self.api.retrieve(batch_id)
-                    except LLMCallError as exc:
-                        if exc.status != 404:
-                            raise
-                        continue  # gone from the server (deleted): looked for, then made again
-                    if found.get("status") != "failed":
-                        self.batches[part] = found
-            missing = {
-                part: self._metadata(part) for part in range(len(self.parts)) if part not in self.batches
-            }
-            if missing:
-                self.batches.update(await self.api.find(missing))
-            if self.batches:
-                log.info(
-                    "LLM batch: found %d of %d batch(es) already submitted",
-                    len(self.batches),
-                    len(self.parts),
-                )
-                await self._save()
+        """Find each part's batch (stored ids, then the server's list), and create those not found.
+
+        With ``resubmit``, only this try's batches count: a new try sends again, a restart does not.
+        """
+        this_try = self.known is not None and self.known.get("try") == self.where.get("try_number")
+        stored = (self.known or {}).get("batches") or {} if this_try or not self.options.resubmit else {}
+        for part in range(len(self.parts)):
+            batch_id = (stored.get(str(part)) or {}).get("id")
+            if not batch_id:
+                continue
+            try:
+                found = await self.api.retrieve(batch_id)
+            except LLMCallError as exc:
+                if exc.status != 404:
+                    raise
+                continue  # gone from the server (deleted): looked for below, then made again
+            if found.get("status") != "failed":
+                self.batches[part] = found
+        missing = {
+            part: batch.wanted(self._metadata(part), self.options.resubmit)
+            for part in range(len(self.parts))
+            if part not in self.batches
+        }
+        if missing:
+            self.batches.update(await self.api.find(missing))
+        if self.batches:
+            log.info(
+                "LLM batch: found %d of %d batch(es) already submitted", len(self.batches), len(self.parts)
+            )
+            await self._save()
         for part in range(len(self.parts)):
             if part not in self.batches:
                 self.batches[part] = await self._create(part)
@@ -292,16 +303,22 @@ class BatchRun:
         name = f"{self.where.get('dag_id')}.{self.where.get('task_id')}.part{part + 1}.jsonl"
         file = await self.api.upload(lines, name)
         metadata = self._metadata(part)
-        try:
-            return await self.api.create(file["id"], self.options.completion_window, metadata)
-        except LLMCallError as exc:
-            if not exc.retryable:
-                raise
-            # The server may have made it before the answer was lost: look before the task tries again.
-            found = await self.api.find({part: metadata})
-            if part in found:
-                return found[part]
-            raise
+        pause = self.api.first_pause
+        for tries in range(1, API_TRIES + 1):
+            try:
+                return await self.api.create(file["id"], self.options.completion_window, metadata)
+            except LLMCallError as exc:
+                if not exc.retryable or tries == API_TRIES:
+                    raise
+                # The server may have made it before its answer was lost: look before sending again,
+                # or the batch would run (and be paid for) twice.
+                found = await self.api.find({part: metadata})
+                if part in found:
+                    return found[part]
+                log.warning("LLM batch: %s; trying again in %.0f s", exc.message, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, API_MAX_PAUSE_S)
+        raise AssertionError("unreachable")
 
     async def _save(self) -> None:
         state = {
@@ -337,12 +354,21 @@ class BatchRun:
             interval = batch.next_poll(interval, self.options)
             changed = False
             for part in active:
-                found = await self.api.retrieve(self.batches[part]["id"])
+                try:
+                    found = await self.api.retrieve(self.batches[part]["id"])
+                except LLMCallError as exc:
+                    if not exc.retryable:
+                        raise
+                    # The batch runs on without us: an outage of the API costs a poll, not the task.
+                    log.warning(
+                        "LLM batch: could not poll (%s); polling again in %.0f s", exc.message, interval
+                    )
+                    continue
                 if batch.counts(found) != batch.counts(self.batches[part]):
                     changed = True
-                    log.info(
-                        "%s; next poll in %.0f s", batch.describe(part, len(self.parts), found), interval
-                    )
+                    line = batch.describe(part, len(self.parts), found)
+                    ended = found.get("status") in batch.ENDED
+                    log.info(line if ended else f"{line}; next poll in {interval:.0f} s")
                 self.batches[part] = found
             if changed:
                 await self._save()
@@ -404,6 +430,11 @@ class BatchRun:
         for index, line in results.items():
             records[index] = line.record
         again = sorted(index for index, line in results.items() if line.again)
+        if again and self.deadline is not None and time.time() >= self.deadline:
+            log.warning(
+                "LLM batch: the task's timeout passed: %d item(s) not asked again in real time", len(again)
+            )
+            again = []
         if again:
             # Real-time answers an earlier try stored (worker-free mode keeps them): not paid for twice.
             stored = (self.known or {}).get("realtime") or {}

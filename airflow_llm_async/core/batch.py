@@ -42,6 +42,7 @@ POLL_GROWTH = 1.5
 META_FIELDS = ("airflow_dag_id", "airflow_run_id", "airflow_task_id", "airflow_map_index")
 META_INPUT = "llm_async_input"
 META_PART = "llm_async_part"
+META_TRY = "airflow_try_number"  # matched only with batch_resubmit: a new try sends again, a restart not
 MAX_META_VALUE = 512
 
 
@@ -55,7 +56,7 @@ class BatchOptions:
     retry: str = "realtime"  # what becomes of an item the batch did not answer well: RETRY
     max_requests: int = MAX_REQUESTS
     max_bytes: int = MAX_BYTES
-    resubmit: bool = False  # True: a new batch even when one for the same input exists
+    resubmit: bool = False  # True: each try of the task sends a new batch (a restart within a try does not)
 
     def __post_init__(self) -> None:
         """ValueError naming the argument to fix."""
@@ -158,7 +159,14 @@ def batch_metadata(where: Mapping[str, Any], fingerprint: str, part: int, parts:
     meta = {name: str(where.get(name.removeprefix("airflow_"), ""))[:MAX_META_VALUE] for name in META_FIELDS}
     meta[META_INPUT] = fingerprint
     meta[META_PART] = f"{part + 1}/{parts}"
+    if "try_number" in where:
+        meta[META_TRY] = str(where["try_number"])
     return meta
+
+
+def wanted(metadata: Mapping[str, str], resubmit: bool) -> dict[str, str]:
+    """The metadata a part's batch must have to be used: of any try, or (``resubmit``) of this try."""
+    return dict(metadata) if resubmit else {key: v for key, v in metadata.items() if key != META_TRY}
 
 
 def same_part(batch: Mapping[str, Any], metadata: Mapping[str, str]) -> bool:

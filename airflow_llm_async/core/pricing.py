@@ -37,10 +37,12 @@ class Price(NamedTuple):
 
     def batch(self) -> Price:
         """The price of the same tokens answered through the Batch API."""
+        batch_input = BATCH_DISCOUNT * self.input if self.batch_input is None else self.batch_input
         return Price(
-            BATCH_DISCOUNT * self.input if self.batch_input is None else self.batch_input,
+            batch_input,
             BATCH_DISCOUNT * self.output if self.batch_output is None else self.batch_output,
-            None if self.cached_input is None else BATCH_DISCOUNT * self.cached_input,
+            # Cached tokens never cost more than uncached ones, whatever batch_input says.
+            None if self.cached_input is None else min(BATCH_DISCOUNT * self.cached_input, batch_input),
         )
 
 

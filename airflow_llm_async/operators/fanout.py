@@ -142,8 +142,8 @@ class LLMFanOutOperator(LLMOperator):
         batch_api.BatchOptions(**self.batch_options)
         if not self.deferrable:
             raise ValueError(
-                "batch=True waits hours for the batch: it needs deferrable=True (the default), not a worker "
-                "slot."
+                "batch=True waits hours for the batch in the triggerer: pass deferrable=True (the default "
+                "comes from [operators] default_deferrable, which a generated airflow.cfg sets to false)."
             )
         if self.cache_ttl is not None:
             raise ValueError("batch=True does not take cache_ttl: batch answers are not cached.")

@@ -80,7 +80,8 @@ class BatchTrigger(FanOutTrigger):
         ti = self.task_instance
         if ti is None:  # dag.test(): no task instance
             return {}
-        return {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
+        where = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
+        return {**where, "try_number": ti.try_number}
 
     async def _load_state(self) -> dict[str, Any] | None:
         where = self._where()
@@ -89,7 +90,7 @@ class BatchTrigger(FanOutTrigger):
         from airflow.sdk.execution_time.xcom import XCom
 
         try:
-            state = await XCom.aget_one(key=STATE_KEY, **where)
+            state = await XCom.aget_one(key=STATE_KEY, **_ti_key(where))
         except Exception:  # the server's list still finds the batches
             self.log.warning("LLM batch: could not read the stored batch ids", exc_info=True)
             return None
@@ -98,4 +99,8 @@ class BatchTrigger(FanOutTrigger):
     async def _save_state(self, state: dict[str, Any]) -> None:
         where = self._where()
         if where:
-            await compat.set_xcom(STATE_KEY, state, **where)
+            await compat.set_xcom(STATE_KEY, {**state, "try": where["try_number"]}, **_ti_key(where))
+
+
+def _ti_key(where: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in where.items() if key != "try_number"}

@@ -137,7 +137,11 @@ async def test_a_new_try_without_the_stored_ids_finds_the_batch_by_its_metadata(
     # Another task, or other input, is another batch; batch_resubmit=True sends again on purpose.
     await events_of(batch_trigger(ti=SimpleNamespace(**{**vars(TI), "map_index": 0}), max_failures=0))
     assert batch_stats(batch_llm)["batches_created"] == 2
-    await events_of(batch_trigger(batch_resubmit=True))
+    third = SimpleNamespace(**{**vars(TI), "try_number": 3})
+    await events_of(batch_trigger(ti=third, batch_resubmit=True))
+    assert batch_stats(batch_llm)["batches_created"] == 3
+    # ... once per try: a restart within the try finds the batch that try sent.
+    await events_of(batch_trigger(ti=third, batch_resubmit=True))
     assert batch_stats(batch_llm)["batches_created"] == 3
 
 

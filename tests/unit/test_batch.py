@@ -891,10 +891,10 @@ def dag():
         ({"batch_max_requests": 0}, "batch_max_requests must be a positive integer"),
         ({"batch_max_bytes": 1.5}, "batch_max_bytes must be a positive integer"),
         ({"batch_resubmit": "no"}, "batch_resubmit must be True or False"),
-        ({"deferrable": False}, r"batch=True waits hours .* needs deferrable=True"),
+        ({"deferrable": False}, r"batch=True waits hours .* pass deferrable=True"),
         (
             {"deferrable": False, "start_from_trigger": False},
-            "batch=True waits hours .* needs deferrable=True",
+            "batch=True waits hours .* pass deferrable=True",
         ),
         ({"cache_ttl": 3600}, "batch=True does not take cache_ttl"),
     ],

@@ -272,3 +272,9 @@ def test_bad_batch_prices_are_refused_with_the_expected_shape(entry, message):
 def test_the_expected_shape_names_the_batch_prices():
     with pytest.raises(PriceTableError, match='"batch_input", "batch_output"'):
         pricing.parse_prices([], "where")
+
+
+def test_batch_cached_input_never_costs_more_than_the_batch_input():
+    price = Price(2.0, 8.0, cached_input=1.5, batch_input=0.5)
+    assert price.batch() == Price(0.5, 4.0, 0.5)  # half of 1.5 is 0.75, above the batch input price
+    assert Price(2.0, 8.0, cached_input=0.5).batch() == Price(1.0, 4.0, 0.25)
