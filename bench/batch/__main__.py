@@ -227,10 +227,12 @@ def report_wait(args: argparse.Namespace, waited: dict[str, Any]) -> bool:
     )
     each = waited["submit_each_s"]
     lag = waited["submit_lag_ms"]
+    gen2 = waited["submit_gc"]["gen2"]
     print(
         f"submitting all {b} at once: {waited['submit_all_s']:.2f} s until the last id was stored (each "
         f"{each['min']:.2f} / {each['median']:.2f} / {each['max']:.2f} s min/median/max), "
-        f"{waited['submit_cpu_s']:.2f} s CPU, event-loop lag p99 {lag['p99']:.0f} ms, max {lag['max']:.0f} ms"
+        f"{waited['submit_cpu_s']:.2f} s CPU, event-loop lag p99 {lag['p99']:.0f} ms, max {lag['max']:.0f} "
+        f"ms; full garbage collections meanwhile: {gen2['count']}, the longest {gen2['max_ms']:.0f} ms"
     )
     print(f"batch states at the server at the end: {', '.join(waited['statuses'])}")
     ok = growth / MB < MEMORY_TARGET_MB

@@ -49,7 +49,7 @@ from typing import IO, Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the shared harness modules
 
 from _harness import API_KEY, CONN_ID, MODEL, percentile, raise_nofile_limit, rss_kb  # noqa: E402
-from _worker import sample_lag  # noqa: E402
+from _worker import GCPauses, sample_lag  # noqa: E402
 
 WARMUP_ITEMS = 20
 STATE_KEY = "llm_batch"  # triggers/batch.py's STATE_KEY, checked on import below
@@ -388,6 +388,8 @@ async def wait(args: argparse.Namespace) -> dict[str, Any]:
     lag_at: list[tuple[float, float]] = []
     lag_done = asyncio.Event()
     sampler = asyncio.create_task(sample_lag(lag_at, lag_done))
+    gc_pauses = GCPauses()
+    gc.callbacks.append(gc_pauses)
     started: dict[str, float] = {}
     tasks = []
     cpu0 = time.process_time()
@@ -401,6 +403,7 @@ async def wait(args: argparse.Namespace) -> dict[str, Any]:
     first = min(started.values())
     lag_done.set()
     await sampler
+    gc.callbacks.remove(gc_pauses)
     ended = [task for task in tasks if task.done()]
     if ended:
         why = ended[0].exception() or ended[0].result()
@@ -440,6 +443,7 @@ async def wait(args: argparse.Namespace) -> dict[str, Any]:
             "p99": percentile(lag, 0.99) * 1000,
             "max": max(lag, default=0.0) * 1000,
         },
+        "submit_gc": gc_pauses.summary(first),
         "polling": polling,
     }
 
