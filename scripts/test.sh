@@ -4,7 +4,7 @@
 # virtualenv .venv-litellm, ~10 s to make, ~1 min to run). Extra arguments go to pytest, e.g.
 # `bash scripts/test.sh -k trigger` (the conformance tier then runs only if they name tests/conformance).
 #   --fast          only what needs no Airflow process: ruff, unit and integration tests, without the
-#                   few that take 10 s or more (-m "not e2e and not slow"; the full run has them)
+#                   few that take 10 s or more (-m "not e2e and not slow"; the full run has them), on two workers
 #   --conformance   only the conformance tier (tests/conformance), after making .venv-litellm
 # Prints the wall time (set-up and tests) at the end.
 set -euo pipefail
@@ -66,7 +66,8 @@ case "$mode" in
         ;;
     fast)
         echo "test: pytest"
-        run_pytest -m "not e2e and not slow" ${args[@]+"${args[@]}"} || status=$?
+        # Two workers, as the full run: the tiers below are already safe to run side by side there.
+        run_pytest -n 2 --dist loadgroup -m "not e2e and not slow" ${args[@]+"${args[@]}"} || status=$?
         ;;
     full)
         echo "test: pytest"
