@@ -67,6 +67,8 @@ class BatchSettings:
     batch_fail_validation: bool = False  # every new batch fails validation
     batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS
     batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES
+    # The next N downloads (GET /v1/files/{id}/content) answer 500, whatever the batch: counted down.
+    batch_download_failures: int = 0
 
     def __post_init__(self) -> None:
         seconds = self.batch_processing_s
@@ -83,6 +85,9 @@ class BatchSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        failures = self.batch_download_failures
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+            raise ValueError(f"batch_download_failures must be an integer >= 0, got {failures!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,9 +238,17 @@ class _Batch:
 class ApiError(Exception):
     """The error OpenAI would answer: the fake server turns it into its error response."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
 
 class BatchStore:
@@ -264,6 +277,7 @@ class BatchStore:
         self.answered_ok.clear()
         self.files_uploaded = self.batches_created = self.batches_cancelled = 0
         self.lines_answered = self.lines_failed = self.lines_answered_twice = 0
+        self.downloads_failed = 0
 
     def snapshot(self) -> dict[str, int]:
         return {
@@ -273,6 +287,7 @@ class BatchStore:
             "lines_answered": self.lines_answered,
             "lines_failed": self.lines_failed,
             "lines_answered_twice": self.lines_answered_twice,
+            "downloads_failed": self.downloads_failed,
         }
 
     def configure(self, changes: Any) -> dict[str, Any]:
@@ -318,6 +333,18 @@ class BatchStore:
         if file is None:
             raise ApiError(404, f"No such File object: {file_id}", param="id")
         return file
+
+    def content(self, file_id: str) -> bytearray:
+        """A file's content (``GET /v1/files/{id}/content``); while ``batch_download_failures`` is above
+        0, a 500 instead, and one failure fewer to come."""
+        if self.settings.batch_download_failures > 0:
+            left = self.settings.batch_download_failures - 1
+            self.settings = dataclasses.replace(self.settings, batch_download_failures=left)
+            self.downloads_failed += 1
+            self.notify()
+            message = "The server had an error while processing your request."
+            raise ApiError(500, message, type_="server_error")
+        return self.file(file_id).data
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
         file = self.file(file_id)

@@ -122,11 +122,13 @@ expires it once that share of its lines is answered; a cancel while validating o
 line that is not JSON, lacks custom_id/method/url/body, repeats a custom_id, or names another URL or
 model; for more than ``batch_max_requests`` lines (default 50,000: ``too_many_tasks``); and, with
 ``batch_fail_validation``, always (``token_limit_exceeded``). A batch upload over
-``batch_max_file_bytes`` (default 200 MiB) is refused: 400 ``File is too large.``. The settings are
-``create_app`` keyword arguments, CLI flags (``--batch-processing-s`` ...) and ``/_fake/batches``.
+``batch_max_file_bytes`` (default 200 MiB) is refused: 400 ``File is too large.``.
+``batch_download_failures`` (default 0) answers the next N ``GET /v1/files/{id}/content`` a 500
+(``server_error``), whatever the file, counting down (it applies at once, not per batch). The settings
+are ``create_app`` keyword arguments, CLI flags (``--batch-processing-s`` ...) and ``/_fake/batches``.
 Stats ``batches``: files_uploaded, batches_created, batches_cancelled, lines_answered, lines_failed
 (answered other than 200), lines_answered_twice (answered although an earlier batch had already
-answered the same custom_id and body with 200: a retried failed line is not one).
+answered the same custom_id and body with 200: a retried failed line is not one), downloads_failed.
 
 Run it standalone with ``airflow-llm-fake-server --port 0`` (or ``python -m
 airflow_llm_async.testing.fake_server``); it prints ``fake LLM server listening on <base_url>``.
@@ -1039,7 +1041,7 @@ def _batch_endpoint(call: _BatchCall) -> _Handler:
         try:
             result = await call(store, request)
         except ApiError as exc:
-            return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+            return _error(exc.status, exc.message, type_=exc.type, param=exc.param, code=exc.code)
         if isinstance(result, web.StreamResponse):
             return result
         return web.json_response(result, dumps=_dumps)
@@ -1078,7 +1080,7 @@ async def _delete_file(store: BatchStore, request: web.Request) -> Any:
 
 
 async def _file_content(store: BatchStore, request: web.Request) -> Any:
-    data = store.file(request.match_info["file_id"]).data
+    data = store.content(request.match_info["file_id"])
     return web.Response(body=data, content_type="application/octet-stream")
 
 
@@ -1247,6 +1249,7 @@ def create_app(
     batch_fail_validation: bool = False,
     batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS,
     batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES,
+    batch_download_failures: int = 0,
 ) -> web.Application:
     """The fake server's aiohttp application. Raises ValueError for a bad latency, model list, fault
     or batch setting.
@@ -1280,6 +1283,7 @@ def create_app(
         batch_fail_validation=batch_fail_validation,
         batch_max_requests=batch_max_requests,
         batch_max_file_bytes=batch_max_file_bytes,
+        batch_download_failures=batch_download_failures,
     )
     answer = functools.partial(answer_batch_line, state)
     state.batches = BatchStore(settings, answer=answer, notify=state.changed.set)
@@ -1365,6 +1369,7 @@ class FakeLLMServer:
         batch_fail_validation: bool = False,
         batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS,
         batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES,
+        batch_download_failures: int = 0,
     ) -> None:
         self.host = _loopback_host(host)
         self.port = port
@@ -1384,6 +1389,7 @@ class FakeLLMServer:
             batch_fail_validation=batch_fail_validation,
             batch_max_requests=batch_max_requests,
             batch_max_file_bytes=batch_max_file_bytes,
+            batch_download_failures=batch_download_failures,
         )
         self._state = self.app[STATE]
         self._shutdown_timeout = shutdown_timeout
@@ -1531,6 +1537,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-max-file-bytes", type=int, default=DEFAULT_BATCH_MAX_FILE_BYTES, metavar="N",
         help="largest batch input file (default 200 MiB)",
     )  # fmt: skip
+    batches.add_argument(
+        "--batch-download-failures", type=int, default=0, metavar="N",
+        help="the next N file downloads answer 500 (default 0)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.models = (*DEFAULT_MODELS, *(m for m in args.model if m not in DEFAULT_MODELS))
     args.keepalive_timeout = args.keepalive_timeout or None  # 0: never give idle connections up
@@ -1551,7 +1561,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _batch_args(args: argparse.Namespace) -> dict[str, Any]:
     names = ("batch_processing_s", "batch_expire_after", "batch_fail_validation", "batch_max_requests",
-             "batch_max_file_bytes")  # fmt: skip
+             "batch_max_file_bytes", "batch_download_failures")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 

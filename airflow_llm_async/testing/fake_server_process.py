@@ -96,6 +96,11 @@ class FakeServerProcess:
     def set_faults(self, faults: dict[str, str | None]) -> dict[str, str]:
         return self._control("POST", "faults", faults)
 
+    def configure_batches(self, **settings: Any) -> dict[str, Any]:
+        """Change the fake Batch API's settings (``POST /_fake/batches``), e.g.
+        ``configure_batches(batch_processing_s=20)``; returns them all. ``reset()`` restores them."""
+        return self._control("POST", "batches", settings)
+
     def hold(self) -> None:
         self._control("POST", "hold")
 

@@ -153,6 +153,7 @@ async def test_a_batch_answers_each_line_as_the_chat_endpoint_does() -> None:
             "lines_answered": 4,
             "lines_failed": 0,
             "lines_answered_twice": 0,
+            "downloads_failed": 0,
         }
 
 
@@ -241,6 +242,7 @@ async def test_forced_validation_failure_set_at_runtime() -> None:
                 "batch_fail_validation": True,
                 "batch_max_requests": 50_000,
                 "batch_max_file_bytes": 200 * 2**20,
+                "batch_download_failures": 0,
             }
         created = await start(client, items(3))
         batch, seen = await finished(client, created.id)
@@ -388,6 +390,35 @@ async def test_files_can_be_retrieved_downloaded_and_deleted() -> None:
             await client.files.retrieve(file.id)
 
 
+async def test_download_failures_answer_500_counted_down_then_the_content() -> None:
+    async with serve() as (srv, client), aiohttp.ClientSession(base_url=srv.url) as http:
+        batch, _ = await finished(client, (await start(client, items(2))).id)
+        async with http.post("/_fake/batches", json={"batch_download_failures": 2}) as resp:
+            assert (await resp.json())["batch_download_failures"] == 2
+        for left in (1, 0):
+            with pytest.raises(openai.InternalServerError) as caught:
+                await client.files.content(batch.output_file_id)
+            assert caught.value.status_code == 500
+            assert caught.value.body["type"] == "server_error"  # OpenAI's shape of a server error
+            assert srv.stats()["batches"]["downloads_failed"] == 2 - left
+            assert srv.configure_batches()["batch_download_failures"] == left
+        assert [line["custom_id"] for line in await lines_of(client, batch.output_file_id)] == [
+            "item-0",
+            "item-1",
+        ]
+        assert srv.stats()["batches"]["downloads_failed"] == 2
+        assert srv.stats()["batches"]["lines_answered"] == 2  # a failed download answers nothing again
+
+    # At start-up (a create_app keyword, a CLI flag), and re-armed by a reset.
+    async with serve(batch_download_failures=1) as (srv, client):
+        file = await upload(client, items(1))
+        with pytest.raises(openai.InternalServerError):
+            await client.files.content(file.id)
+        assert (await client.files.content(file.id)).content
+        srv.reset()
+        assert srv.configure_batches()["batch_download_failures"] == 1
+
+
 async def test_an_upload_is_read_as_a_stream_without_content_length() -> None:
     line = json.dumps(request("streamed", "Summarize: sent in chunks.")).encode() + b"\n"
 
@@ -471,12 +502,16 @@ async def test_settings_are_checked_everywhere_they_are_given(capsys: pytest.Cap
         {"batch_expire_after": 1.5},
         {"batch_max_requests": 0},
         {"batch_fail_validation": "yes"},
+        {"batch_download_failures": -1},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             create_app(**bad)
     with pytest.raises(SystemExit):
         main(["--batch-expire-after", "2"])
     assert "batch_expire_after" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--batch-download-failures", "-1"])
+    assert "batch_download_failures" in capsys.readouterr().err
     async with serve() as (srv, _), aiohttp.ClientSession(base_url=srv.url) as http:
         for body in ({"batch_processing_s": -1}, {"no_such_setting": 1}, [1]):
             async with http.post("/_fake/batches", json=body) as resp:
