@@ -43,6 +43,7 @@ FIND_MAX_AGE_S = 30 * 86400
 # the trigger 60 s after the timeout (operators/llm.py), and the partial answers must be read before.
 CANCEL_WAIT_S = 30.0
 UPLOAD_CHUNK_BYTES = 256 << 10
+PLAN_YIELD_ITEMS = 1000
 
 
 class BatchAPI:
@@ -199,8 +200,7 @@ class BatchRun:
         self.fingerprint = fingerprint
         self.save = save
         self.known = known if known and known.get("fingerprint") == fingerprint else None
-        self.usable = [index for index, spec in enumerate(specs) if isinstance(spec, CallSpec)]
-        first = specs[self.usable[0]] if self.usable else None
+        first = next((spec for spec in specs if isinstance(spec, CallSpec)), None)
         self.deadline = first.deadline if isinstance(first, CallSpec) else None
         self.endpoint, self.model = (
             batch.primary(first, endpoints) if isinstance(first, CallSpec) else (None, "")
@@ -221,22 +221,27 @@ class BatchRun:
         """Every item's record in input order (failed items too). LLMCallError when the API refuses."""
         if self.api is None:  # no usable item: every record is an input error
             return [spec for spec in self.specs if not isinstance(spec, CallSpec)]
-        self._plan()
+        await self._plan()
         await self._submit()
         await self._wait()
         return await self._collect()
 
-    def _plan(self) -> None:
+    async def _plan(self) -> None:
         sizes = []
-        for index in self.usable:
-            length = len(batch.request_line(index, self.specs[index], self.model))
+        for index in range(len(self.specs)):
+            spec = self.specs[index]
+            if not isinstance(spec, CallSpec):
+                continue
+            length = len(batch.request_line(index, spec, self.model))
             sizes.append((index, length))
             if length > self.options.max_bytes:
                 self.oversized[index] = length
+            if index % PLAN_YIELD_ITEMS == PLAN_YIELD_ITEMS - 1:
+                await asyncio.sleep(0)  # the other triggers run between slices of a large input
         self.parts = batch.plan_parts(sizes, self.options.max_requests, self.options.max_bytes)
         log.info(
             "LLM batch: %d items to %s on %r in %d batch(es)",
-            len(self.usable) - len(self.oversized),
+            sum(len(part) for part in self.parts),
             self.model,
             self.endpoint.conn_id,
             len(self.parts),

@@ -75,15 +75,27 @@ def item_messages(item: Any, system_prompt: str | None) -> list[dict[str, Any]]:
 
 def item_specs(items: Sequence[Any], base: CallSpec, system_prompt: str | None) -> list[CallSpec | Record]:
     """One CallSpec per item, sharing ``base``'s chain and options; a record for an item that is unusable."""
-    specs: list[CallSpec | Record] = []
-    for index, item in enumerate(items):
+    return list(ItemSpecs(items, base, system_prompt))
+
+
+class ItemSpecs(Sequence):
+    """:func:`item_specs` made one at a time, when asked for, instead of held: a batch of thousands of
+    items waits for hours, and a spec per item (its request dict and message list) would take ~0.6 KB
+    per item for that long (bench/batch)."""
+
+    def __init__(self, items: Sequence[Any], base: CallSpec, system_prompt: str | None) -> None:
+        self.items, self.base, self.system_prompt = items, base, system_prompt
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> CallSpec | Record:  # type: ignore[override]
+        item = self.items[index]
         try:
-            request = {**base.request, "messages": item_messages(item, system_prompt)}
+            request = {**self.base.request, "messages": item_messages(item, self.system_prompt)}
         except ValueError as exc:
-            specs.append(error_record(LLMCallError("config", f"item {index}: {exc}")))
-            continue
-        specs.append(replace(base, request=request))
-    return specs
+            return error_record(LLMCallError("config", f"item {index}: {exc}"))
+        return replace(self.base, request=request)
 
 
 def to_record(outcome: Outcome) -> Record:

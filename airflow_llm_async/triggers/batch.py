@@ -38,6 +38,9 @@ class BatchTrigger(FanOutTrigger):
     def kwargs(self) -> dict[str, Any]:
         return {**super().kwargs(), "batch": self.batch}
 
+    def specs_of(self, items: list[Any], base: CallSpec) -> fanout.ItemSpecs:
+        return fanout.ItemSpecs(items, base, self.system_prompt)  # made when needed: the batch waits hours
+
     async def _fan_out(self) -> FanOutOutcome:
         try:
             options = batch.BatchOptions.from_json(self.batch)

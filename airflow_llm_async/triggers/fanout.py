@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -100,12 +100,15 @@ class FanOutTrigger(LLMTrigger):
             "mapped_output": self.mapped_output,
         }
 
-    def item_specs(self) -> list[CallSpec | fanout.Record]:
+    def item_specs(self) -> Sequence[CallSpec | fanout.Record]:
         """One CallSpec per item (or the record of an unusable item); ValueError for bad ``prompts``."""
         base = CallSpec.from_json(self.spec)
         if self.time_limit is not None:
             base = replace(base, deadline=time.time() + self.time_limit)
         items = self.items if self.items is not None else fanout.parse_items(self.prompts, self.max_items)
+        return self.specs_of(items, base)
+
+    def specs_of(self, items: list[Any], base: CallSpec) -> Sequence[CallSpec | fanout.Record]:
         return fanout.item_specs(items, base, self.system_prompt)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
