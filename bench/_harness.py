@@ -235,6 +235,7 @@ def run_worker(
     watch: bool = False,
     hold: bool = False,
     profile: Path | None = None,
+    worker_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run one measured worker and return its figures.
 
@@ -244,6 +245,7 @@ def run_worker(
     """
     argv = [sys.executable, str(BENCH_DIR / "_worker.py"), "--mode", mode, "--base-url", server.base_url]
     argv += ["--calls", str(calls), "--concurrency", str(concurrency), "--timeout", str(timeout)]
+    argv += worker_args
     log_path = workdir / f"worker-{mode}-{calls}{'-hold' if hold else ''}.log"
     proc = start_worker(argv, log_path, server, workdir)
     spy = None

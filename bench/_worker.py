@@ -170,7 +170,19 @@ async def run(args: argparse.Namespace, out: IO[str]) -> None:
     at_peak: dict[str, Any] = {}
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, lambda: at_peak.update(snapshot(types_before, args.calls)))
+    profiler = None
+    if args.cprofile:  # a diagnostic run: cProfile slows every Python call, so its figures are not reported
+        import cProfile
+
+        profiler = cProfile.Profile(time.process_time)  # CPU time: the loop's idle waits do not count
+    if args.no_gc:  # a diagnostic run: our own CPU without the collector's share
+        gc.disable()
+    if profiler is not None:
+        profiler.enable()
     result = await measure(client, args.calls, args.concurrency, args.timeout)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.cprofile)
     result["at_peak"] = at_peak
     await client.close()
     print(json.dumps(result), file=out, flush=True)
@@ -183,6 +195,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--cprofile", help="profile the measured window with cProfile into this file")
+    parser.add_argument("--no-gc", action="store_true", help="gc.disable() for the measured window")
     args = parser.parse_args()
     # Keep the real stdout for the protocol; send fd 1 (log handlers, prints) to the log on stderr.
     out = os.fdopen(os.dup(1), "w")
