@@ -47,9 +47,9 @@ class BatchTrigger(FanOutTrigger):
             specs = self.item_specs()
         except ValueError as exc:
             return FanOutOutcome.not_started(LLMCallError("config", str(exc)))
-        usable = [spec for spec in specs if isinstance(spec, CallSpec)]
+        first = next((spec for spec in specs if isinstance(spec, CallSpec)), None)  # not a list of all
         try:
-            endpoints = await driver.resolve(usable[0]) if usable else {}
+            endpoints = await driver.resolve(first) if first is not None else {}
         except LLMConfigError as exc:
             return FanOutOutcome.not_started(LLMCallError("config", str(exc)))
         fingerprint = progress.fingerprint(
