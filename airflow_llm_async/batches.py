@@ -18,8 +18,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from airflow_llm_async import driver, transport
-from airflow_llm_async.core import batch, fanout, protocol
+from airflow_llm_async import budget_store, driver, transport
+from airflow_llm_async.core import batch, budget, fanout, pricing, protocol
 from airflow_llm_async.core.batch import BatchOptions, LineResult
 from airflow_llm_async.core.engine import NoAnswer
 from airflow_llm_async.core.outcome import CallSpec
@@ -214,6 +214,10 @@ class BatchRun:
         self.created = 0  # batches this run created
         self.summary: dict[str, Any] = {}  # llm_meta["batch"], once collected
         self.realtime: dict[str, fanout.Record] = {}  # item -> its successful real-time re-ask's record
+        # budget_usd: each part's worst case held before it is sent (a found batch holds nothing:
+        # its cost is added once collected), and the parts the budget refused.
+        self.held: dict[int, budget.Reservation] = {}
+        self.refused: dict[int, LLMCallError] = {}
 
     # --- the whole run ---
 
@@ -282,11 +286,41 @@ class BatchRun:
             )
             await self._save()
         for part in range(len(self.parts)):
-            if part not in self.batches:
+            if part not in self.batches and await self._reserve(part):
                 self.batches[part] = await self._create(part)
                 self.created += 1
                 await self._save()  # before the first poll: a restart finds it here
                 log.info(batch.describe(part, len(self.parts), self.batches[part]))
+
+    async def _reserve(self, part: int) -> bool:
+        """With ``budget_usd``: hold the part's worst case at the batch price, or refuse to send it."""
+        if self.endpoint.budget_usd is None:
+            return True
+        price = pricing.price_of(self.endpoint.prices, self.model)
+        if price is None:
+            self.refused[part] = batch.unpriced(self.endpoint, self.model)
+        else:
+            worst = sum(batch.worst_case(self.specs[index], price) for index in self.parts[part])
+            held = await budget_store.reserve(self.endpoint, worst)
+            if isinstance(held, str):
+                self.refused[part] = LLMCallError("budget", held)
+            else:
+                self.held[part] = held
+                return True
+        log.warning("LLM batch: part %d not sent: %s", part + 1, self.refused[part].message)
+        return False
+
+    async def _settle(self, results: Mapping[int, LineResult]) -> None:
+        """Replace each part's held worst case by what its lines cost (unknown: the worst case stays)."""
+        if self.endpoint.budget_usd is None:
+            return
+        for part in self.batches:
+            costs = [results[index].cost_usd for index in self.parts[part] if index in results]
+            if any(cost is None for cost in costs):
+                continue
+            period, _ = self.endpoint.budget_usd.period(time.time())
+            held = self.held.get(part) or budget.Reservation(self.endpoint.conn_id, period, 0)
+            await budget_store.settle(self.endpoint, held, sum(costs))
 
     async def _create(self, part: int) -> dict[str, Any]:
         indices = self.parts[part]
@@ -426,6 +460,10 @@ class BatchRun:
                     await self.api.lines(file_id, on_line)
             for index in expected - set(results):
                 results[index] = batch.unanswered(found, self.options)
+        await self._settle(results)
+        for part, refusal in self.refused.items():  # never sent: asking in real time would be refused too
+            for index in self.parts[part]:
+                results[index] = LineResult(fanout.error_record(refusal), False, 0.0, 0.0)
         for index, length in self.oversized.items():  # never sent: asked in real time, if so chosen
             error = batch.too_large(length, self.options.max_bytes)
             results[index] = LineResult(

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from airflow_llm_async.core import fanout, pricing, protocol
+from airflow_llm_async.core import fanout, pricing, protocol, tokens
 from airflow_llm_async.core.outcome import Attempt, CallSpec, Outcome
 from airflow_llm_async.core.protocol import Endpoint, LLMCallError
 
@@ -151,6 +151,24 @@ def too_large(length: int, max_bytes: int) -> LLMCallError:
         "client",
         f"the item's request line is {length} bytes, more than one batch file may hold (batch_max_bytes="
         f"{max_bytes}); shorten it, or send it without batch=True",
+    )
+
+
+def worst_case(spec: CallSpec, price: pricing.Price) -> float:
+    """What an item's batch line can cost at most: all its prompt and max_tokens, at the batch price."""
+    return price.batch().cost(
+        tokens.estimate_prompt_tokens(spec.request), tokens.completion_budget(spec.request)
+    )
+
+
+def unpriced(endpoint: Endpoint, model: str) -> LLMCallError:
+    """A batch to a connection with ``budget_usd`` whose model has no price: its cost cannot be bounded."""
+    return LLMCallError(
+        "budget",
+        f"the {endpoint.conn_id!r} connection has budget_usd of {endpoint.budget_usd.describe()} but no "
+        f"price is known for model {model!r}, so the batch's cost cannot be bounded; add it to the "
+        f'connection\'s extra, e.g. "prices": {{"{model}": {{"input": <USD per 1M prompt tokens>, '
+        f'"output": <USD per 1M completion tokens>}}}} (or to the file named by [llm_async] prices_file)',
     )
 
 
