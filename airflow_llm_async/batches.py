@@ -177,9 +177,9 @@ def _document(body: bytes, endpoint: Endpoint, what: str) -> dict[str, Any]:
 class BatchRun:
     """One fan-out's batches, from submission to records.
 
-    :param save: stores the run's state (``{"fingerprint", "parts", "batches": {part: counts}}``) where a
-        later run finds it (the task's ``llm_batch`` XCom); called once each batch exists and when one
-        changes.
+    :param save: stores the run's state (``{"fingerprint", "parts", "batches": {part: counts}[,
+        "realtime": {item: record}]}``) where a later run finds it (the task's ``llm_batch`` XCom);
+        called once each batch exists, when one changes, and after the real-time re-asks.
     :param known: that state as an earlier run stored it, or None.
     """
 
@@ -211,7 +211,6 @@ class BatchRun:
         self.parts: list[list[int]] = []
         self.oversized: dict[int, int] = {}  # item -> its line's bytes, too many for one batch file
         self.batches: dict[int, dict[str, Any]] = {}  # part -> the batch as last retrieved
-        self.created = 0  # batches this run created
         self.summary: dict[str, Any] = {}  # llm_meta["batch"], once collected
         self.realtime: dict[str, fanout.Record] = {}  # item -> its successful real-time re-ask's record
         # budget_usd: each part's worst case held before it is sent (a found batch holds nothing:
@@ -288,7 +287,6 @@ class BatchRun:
         for part in range(len(self.parts)):
             if part not in self.batches and await self._reserve(part):
                 self.batches[part] = await self._create(part)
-                self.created += 1
                 await self._save()  # before the first poll: a restart finds it here
                 log.info(batch.describe(part, len(self.parts), self.batches[part]))
 
