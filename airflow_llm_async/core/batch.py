@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from airflow_llm_async.core import fanout, pricing, protocol, tokens
+from airflow_llm_async.core import engine, fanout, pricing, protocol, tokens
 from airflow_llm_async.core.outcome import Attempt, CallSpec, Outcome
 from airflow_llm_async.core.protocol import Endpoint, LLMCallError
 
@@ -108,16 +108,7 @@ def item_index(value: Any, items: int) -> int | None:
 
 def primary(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> tuple[Endpoint, str]:
     """The batch goes to the chain's first link; its fallbacks serve the real-time re-asks."""
-    conn_id, model = spec.chain[0]
-    endpoint = endpoints[conn_id]
-    model = model or endpoint.default_model
-    if not model:
-        raise LLMCallError(
-            "config",
-            f"No model to call on connection {conn_id!r}: pass `model=` to the operator or set "
-            f'"default_model" in the connection\'s extra.',
-        )
-    return endpoint, model
+    return engine.resolve_models(spec, endpoints)[0]
 
 
 def request_line(index: int, spec: CallSpec, model: str) -> bytes:
