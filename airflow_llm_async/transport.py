@@ -26,7 +26,7 @@ import logging
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -204,18 +204,14 @@ async def request(
     method: str, url: str, headers: Mapping[str, str], body: bytes | None, time_limit: float, max_bytes: int
 ) -> Answer | NoAnswer:
     """One request of the Files or Batches API; the whole answer, or why there is none."""
-    try:
-        async with shared_session().request(
-            method, url, data=body, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
-        ) as response:
-            data = await _read_at_most(response.content, max_bytes)
-            if data is None:
-                return NoAnswer("too_large", f"more than {max_bytes} bytes")
-            return Answer(response.status, response.headers, data)
-    except TimeoutError:
-        return NoAnswer("timeout")
-    except aiohttp.ClientError as exc:
-        return NoAnswer("connection", f"{type(exc).__name__}: {exc}")
+
+    async def read(response: aiohttp.ClientResponse) -> Answer | NoAnswer:
+        data = await _read_at_most(response.content, max_bytes)
+        if data is None:
+            return NoAnswer("too_large", f"more than {max_bytes} bytes")
+        return Answer(response.status, response.headers, data)
+
+    return await _exchange(method, url, headers, body, time_limit, read)
 
 
 async def upload(
@@ -235,16 +231,7 @@ async def upload(
             aiohttp.payload.AsyncIterablePayload(chunks, content_type="application/jsonl")
         )
         part.set_content_disposition("form-data", name="file", filename=filename)
-    try:
-        async with shared_session().post(
-            url, data=form, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
-        ) as response:
-            data = await _read_at_most(response.content, 1 << 20)
-            return Answer(response.status, response.headers, data or b"")
-    except TimeoutError:
-        return NoAnswer("timeout")
-    except aiohttp.ClientError as exc:
-        return NoAnswer("connection", f"{type(exc).__name__}: {exc}")
+    return await _exchange("POST", url, headers, form, time_limit, _whole_answer)
 
 
 async def read_lines(
@@ -254,24 +241,45 @@ async def read_lines(
 
     A 2xx answer comes back with an empty body (its lines went to ``on_line``); any other, whole.
     """
+
+    async def read(response: aiohttp.ClientResponse) -> Answer | NoAnswer:
+        if not 200 <= response.status < 300:
+            return await _whole_answer(response)
+        rest = b""
+        async for chunk in response.content.iter_chunked(1 << 16):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if line.strip():
+                    on_line(line)
+        if rest.strip():
+            on_line(rest)
+        return Answer(response.status, response.headers, b"")
+
+    return await _exchange("GET", url, headers, None, time_limit, read)
+
+
+async def _exchange(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: Any,
+    time_limit: float,
+    read: Callable[[aiohttp.ClientResponse], Awaitable[Answer | NoAnswer]],
+) -> Answer | NoAnswer:
+    """Send, then ``read`` the response; aiohttp's errors as the engine's kinds."""
     try:
-        async with shared_session().get(
-            url, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
+        async with shared_session().request(
+            method, url, data=body, headers=headers, timeout=_timeout(time_limit), allow_redirects=False
         ) as response:
-            if not 200 <= response.status < 300:
-                data = await _read_at_most(response.content, 1 << 20)
-                return Answer(response.status, response.headers, data or b"")
-            rest = b""
-            async for chunk in response.content.iter_chunked(1 << 16):
-                lines = (rest + chunk).split(b"\n")
-                rest = lines.pop()
-                for line in lines:
-                    if line.strip():
-                        on_line(line)
-            if rest.strip():
-                on_line(rest)
-            return Answer(response.status, response.headers, b"")
+            return await read(response)
     except TimeoutError:
         return NoAnswer("timeout")
     except aiohttp.ClientError as exc:
         return NoAnswer("connection", f"{type(exc).__name__}: {exc}")
+
+
+async def _whole_answer(response: aiohttp.ClientResponse) -> Answer:
+    """An answer of the API that is not a file: small (an error, a file object); 1 MiB at most is read."""
+    data = await _read_at_most(response.content, 1 << 20)
+    return Answer(response.status, response.headers, data or b"")
