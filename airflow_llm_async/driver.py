@@ -10,6 +10,8 @@ the worker through :func:`run_sync`, the one bridge from sync code into this asy
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,9 +28,32 @@ from airflow_llm_async.hooks.llm import LLMConfigError, LLMHook, shared_endpoint
 
 T = TypeVar("T")
 
+# True in the private loop of sync mode (run_sync): a worker's process, not a triggerer's.
+_sync_mode: contextvars.ContextVar[bool] = contextvars.ContextVar("llm_sync_mode", default=False)
+_heap_frozen = False
+
+
+def freeze_heap() -> None:
+    """Once per process, at its first call on a triggerer's loop: ``gc.freeze()``.
+
+    Every object alive then (Airflow's and the provider's modules, classes, configuration: some
+    200,000 in a triggerer) moves to the collector's permanent generation, which its full passes
+    no longer walk. A full pass then walks only what the calls since keep alive, instead of that
+    heap on top, and a full pass is what stalls the loop longest with thousands of calls in flight
+    (docs/performance.md, section 1). The cost: an object alive at that moment that later becomes
+    cyclic garbage is never freed (reference counting still frees everything else); what the
+    triggerer builds afterwards is collected as before. Not in sync mode: a worker's process ends
+    with its task.
+    """
+    global _heap_frozen
+    if not _heap_frozen and not _sync_mode.get():
+        _heap_frozen = True
+        gc.freeze()
+
 
 async def complete(spec: CallSpec) -> Outcome:
     """One call, in the running loop: resolve its connections, then run it. Never raises for a failed call."""
+    freeze_heap()
     try:
         endpoints = await resolve(spec)
     except LLMConfigError as exc:
@@ -51,6 +76,7 @@ def run_sync(work: Callable[..., Awaitable[T]], *args: object) -> T:
 
 
 async def _then_close(work: Callable[..., Awaitable[T]], *args: object) -> T:
+    _sync_mode.set(True)
     try:
         return await work(*args)
     finally:
@@ -194,6 +220,7 @@ async def fan_out(
 
     An item that could not become a request comes as its record already (see ``fanout.item_specs``).
     """
+    freeze_heap()
     records: list[fanout.Record | None] = [None] * len(specs)
     for index, record in (done or {}).items():
         records[index] = record

@@ -57,6 +57,7 @@ class GCPauses:
             times = [p for _, g, p in self.pauses if g == gen]
             by_gen[f"gen{gen}"] = {"count": len(times), "total_ms": sum(times) * 1000}
             by_gen[f"gen{gen}"]["max_ms"] = max(times, default=0) * 1000
+        by_gen["full"] = [(round(t - since, 3), round(p * 1000, 1)) for t, g, p in self.pauses if g == 2]
         by_gen["longest"] = [
             {"at_s": round(t - since, 3), "gen": g, "ms": round(p * 1000, 1)}
             for t, g, p in sorted(self.pauses, key=lambda x: -x[2])[:5]
@@ -133,6 +134,8 @@ async def measure(client, calls: int, concurrency: int, timeout: float) -> dict[
             "max": max(lag, default=0.0) * 1000,
             "samples": len(lag),
             "worst": [{"at_s": round(at - wall0, 3), "ms": round(late * 1000, 1)} for at, late in worst],
+            # Every sample over 20 ms, in order: which phase of the run (launch, wait, answers) stalls.
+            "slow": [(round(at - wall0, 3), round(late * 1000, 1)) for at, late in lag_at if late > 0.020],
         },
         "gc": gc_pauses.summary(wall0),
         "rss_end_kb": rss_kb(),
