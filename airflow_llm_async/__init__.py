@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 
 def get_provider_info() -> dict:
@@ -21,7 +21,11 @@ def get_provider_info() -> dict:
         "triggers": [
             {
                 "integration-name": "LLM",
-                "python-modules": ["airflow_llm_async.triggers.chat", "airflow_llm_async.triggers.fanout"],
+                "python-modules": [
+                    "airflow_llm_async.triggers.chat",
+                    "airflow_llm_async.triggers.fanout",
+                    "airflow_llm_async.triggers.batch",
+                ],
             },
         ],
         "operators": [
