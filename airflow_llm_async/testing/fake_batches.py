@@ -69,6 +69,8 @@ class BatchSettings:
     batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES
     # The next N downloads (GET /v1/files/{id}/content) answer 500, whatever the batch: counted down.
     batch_download_failures: int = 0
+    # The next N retrieves (GET /v1/batches/{id}) answer 500, whatever the batch: counted down.
+    batch_retrieve_failures: int = 0
 
     def __post_init__(self) -> None:
         seconds = self.batch_processing_s
@@ -85,9 +87,10 @@ class BatchSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        failures = self.batch_download_failures
-        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
-            raise ValueError(f"batch_download_failures must be an integer >= 0, got {failures!r}")
+        for name in ("batch_download_failures", "batch_retrieve_failures"):
+            failures = getattr(self, name)
+            if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {failures!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,7 +280,7 @@ class BatchStore:
         self.answered_ok.clear()
         self.files_uploaded = self.batches_created = self.batches_cancelled = 0
         self.lines_answered = self.lines_failed = self.lines_answered_twice = 0
-        self.downloads_failed = 0
+        self.downloads_failed = self.retrieves_failed = 0
 
     def snapshot(self) -> dict[str, int]:
         return {
@@ -288,6 +291,7 @@ class BatchStore:
             "lines_failed": self.lines_failed,
             "lines_answered_twice": self.lines_answered_twice,
             "downloads_failed": self.downloads_failed,
+            "retrieves_failed": self.retrieves_failed,
         }
 
     def configure(self, changes: Any) -> dict[str, Any]:
@@ -342,8 +346,7 @@ class BatchStore:
             self.settings = dataclasses.replace(self.settings, batch_download_failures=left)
             self.downloads_failed += 1
             self.notify()
-            message = "The server had an error while processing your request."
-            raise ApiError(500, message, type_="server_error")
+            raise _server_error()
         return self.file(file_id).data
 
     def delete_file(self, file_id: str) -> dict[str, Any]:
@@ -401,6 +404,14 @@ class BatchStore:
         return batch
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
+        """A batch as it is now (``GET /v1/batches/{id}``); while ``batch_retrieve_failures`` is above 0,
+        a 500 instead, and one failure fewer to come."""
+        if self.settings.batch_retrieve_failures > 0:
+            left = self.settings.batch_retrieve_failures - 1
+            self.settings = dataclasses.replace(self.settings, batch_retrieve_failures=left)
+            self.retrieves_failed += 1
+            self.notify()
+            raise _server_error()
         return await self._look(self.batch(batch_id))
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
@@ -504,6 +515,11 @@ class BatchStore:
         if batch.error_lines:
             name = f"{batch.id}_error.jsonl"
             batch.error_file_id = self.add_file(batch.error_lines, name, "batch_output").id
+
+
+def _server_error() -> ApiError:
+    """OpenAI's answer to a request it failed on its side: 500, type ``server_error``."""
+    return ApiError(500, "The server had an error while processing your request.", type_="server_error")
 
 
 def _alnum(length: int) -> str:

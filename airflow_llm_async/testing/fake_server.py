@@ -124,11 +124,14 @@ model; for more than ``batch_max_requests`` lines (default 50,000: ``too_many_ta
 ``batch_fail_validation``, always (``token_limit_exceeded``). A batch upload over
 ``batch_max_file_bytes`` (default 200 MiB) is refused: 400 ``File is too large.``.
 ``batch_download_failures`` (default 0) answers the next N ``GET /v1/files/{id}/content`` a 500
-(``server_error``), whatever the file, counting down (it applies at once, not per batch). The settings
+(``server_error``), whatever the file, counting down (it applies at once, not per batch);
+``batch_retrieve_failures`` (default 0) does the same to the next N ``GET /v1/batches/{id}`` (not the
+list, not a cancel). The settings
 are ``create_app`` keyword arguments, CLI flags (``--batch-processing-s`` ...) and ``/_fake/batches``.
 Stats ``batches``: files_uploaded, batches_created, batches_cancelled, lines_answered, lines_failed
 (answered other than 200), lines_answered_twice (answered although an earlier batch had already
-answered the same custom_id and body with 200: a retried failed line is not one), downloads_failed.
+answered the same custom_id and body with 200: a retried failed line is not one), downloads_failed,
+retrieves_failed.
 
 Run it standalone with ``airflow-llm-fake-server --port 0`` (or ``python -m
 airflow_llm_async.testing.fake_server``); it prints ``fake LLM server listening on <base_url>``.
@@ -1250,6 +1253,7 @@ def create_app(
     batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS,
     batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES,
     batch_download_failures: int = 0,
+    batch_retrieve_failures: int = 0,
 ) -> web.Application:
     """The fake server's aiohttp application. Raises ValueError for a bad latency, model list, fault
     or batch setting.
@@ -1284,6 +1288,7 @@ def create_app(
         batch_max_requests=batch_max_requests,
         batch_max_file_bytes=batch_max_file_bytes,
         batch_download_failures=batch_download_failures,
+        batch_retrieve_failures=batch_retrieve_failures,
     )
     answer = functools.partial(answer_batch_line, state)
     state.batches = BatchStore(settings, answer=answer, notify=state.changed.set)
@@ -1370,6 +1375,7 @@ class FakeLLMServer:
         batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS,
         batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES,
         batch_download_failures: int = 0,
+        batch_retrieve_failures: int = 0,
     ) -> None:
         self.host = _loopback_host(host)
         self.port = port
@@ -1390,6 +1396,7 @@ class FakeLLMServer:
             batch_max_requests=batch_max_requests,
             batch_max_file_bytes=batch_max_file_bytes,
             batch_download_failures=batch_download_failures,
+            batch_retrieve_failures=batch_retrieve_failures,
         )
         self._state = self.app[STATE]
         self._shutdown_timeout = shutdown_timeout
@@ -1541,6 +1548,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-download-failures", type=int, default=0, metavar="N",
         help="the next N file downloads answer 500 (default 0)",
     )  # fmt: skip
+    batches.add_argument(
+        "--batch-retrieve-failures", type=int, default=0, metavar="N",
+        help="the next N batch retrieves (GET /v1/batches/{id}) answer 500 (default 0)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.models = (*DEFAULT_MODELS, *(m for m in args.model if m not in DEFAULT_MODELS))
     args.keepalive_timeout = args.keepalive_timeout or None  # 0: never give idle connections up
@@ -1561,7 +1572,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _batch_args(args: argparse.Namespace) -> dict[str, Any]:
     names = ("batch_processing_s", "batch_expire_after", "batch_fail_validation", "batch_max_requests",
-             "batch_max_file_bytes", "batch_download_failures")  # fmt: skip
+             "batch_max_file_bytes", "batch_download_failures", "batch_retrieve_failures")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 

@@ -154,6 +154,7 @@ async def test_a_batch_answers_each_line_as_the_chat_endpoint_does() -> None:
             "lines_failed": 0,
             "lines_answered_twice": 0,
             "downloads_failed": 0,
+            "retrieves_failed": 0,
         }
 
 
@@ -243,6 +244,7 @@ async def test_forced_validation_failure_set_at_runtime() -> None:
                 "batch_max_requests": 50_000,
                 "batch_max_file_bytes": 200 * 2**20,
                 "batch_download_failures": 0,
+                "batch_retrieve_failures": 0,
             }
         created = await start(client, items(3))
         batch, seen = await finished(client, created.id)
@@ -419,6 +421,41 @@ async def test_download_failures_answer_500_counted_down_then_the_content() -> N
         assert srv.configure_batches()["batch_download_failures"] == 1
 
 
+async def test_retrieve_failures_answer_500_counted_down_then_the_batch() -> None:
+    async with serve() as (srv, client), aiohttp.ClientSession(base_url=srv.url) as http:
+        batch, _ = await finished(client, (await start(client, items(2))).id)
+        async with http.post("/_fake/batches", json={"batch_retrieve_failures": 2}) as resp:
+            assert (await resp.json())["batch_retrieve_failures"] == 2
+        # Listing and downloading are not retrieves: they answer as ever and count nothing down.
+        assert [b.id for b in (await client.batches.list()).data] == [batch.id]
+        assert len(await lines_of(client, batch.output_file_id)) == 2
+        assert srv.configure_batches()["batch_retrieve_failures"] == 2
+        for left in (1, 0):
+            with pytest.raises(openai.InternalServerError) as caught:
+                await client.batches.retrieve(batch.id)
+            assert caught.value.status_code == 500
+            assert caught.value.body["type"] == "server_error"  # OpenAI's shape of a server error
+            assert srv.stats()["batches"]["retrieves_failed"] == 2 - left
+            assert srv.configure_batches()["batch_retrieve_failures"] == left
+        retrieved = await client.batches.retrieve(batch.id)
+        assert (retrieved.id, retrieved.status) == (batch.id, "completed")
+        assert srv.stats()["batches"]["retrieves_failed"] == 2
+        assert srv.stats()["batches"]["downloads_failed"] == 0
+
+    # At start-up (a create_app keyword, a CLI flag), and re-armed by a reset.
+    async with serve(batch_retrieve_failures=1) as (srv, client):
+        created = await start(client, items(1))
+        with pytest.raises(openai.InternalServerError):
+            await client.batches.retrieve(created.id)
+        assert (await client.batches.retrieve(created.id)).id == created.id
+        srv.reset()
+        assert srv.configure_batches()["batch_retrieve_failures"] == 1
+        assert srv.stats()["batches"]["retrieves_failed"] == 0
+    from airflow_llm_async.testing.fake_server import _batch_args, _parse_args
+
+    assert _batch_args(_parse_args(["--batch-retrieve-failures", "3"]))["batch_retrieve_failures"] == 3
+
+
 async def test_an_upload_is_read_as_a_stream_without_content_length() -> None:
     line = json.dumps(request("streamed", "Summarize: sent in chunks.")).encode() + b"\n"
 
@@ -503,6 +540,7 @@ async def test_settings_are_checked_everywhere_they_are_given(capsys: pytest.Cap
         {"batch_max_requests": 0},
         {"batch_fail_validation": "yes"},
         {"batch_download_failures": -1},
+        {"batch_retrieve_failures": -1},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             create_app(**bad)
@@ -512,6 +550,9 @@ async def test_settings_are_checked_everywhere_they_are_given(capsys: pytest.Cap
     with pytest.raises(SystemExit):
         main(["--batch-download-failures", "-1"])
     assert "batch_download_failures" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--batch-retrieve-failures", "-1"])
+    assert "batch_retrieve_failures" in capsys.readouterr().err
     async with serve() as (srv, _), aiohttp.ClientSession(base_url=srv.url) as http:
         for body in ({"batch_processing_s": -1}, {"no_such_setting": 1}, [1]):
             async with http.post("/_fake/batches", json=body) as resp:
