@@ -178,11 +178,11 @@ def skip_for(endpoint: Endpoint | None, model: str | None) -> NoAnswer | None:
 async def through(
     gate: LocalBreaker | None,
     lease_s: float,
-    send: Callable[[], Awaitable[Reply]],
-    *,
+    send: Callable[..., Awaitable[Reply]],
+    *args: Any,
     fallback: bool = False,
 ) -> Reply:
-    """``send()`` if the circuit lets the call go (and tell it the result), else the skip as the reply.
+    """``send(*args)`` if the circuit lets the call go (and tell it the result), else the skip as the reply.
 
     ``lease_s`` bounds the round trip: a probe that has not reported by then lets another one go.
     While the model is in doubt (it failed, and enough trials are in flight) a call with a
@@ -191,7 +191,7 @@ async def through(
     silence) a call without a fallback goes at once: the model may only be slow.
     """
     if gate is None:
-        return await send()
+        return await send(*args)
     decision = await gate.admit(lease_s + LEASE_MARGIN_S, lease_s)
     if isinstance(decision, Skip) and decision.in_doubt and not fallback:
         until = time.monotonic() + lease_s
@@ -205,7 +205,7 @@ async def through(
     probe = decision == breaker.PROBE
     sent_at = gate.sent()
     try:
-        reply = await send()
+        reply = await send(*args)
     except BaseException:  # cancelled mid-flight: says nothing about the server
         if probe:
             gate.release()

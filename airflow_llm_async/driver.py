@@ -107,24 +107,37 @@ def not_started(error: LLMCallError) -> Outcome:
     )
 
 
-async def run(spec: CallSpec, endpoints: Mapping[str, Endpoint], *, looked_up: bool = False) -> Outcome:
+def run(spec: CallSpec, endpoints: Mapping[str, Endpoint], *, looked_up: bool = False) -> Awaitable[Outcome]:
     """The call's answer from the response cache (``cache_ttl``), else what the engine's I/O gives.
 
-    ``looked_up``: the cache was asked already (a fan-out asks for all its items at once).
+    ``looked_up``: the cache was asked already (a fan-out asks for all its items at once). Without
+    a cache this is :func:`_drive` itself, awaited by the caller: one coroutine less per call in flight.
     """
     chain = cache.links(spec, endpoints)
-    if chain and not looked_up:
+    if not chain:
+        return _drive(spec, endpoints)
+    return _cached(spec, endpoints, chain, looked_up)
+
+
+async def _cached(
+    spec: CallSpec, endpoints: Mapping[str, Endpoint], chain: Sequence[object], looked_up: bool
+) -> Outcome:
+    if not looked_up:
         hit = await cache_store.lookup(spec, chain)
         if hit is not None:
             return hit
     outcome = await _drive(spec, endpoints)
-    if chain:
-        await cache_store.keep(spec, chain, outcome)
+    await cache_store.keep(spec, chain, outcome)
     return outcome
 
 
 async def _drive(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> Outcome:
-    """Drive the engine until it returns the outcome."""
+    """Drive the engine until it returns the outcome.
+
+    The coroutines awaited per request are few on purpose (this one, :func:`_round_trip`, the
+    breaker's and the transport's): each is an object every call in flight keeps alive, and
+    thousands in flight make the collector's full passes longer (docs/performance.md, section 1).
+    """
     flow = call_flow(spec, endpoints, observer=metrics, host=metrics.hostname(), pid=os.getpid())
     conn_id, model = spec.chain[-1]
     last = (conn_id, model or endpoints[conn_id].default_model)  # a model in doubt is skipped for a later one
@@ -135,8 +148,17 @@ async def _drive(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> Outcome:
             if skip is None:
                 await asyncio.sleep(step.seconds)
             step = _advance(flow, skip)
+            continue
+        # Send: an open circuit is answered before queueing for the limits.
+        endpoint = step.endpoint
+        skip = breakers.skip_for(endpoint, step.model)
+        fallback = (endpoint.conn_id, step.model) != last
+        if skip is not None:
+            step = _advance(flow, skip)
+        elif endpoint.budget_usd is None:
+            step = await _round_trip(flow, step, fallback)
         else:
-            step = await _send(flow, step, (step.endpoint.conn_id, step.model) != last)
+            step = await _budgeted(flow, step, fallback)
     return step
 
 
@@ -148,16 +170,11 @@ def _advance(flow: Flow, reply: Reply) -> Step | Outcome:
         return done.value
 
 
-async def _send(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
-    """Wait for the connection's limits, make the round trip, tell the engine, then the limiter."""
+async def _budgeted(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
+    """The round trip of a connection with a budget: the worst case is held before the request queues,
+    so a refused request never reaches the server, and settled to the real cost once the engine has
+    priced it."""
     endpoint, model = step.endpoint, step.model
-    skip = breakers.skip_for(endpoint, model)  # an open circuit: answered before queueing for the limits
-    if skip is not None:
-        return _advance(flow, skip)
-    if endpoint.budget_usd is None:
-        return await _round_trip(flow, step, fallback)
-    # The connection's budget: the worst case is held before the request queues, so a refused
-    # request never reaches the server, and settled to the real cost once the engine has priced it.
     held = await budget_store.reserve(endpoint, step.worst_cost_usd or 0.0)
     if isinstance(held, str):
         metrics.error(endpoint.conn_id, model, "budget")
@@ -170,6 +187,7 @@ async def _send(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
 
 
 async def _round_trip(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
+    """Wait for the connection's limits, make the round trip, tell the engine, then the limiter."""
     endpoint, model = step.endpoint, step.model
     limiter = limits.limiter_for(endpoint)
     deadline = step.deadline
@@ -182,16 +200,16 @@ async def _round_trip(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
             # Time spent waiting for the limiter comes off a deadline-bound attempt.
             timeout = step.timeout if deadline is None else min(step.timeout, deadline - time.time())
             if timeout > 0:
+                # The request's arguments, not a closure over them: fewer objects per call in flight.
                 reply = await breakers.through(
                     breakers.breaker_for(endpoint, model),
                     timeout,
-                    lambda: transport.post_json(
-                        endpoint.chat_url,
-                        endpoint.request_headers(),
-                        step.body,
-                        timeout,
-                        endpoint.max_response_bytes,
-                    ),
+                    transport.post_json,
+                    endpoint.chat_url,
+                    _headers(endpoint),
+                    step.body,
+                    timeout,
+                    endpoint.max_response_bytes,
                     fallback=fallback,
                 )
             else:
@@ -208,6 +226,23 @@ async def _round_trip(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
         return _advance(flow, NoAnswer("limits"))
     finally:
         metrics.in_flight(endpoint.conn_id, limiter.in_flight)
+
+
+# The request headers of each endpoint (by identity: a resolved Endpoint is reused for its connection
+# until the connection is looked up again), built once instead of once per request. aiohttp copies
+# them into the request, never changes them.
+_endpoint_headers: dict[int, tuple[Endpoint, Mapping[str, str]]] = {}
+
+
+def _headers(endpoint: Endpoint) -> Mapping[str, str]:
+    known = _endpoint_headers.get(id(endpoint))
+    if known is not None and known[0] is endpoint:
+        return known[1]
+    if len(_endpoint_headers) >= 256:  # endpoints looked up again replace theirs: drop the stale ones
+        _endpoint_headers.clear()
+    headers = endpoint.request_headers()
+    _endpoint_headers[id(endpoint)] = (endpoint, headers)
+    return headers
 
 
 async def fan_out(

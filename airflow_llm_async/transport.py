@@ -119,33 +119,23 @@ def _timeout(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=seconds)
 
 
-async def post_json(
+def post_json(
     url: str, headers: Mapping[str, str], body: bytes, time_limit: float, max_bytes: int
-) -> Answer | NoAnswer:
+) -> Awaitable[Answer | NoAnswer]:
     """POST ``body``; the whole answer within ``time_limit`` seconds, or why there is none.
 
     An answer of more than ``max_bytes`` (decompressed) is not read: one endless or inflating body
     must not take the triggerer's memory, and every call in it, down.
+
+    A request that meets a pooled connection the server had closed is sent again once, at once, on a
+    new connection, and is not an attempt: the server had closed the pooled one, so the request did
+    not reach the model. At least once, though: a server that read it and died before answering a
+    byte looks the same, and then the model runs it twice.
+
+    Not a coroutine itself: the awaitable is :func:`_post`'s, so a call in flight keeps one coroutine
+    of ours here, not two.
     """
-    started = time.monotonic()
-    try:
-        return await _post(shared_session(), url, headers, body, time_limit, max_bytes)
-    except _StaleConnection as stale:
-        # Sent again once, at once, on a new connection, and not an attempt: the server had closed the
-        # pooled one, so the request did not reach the model. At least once, though: a server that read
-        # it and died before answering a byte looks the same, and then the model runs it twice.
-        log.debug("a pooled connection to %s was closed (%s); sending again on a new one", url, stale)
-    time_left = time_limit - (time.monotonic() - started)
-    if time_left <= 0:
-        return NoAnswer("timeout")
-    try:
-        return await _post(_fresh_session(), url, headers, body, time_left, max_bytes)
-    except _StaleConnection as exc:  # a fresh connection is never pooled: only if aiohttp changes
-        return NoAnswer("connection", str(exc))
-
-
-class _StaleConnection(Exception):
-    """The request failed on a pooled connection before any answer byte arrived."""
+    return _post(shared_session(), url, headers, body, time_limit, max_bytes, time.monotonic())
 
 
 async def _post(
@@ -155,7 +145,9 @@ async def _post(
     body: bytes,
     time_limit: float,
     max_bytes: int,
+    started: float | None = None,
 ) -> Answer | NoAnswer:
+    """One POST; ``started`` (monotonic) on the pooled session's try: a stale connection is tried again."""
     answering = False
     _reused.set(False)  # until connect() says otherwise: a request that fails before it was never sent
     try:
@@ -181,9 +173,14 @@ async def _post(
         stale = isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(
             exc, aiohttp.ClientConnectorError
         )
-        if stale and not answering and _reused.get():
-            raise _StaleConnection(detail) from None
-        return NoAnswer("connection", detail)
+        # (A fresh connection is never pooled: a stale one there only if aiohttp changes.)
+        if not (stale and not answering and _reused.get() and started is not None):
+            return NoAnswer("connection", detail)
+        log.debug("a pooled connection to %s was closed (%s); sending again on a new one", url, detail)
+    time_left = time_limit - (time.monotonic() - started)
+    if time_left <= 0:
+        return NoAnswer("timeout")
+    return await _post(_fresh_session(), url, headers, body, time_left, max_bytes)
 
 
 async def _read_at_most(stream: aiohttp.StreamReader, max_bytes: int) -> bytes | None:
