@@ -10,10 +10,12 @@ the worker through :func:`run_sync`, the one bridge from sync code into this asy
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import gc
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -214,6 +216,9 @@ async def _round_trip(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
                 )
             else:
                 reply = NoAnswer("limits")
+            turn = _pacer().turn()
+            if turn is not None:  # many answers came together: this one's work waits for a later slice
+                await turn
             following = _advance(flow, reply)  # the engine classifies it while the permit is held
             if getattr(reply, "status", None) == 429:
                 limiter.on_rate_limited(permit)
@@ -226,6 +231,82 @@ async def _round_trip(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
         return _advance(flow, NoAnswer("limits"))
     finally:
         metrics.in_flight(endpoint.conn_id, limiter.in_flight)
+
+
+# --- paced resumption ---------------------------------------------------------------------------
+
+# Loop time the answers' work may take in one turn of the event loop before the rest wait for the next.
+PACE_SLICE_S = 0.005
+
+
+class _Pacer:
+    """Spreads the work of answers that arrive together over several turns of the event loop.
+
+    When thousands of answers come at once (a server, or a gateway, answering a burst together), every
+    call would parse its answer, end its trigger and log its line in the same turn of the loop, and
+    nothing else on the loop (other triggers, the triggerer's heartbeat) would run for the whole burst.
+    Here the calls of one turn go on until their work has taken :data:`PACE_SLICE_S`; the others wait,
+    first come first served, and go on in batches of about as many as fitted, one batch per turn. No
+    work is skipped or reordered within a call: the burst takes as long, but the loop turns in between.
+    An answer alone (the usual case) costs a clock read and a comparison.
+    """
+
+    __slots__ = ("_loop", "_began", "_passed", "_fit", "_waiting", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._began: float | None = None  # when this turn's first answer went on
+        self._passed = 0  # answers that went on in this turn
+        self._fit = 1  # how many went on within the slice in the last full turn
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._scheduled = False
+
+    def turn(self) -> asyncio.Future[None] | None:
+        """None: go on now; else a future to await, done when it is this answer's turn."""
+        now = self._loop.time()
+        if not self._waiting:
+            if self._began is None:
+                self._began, self._passed = now, 1
+                self._schedule()
+                return None
+            if now - self._began < PACE_SLICE_S:
+                self._passed += 1
+                return None
+            self._fit = max(1, self._passed)
+        waiter = self._loop.create_future()
+        self._waiting.append(waiter)
+        return waiter
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._next)
+
+    def _next(self) -> None:
+        """A new turn of the loop: a new slice; let the next batch of waiting answers go on."""
+        self._scheduled = False
+        self._began = None
+        released = 0
+        while self._waiting and released < self._fit:
+            waiter = self._waiting.popleft()
+            if not waiter.done():  # a cancelled call is gone from the line
+                waiter.set_result(None)
+                released += 1
+        if self._waiting:
+            self._began = self._loop.time()  # the released batch is this slice's work
+            self._passed = released
+            self._schedule()
+
+
+_pacers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pacer] = weakref.WeakKeyDictionary()
+
+
+def _pacer() -> _Pacer:
+    loop = asyncio.get_running_loop()
+    pacer = _pacers.get(loop)
+    if pacer is None:
+        pacer = _pacers[loop] = _Pacer(loop)
+    return pacer
 
 
 # The request headers of each endpoint (by identity: a resolved Endpoint is reused for its connection
