@@ -208,3 +208,34 @@ async def _send_warm_up(comms: Any, dag_id: str) -> None:
         log.debug("Execution API warm-up failed", exc_info=True)
         return
     log.info("Triggerer's in-process Execution API ready after %.2f s", time.monotonic() - started)
+
+
+# --- 8. on_kill() also runs for a trigger moved to another triggerer ----------------------------------
+# Upstream: apache/airflow#73454 ("Skip on_kill() for triggers reassigned to another triggerer", open).
+# A triggerer whose heartbeat stalled past [triggerer] triggerer_health_check_threshold (compat entry 7:
+# 5-26 s building its Execution API) loses its triggers to another triggerer; when it comes back, it
+# cancels them with the same "user action" message a killed task gets, so on_kill() runs there while
+# the other triggerer carries on with the task. A batch's on_kill would cancel the batch that the task
+# still waits for. So on_kill asks first: a task still deferred was not killed. Can go when on_kill
+# runs only for a user's action (the upstream PR merged): then the check always says "not deferred".
+
+
+async def task_still_deferred(ti: Any) -> bool:
+    """Whether ``ti`` is still deferred (its trigger moved, not killed); False when unknown or no TI."""
+    if ti is None:
+        return False
+    from airflow.sdk.execution_time.comms import GetTaskStates
+    from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS
+
+    try:
+        answer = await SUPERVISOR_COMMS.asend(
+            GetTaskStates(
+                dag_id=ti.dag_id, run_ids=[ti.run_id], task_ids=[ti.task_id], map_index=ti.map_index
+            )
+        )
+        key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}_{ti.map_index}"
+        state = (answer.task_states.get(ti.run_id) or {}).get(key)
+    except Exception:  # unknown: do what Airflow asked
+        log.warning("could not read the task's state before on_kill; going on", exc_info=True)
+        return False
+    return state == "deferred"

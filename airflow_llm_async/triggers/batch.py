@@ -75,9 +75,19 @@ class BatchTrigger(FanOutTrigger):
         return replace(outcome, meta={**outcome.meta, "batch": summary}, message=line)
 
     async def on_kill(self) -> None:
-        """The task was killed (marked failed or success, cleared): cancel its batches."""
-        if self._run is not None:
-            await self._run.cancel()
+        """The task was killed (marked failed or success, cleared): cancel its batches.
+
+        Not when the task is still deferred: Airflow 3.3.2 calls on_kill for a trigger that moved to
+        another triggerer too, which still waits for the batch (compat.py, entry 8).
+        """
+        if self._run is None:
+            return
+        if await compat.task_still_deferred(self.task_instance):
+            self.log.warning(
+                "LLM batch: on_kill, but the task is still deferred (its trigger moved): not cancelling"
+            )
+            return
+        await self._run.cancel()
 
     def _where(self) -> dict[str, Any]:
         ti = self.task_instance

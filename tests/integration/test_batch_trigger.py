@@ -7,7 +7,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from airflow.sdk.execution_time.comms import GetXCom, SetXCom, XComResult
+from airflow.sdk.execution_time.comms import GetTaskStates, GetXCom, SetXCom, TaskStatesResult, XComResult
 from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
 
 from airflow_llm_async.core.pricing import DEFAULT_PRICES
@@ -34,12 +34,15 @@ class XComStore:
 
     def __init__(self):
         self.tables: dict[tuple, dict[str, object]] = {}
+        self.task_state = "failed"  # of task fan, as GetTaskStates answers it
 
     @property
     def values(self) -> dict[str, object]:
         return self.tables.setdefault(("d", "fan", "r", -1), {})
 
     async def asend(self, message):
+        if isinstance(message, GetTaskStates):  # what the API answers: {run_id: {task_id: state}}
+            return TaskStatesResult(task_states={run: {"fan": self.task_state} for run in message.run_ids})
         table = self.tables.setdefault(
             (message.dag_id, message.task_id, message.run_id, message.map_index), {}
         )
@@ -184,6 +187,21 @@ async def test_killing_the_task_cancels_the_batch(batch_llm, xcoms):
         await running
     await trigger.on_kill()  # what the triggerer calls when a user kills the task
     assert batch_stats(batch_llm)["batches_cancelled"] == 1
+
+
+async def test_on_kill_of_a_trigger_that_moved_to_another_triggerer_cancels_nothing(batch_llm, xcoms):
+    # Airflow 3.3.2 calls on_kill on a triggerer that lost the trigger while its heartbeat stalled;
+    # the task is still deferred there, waiting for the batch on the other triggerer.
+    await _configure(batch_llm, {"batch_processing_s": 30.0})
+    trigger = batch_trigger()
+    running = asyncio.create_task(events_of(trigger))
+    await wait_until(lambda: batch_stats(batch_llm)["batches_created"] == 1 and STATE_KEY in xcoms.values)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    xcoms.task_state = "deferred"
+    await trigger.on_kill()
+    assert batch_stats(batch_llm)["batches_cancelled"] == 0
 
 
 async def test_the_timeout_cancels_the_batch_and_keeps_its_partial_answers(batch_llm, xcoms):
