@@ -77,7 +77,7 @@ class BatchTrigger(FanOutTrigger):
     async def on_kill(self) -> None:
         """The task was killed (marked failed or success, cleared): cancel its batches.
 
-        Not when the task is still deferred: Airflow 3.3.2 calls on_kill for a trigger that moved to
+        Not when the task is still deferred: Airflow calls on_kill for a trigger that moved to
         another triggerer too, which still waits for the batch (compat.py, entry 8).
         """
         if self._run is None:
