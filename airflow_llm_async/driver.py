@@ -246,12 +246,14 @@ class _Pacer:
     call would parse its answer, end its trigger and log its line in the same turn of the loop, and
     nothing else on the loop (other triggers, the triggerer's heartbeat) would run for the whole burst.
     Here the calls of one turn go on until their work has taken :data:`PACE_SLICE_S`; the others wait,
-    first come first served, and go on in batches of about as many as fitted, one batch per turn. No
-    work is skipped or reordered within a call: the burst takes as long, but the loop turns in between.
-    An answer alone (the usual case) costs a clock read and a comparison.
+    first come first served, and go on in batches, one batch per turn. A batch starts as large as what
+    fitted in the slice, doubles after a turn that took less than the slice and halves after one that
+    took more than two, so the line drains at whatever rate the loop can go. No work is skipped or
+    reordered within a call: the burst takes as long, but the loop turns in between. An answer alone
+    (the usual case) costs a clock read and a comparison.
     """
 
-    __slots__ = ("_loop", "_began", "_passed", "_fit", "_waiting", "_scheduled")
+    __slots__ = ("_loop", "_began", "_passed", "_fit", "_waiting", "_scheduled", "_released_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -260,6 +262,7 @@ class _Pacer:
         self._fit = 1  # how many went on within the slice in the last full turn
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._scheduled = False
+        self._released_at: float | None = None  # when the last batch was let go (it runs in the next turn)
 
     def turn(self) -> asyncio.Future[None] | None:
         """None: go on now; else a future to await, done when it is this answer's turn."""
@@ -284,7 +287,15 @@ class _Pacer:
 
     def _next(self) -> None:
         """A new turn of the loop: a new slice; let the next batch of waiting answers go on."""
+        now = self._loop.time()
         self._scheduled = False
+        if self._released_at is not None:  # the last batch ran in the turn just ended: did it fit?
+            took = now - self._released_at
+            if took < PACE_SLICE_S:
+                self._fit *= 2
+            elif took > 2 * PACE_SLICE_S:
+                self._fit = max(1, self._fit // 2)
+            self._released_at = None
         self._began = None
         released = 0
         while self._waiting and released < self._fit:
@@ -293,8 +304,9 @@ class _Pacer:
                 waiter.set_result(None)
                 released += 1
         if self._waiting:
-            self._began = self._loop.time()  # the released batch is this slice's work
+            self._began = now  # the released batch is this slice's work
             self._passed = released
+            self._released_at = now
             self._schedule()
 
 
