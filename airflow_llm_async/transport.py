@@ -69,8 +69,10 @@ class _Connector(aiohttp.TCPConnector):
         reused = protocol in self._served
         if not reused:
             self._served.add(protocol)
-        # aiohttp awaits connect() in the requesting task, so post_json reads this back there.
-        _reused.set(reused)
+        # aiohttp awaits connect() in the requesting task, so post_json reads this back there. Set only
+        # when true (_post cleared it before): each set copies the task's context.
+        if reused:
+            _reused.set(True)
         return connection
 
 
@@ -149,7 +151,8 @@ async def _post(
 ) -> Answer | NoAnswer:
     """One POST; ``started`` (monotonic) on the pooled session's try: a stale connection is tried again."""
     answering = False
-    _reused.set(False)  # until connect() says otherwise: a request that fails before it was never sent
+    if _reused.get():  # until connect() says otherwise: a request that fails before it was never sent
+        _reused.set(False)
     try:
         # No redirects: following one would send the key, the headers and the prompt to another host.
         async with session.post(

@@ -20,6 +20,7 @@ module, which implements it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -294,10 +295,21 @@ def resolve_models(spec: CallSpec, endpoints: Mapping[str, Endpoint]) -> list[tu
 
 def retry_policy(spec: CallSpec, endpoint: Endpoint) -> RetryPolicy:
     max_retries = spec.max_retries if spec.max_retries is not None else endpoint.max_retries
-    patience = endpoint.rate_limit_patience_s
+    try:
+        return _shared_policy(max_retries, endpoint.rate_limit_patience_s)
+    except TypeError:  # an unhashable value: RetryPolicy says what is wrong with it
+        return _policy(max_retries, endpoint.rate_limit_patience_s)
+
+
+def _policy(max_retries: int | None, patience: float) -> RetryPolicy:
     if max_retries is None:
         return RetryPolicy(rate_limit_patience=patience)
     return RetryPolicy(max_retries=max_retries, rate_limit_patience=patience)
+
+
+# Immutable and the same for most calls: one shared object instead of one per link and call. typed:
+# 2.0 must still be refused where 2 is accepted (an invalid value raises, and is never cached).
+_shared_policy = functools.lru_cache(maxsize=256, typed=True)(_policy)
 
 
 def _interpret(reply: Reply, endpoint: Endpoint, timeout: float, capped: bool) -> Completion:
