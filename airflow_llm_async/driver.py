@@ -78,10 +78,11 @@ def run_sync(work: Callable[..., Awaitable[T]], *args: object) -> T:
 
 
 async def _then_close(work: Callable[..., Awaitable[T]], *args: object) -> T:
-    _sync_mode.set(True)
+    sync = _sync_mode.set(True)
     try:
         return await work(*args)
     finally:
+        _sync_mode.reset(sync)  # asgiref copies the context back to the caller: leave it as it was
         # The loop ends with this work: its metrics must be sent, its session and limiters closed.
         metrics.flush()
         await transport.close_shared_session()
