@@ -61,8 +61,9 @@ class LLMFanOutOperator(LLMOperator):
         (``"realtime"``, the default), or counted as failed (``"none"``).
     :param batch_max_requests: requests per batch (OpenAI's limit, 50,000); more items go into several.
     :param batch_max_bytes: bytes per input file (OpenAI's limit, 200 MB); likewise.
-    :param batch_resubmit: send a new batch even if one for the same task and input exists (default:
-        reuse it, so a retry never pays twice).
+    :param batch_resubmit: each try of the task sends a new batch, even if an earlier try made one for
+        the same input (a restart within the try still finds its own); default: reuse it, so a retry
+        never pays twice.
 
     Every other parameter is :class:`~airflow_llm_async.operators.llm.LLMOperator`'s (model,
     temperature, max_tokens, llm_conn_id, fallback_models, fallback_conn_ids, response_format,
