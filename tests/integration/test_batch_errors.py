@@ -11,67 +11,19 @@ import asyncio
 import contextlib
 import json
 import socket
-from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
-from airflow.sdk.execution_time.comms import GetXCom, SetXCom, XComResult
 from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
 
 from airflow_llm_async import batches
-from airflow_llm_async.operators.fanout import LLMFanOutOperator
-from airflow_llm_async.testing.fake_server import FakeLLMServer, compose_answer
-from airflow_llm_async.triggers.batch import BatchTrigger
-from tests.integration.conftest import API_KEY, point_connection, wait_until
+from airflow_llm_async.testing.fake_server import compose_answer
+from tests.integration.conftest import point_connection, wait_until
+from tests.integration.test_batch_trigger import _configure, batch_llm, batch_trigger, events_of, xcoms
+
+__all__ = ["batch_llm", "xcoms"]  # fixtures
 
 PROMPTS = [f"Describe the number {i} in one sentence, with a few words about its digits." for i in range(4)]
-TI = SimpleNamespace(dag_id="d", task_id="fan", run_id="r", map_index=-1, try_number=1)
-
-
-class XComStore:
-    """The triggerer's channel to its supervisor, as the XComs of one task instance."""
-
-    def __init__(self):
-        self.values: dict[str, object] = {}
-
-    async def asend(self, message):
-        if isinstance(message, SetXCom):
-            json.dumps(message.value)  # what reaches the API must be JSON
-            self.values[message.key] = message.value
-            return None
-        if isinstance(message, GetXCom):
-            return XComResult(key=message.key, value=self.values.get(message.key))
-        raise AssertionError(f"unexpected message {message!r}")
-
-
-@pytest.fixture
-def xcoms(monkeypatch):
-    store = XComStore()
-    monkeypatch.setattr("airflow.sdk.execution_time.task_runner.SUPERVISOR_COMMS", store, raising=False)
-    return store
-
-
-@pytest.fixture
-async def batch_llm(monkeypatch):
-    """The fake server with a quick Batch API (0.3 s per batch), and connection ``llm_fake`` to it."""
-    async with FakeLLMServer(api_key=API_KEY, batch_processing_s=0.3) as server:
-        point_connection(monkeypatch, "llm_fake", server.base_url, default_model="gpt-4", timeout=5)
-        yield server
-
-
-def batch_trigger(prompts=PROMPTS, **kw) -> BatchTrigger:
-    """A trigger as LLMFanOutOperator(batch=True) builds it (worker-free), rebuilt from its JSON kwargs."""
-    kw.setdefault("llm_conn_id", "llm_fake")
-    kw.setdefault("batch_poll_interval", 0.05)
-    kw.setdefault("batch_poll_max_interval", 0.1)
-    op = LLMFanOutOperator(task_id="fan", prompts=prompts, max_tokens=64, batch=True, **kw)
-    made = BatchTrigger(**json.loads(json.dumps(op.start_trigger_args.trigger_kwargs)))
-    made.task_instance = TI
-    return made
-
-
-async def events_of(trigger: BatchTrigger) -> list:
-    return [event async for event in trigger.run()]
 
 
 @contextlib.asynccontextmanager
@@ -128,7 +80,7 @@ async def test_a_batches_api_answering_503_is_asked_six_times_then_fails_the_tas
     )
     async with batches_api(busy) as (url, seen):
         point_connection(monkeypatch, "llm_busy", url, default_model="gpt-4")
-        events = await events_of(batch_trigger(llm_conn_id="llm_busy"))
+        events = await events_of(batch_trigger(PROMPTS, llm_conn_id="llm_busy"))
     assert isinstance(events[0], TaskFailedEvent)
     assert seen == ["GET /v1/batches?limit=100"] * batches.API_TRIES  # looking for its batch first
     error = xcoms.values["llm_meta"]["error"]
@@ -141,7 +93,7 @@ async def test_a_batches_api_that_cannot_be_reached_fails_the_task_with_a_connec
 ):
     url = f"http://127.0.0.1:{closed_port()}/v1"
     point_connection(monkeypatch, "llm_down", url, default_model="gpt-4")
-    events = await events_of(batch_trigger(llm_conn_id="llm_down"))
+    events = await events_of(batch_trigger(PROMPTS, llm_conn_id="llm_down"))
     assert isinstance(events[0], TaskFailedEvent)
     error = xcoms.values["llm_meta"]["error"]
     assert error["kind"] == "connection"
@@ -152,7 +104,7 @@ async def test_an_answer_that_is_not_json_fails_the_task_as_an_invalid_response(
     html = web.Response(text="<html>Bad gateway page</html>", content_type="text/html")
     async with batches_api(html) as (url, seen):
         point_connection(monkeypatch, "llm_html", url, default_model="gpt-4")
-        events = await events_of(batch_trigger(llm_conn_id="llm_html"))
+        events = await events_of(batch_trigger(PROMPTS, llm_conn_id="llm_html"))
     assert isinstance(events[0], TaskFailedEvent)
     assert seen == ["GET /v1/batches?limit=100"]  # a 200: not sent again
     error = xcoms.values["llm_meta"]["error"]
@@ -186,8 +138,8 @@ async def test_a_line_too_large_for_one_batch_file_is_never_sent_and_asked_in_re
 
 async def test_past_the_timeout_the_cancelled_items_are_not_asked_again_in_real_time(batch_llm, xcoms):
     """The batch is cancelled at the deadline; asking its items again in real time would come too late."""
-    await batch_llm_settings(batch_llm, batch_processing_s=5.0)  # in progress (0.5 s on) at the timeout
-    events = await events_of(batch_trigger(timeout=1.5, max_failures=1.0))
+    await _configure(batch_llm, {"batch_processing_s": 5.0})  # in progress (0.5 s on) at the timeout
+    events = await events_of(batch_trigger(PROMPTS, timeout=1.5, max_failures=1.0))
     assert isinstance(events[0], TaskSuccessEvent)  # max_failures=1.0: every item may fail
     meta = xcoms.values["llm_meta"]
     assert meta["batch"]["batches"][0]["status"] == "cancelled"
@@ -200,15 +152,6 @@ async def test_past_the_timeout_the_cancelled_items_are_not_asked_again_in_real_
             None,
         )
     assert sum(batch_llm.stats()["by_model"].values()) == 0  # no real-time request went out
-
-
-async def batch_llm_settings(server: FakeLLMServer, **settings) -> None:
-    """POST /_fake/batches: the fake Batch API's settings, for the batches created from now on."""
-    import httpx
-
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{server.url}/_fake/batches", json=settings)
-        response.raise_for_status()
 
 
 # ---- configuration ------------------------------------------------------------------------------------
@@ -233,8 +176,8 @@ async def test_no_model_anywhere_fails_the_task_before_anything_is_sent(
 async def test_killing_a_task_whose_batch_already_finished_logs_that_it_could_not_cancel(
     batch_llm, xcoms, caplog
 ):
-    await batch_llm_settings(batch_llm, batch_processing_s=1.0)
-    trigger = batch_trigger(batch_poll_interval=0.3, batch_poll_max_interval=0.3)
+    await _configure(batch_llm, {"batch_processing_s": 1.0})
+    trigger = batch_trigger(PROMPTS, batch_poll_interval=0.3, batch_poll_max_interval=0.3)
     running = asyncio.create_task(events_of(trigger))
     await wait_until(lambda: "in_progress" in json.dumps(xcoms.values.get("llm_batch")))
     running.cancel()  # the triggerer cancels the trigger, then calls on_kill
