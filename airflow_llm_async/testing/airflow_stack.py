@@ -753,9 +753,30 @@ class AirflowStack:
         return entry["value"]
 
     def task_log(
-        self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        try_number: int = 1,
+        map_index: int = -1,
+        *,
+        contains: tuple[str, ...] = (),
+        timeout: float = 30,
     ) -> str:
-        """The task's log (worker and triggerer parts) as plain text lines."""
+        """The task's log (worker and triggerer parts) as plain text lines.
+
+        With ``contains``, read again (up to ``timeout``) until every fragment is in it: the triggerer's
+        part can reach the log after the task has ended (its runner forwards log lines on its own
+        schedule), so a test that reads once right after the run may see only the worker's part.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self._read_task_log(dag_id, run_id, task_id, try_number, map_index)
+            if all(fragment in text for fragment in contains) or time.monotonic() >= deadline:
+                return text
+            time.sleep(_POLL_SECONDS)
+
+    def _read_task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int) -> str:
         path = f"dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/logs/{try_number}"
         # NDJSON, because the JSON variant makes the 3.3.2 api-server log Pydantic serializer warnings.
         body = self.api(

@@ -147,7 +147,7 @@ def test_failed_calls_fail_their_task_with_the_reason_and_sync_mode_works(airflo
         "server_down": "cannot reach http://127.0.0.1:9/v1",
     }
     for task_id, fragment in expected.items():
-        assert fragment in airflow.task_log("e2e_failures", run_id, task_id), task_id
+        assert fragment in airflow.task_log("e2e_failures", run_id, task_id, contains=(fragment,)), task_id
     assert airflow.xcom("e2e_failures", run_id, "sync_mode", key="answer")
 
 
@@ -195,7 +195,8 @@ def test_worker_free_tasks_never_reach_a_worker_and_their_xcoms_read_back(airflo
     }
     failed_meta = airflow.xcom(dag_id, run_id, "fails", key="llm_meta")
     assert failed_meta["error"]["code"] == "model_not_found"
-    assert "The model `gpt-5x` does not exist" in airflow.task_log(dag_id, run_id, "fails")
+    missing_model = "The model `gpt-5x` does not exist"
+    assert missing_model in airflow.task_log(dag_id, run_id, "fails", contains=(missing_model,))
 
 
 def test_airflow_dags_test_runs_every_mode_in_process(airflow, fake_llm):
@@ -228,7 +229,7 @@ def test_hostile_servers_fail_their_tasks_cleanly_and_the_triggerer_carries_on(a
         "endless": "larger than the connection allows (more than 1048576 bytes",
     }
     for task_id, fragment in expected.items():
-        assert fragment in airflow.task_log("e2e_hostile", run_id, task_id), task_id
+        assert fragment in airflow.task_log("e2e_hostile", run_id, task_id, contains=(fragment,)), task_id
     answers = airflow.xcom("e2e_hostile", run_id, "garbled")
     assert answers.count(None) == 1 and len(answers) == 3  # the wrong shape failed its item alone
     items = airflow.xcom("e2e_hostile", run_id, "garbled", key="llm_meta")["items"]
@@ -243,7 +244,8 @@ def test_no_secret_appears_in_any_log_or_table_even_when_the_server_echoes_them(
     tasks = ("deferrable", "worker_free", "sync", "fan_out")
     assert (state, airflow.task_states("e2e_echo", run_id)) == ("failed", dict.fromkeys(tasks, "failed"))
     for task_id in ("deferrable", "worker_free", "sync"):  # the echo reached the log, redacted
-        assert "Authorization: Bearer ***" in airflow.task_log("e2e_echo", run_id, task_id), task_id
+        log = airflow.task_log("e2e_echo", run_id, task_id, contains=("Authorization: Bearer ***",))
+        assert "Authorization: Bearer ***" in log, task_id
     meta = airflow.xcom("e2e_echo", run_id, "deferrable", key="llm_meta")
     assert "api-key: ***" in meta["error"]["message"]
     fan_out_meta = airflow.xcom("e2e_echo", run_id, "fan_out", key="llm_meta")

@@ -91,7 +91,7 @@ def test_a_task_retry_after_failed_downloads_finds_its_batch(fault_stack, fault_
     assert (ti["state"], ti["try_number"]) == ("success", 2), report  # try 1 failed, try 2 succeeded
     if mode == "worker_free":
         assert ti["queued_when"] is None, report  # neither try reached a worker
-    first_try = stack.task_log(dag_id, run_id, "retried", try_number=1)
+    first_try = stack.task_log(dag_id, run_id, "retried", try_number=1, contains=("/content: HTTP 500",))
     assert "/content: HTTP 500" in first_try, first_try[-3000:]  # it failed downloading
 
     _check_answers(stack, dag_id, run_id, "retried", RETRY_PROMPTS[mode])
