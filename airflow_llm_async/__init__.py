@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 
 def get_provider_info() -> dict:
@@ -53,6 +53,16 @@ def get_provider_info() -> dict:
                         "type": "boolean",
                         "example": "True",
                         "default": "False",
+                    },
+                    "prebuild_execution_api": {
+                        "description": "Have each triggerer build its in-process Execution API in a "
+                        "background thread as it starts, instead of inside its first trigger's request "
+                        "(5-16 s later for the first tasks after a restart). See docs/performance.md, "
+                        "'Cold triggerer'.",
+                        "version_added": "0.6.0",
+                        "type": "boolean",
+                        "example": "False",
+                        "default": "True",
                     },
                     "prices_file": {
                         "description": "A JSON file of model prices in US dollars per million tokens, "

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -171,9 +173,12 @@ async def get_connection_in_dags_test(conn_id: str) -> Any:
 # answer (docs/performance.md, "Cold triggerer"). Instead: the first trigger of ours in a process
 # looks its connections up (that lookup waits for the same thread: secrets are masked through it),
 # then sends one cheap read that needs the API (a dag-run count) without waiting for it, so the build
-# overlaps the LLM call. It can go when the triggerer builds its client at start-up
-# (or off its main thread) and bench/cold_start.py shows no cold penalty with warm_up_execution_api
-# a no-op.
+# overlaps the LLM call. And (prebuild_execution_api, from the provider's listener plugin) a triggerer
+# builds it at start-up in a background thread, once its runner subprocess is forked (a fork while a
+# thread imports would leave the child holding import locks no thread will release), and its
+# supervisor is handed that instance instead of building its own. It can go when the triggerer builds
+# its client at start-up (or off its main thread) and bench/cold_start.py shows no cold penalty with
+# both a no-op.
 
 _warm_up: tuple[int, asyncio.Task[None]] | None = None  # (pid, task): once per process, even after fork
 
@@ -208,6 +213,73 @@ async def _send_warm_up(comms: Any, dag_id: str) -> None:
         log.debug("Execution API warm-up failed", exc_info=True)
         return
     log.info("Triggerer's in-process Execution API ready after %.2f s", time.monotonic() - started)
+
+
+def prebuild_execution_api(job: Any) -> None:
+    """Called as each Airflow job starts: in a triggerer, build its Execution API in the background."""
+    if not hasattr(job, "job_type"):  # a task runner, not a job
+        return
+    from airflow.configuration import conf
+
+    if conf.getboolean("llm_async", "prebuild_execution_api", fallback=True):
+        threading.Thread(target=_prebuild, args=(job,), name="llm-async-prebuild-api", daemon=True).start()
+
+
+def _prebuild(job: Any) -> None:
+    try:
+        import psutil
+
+        me = psutil.Process()
+        children = {child.pid for child in me.children()}  # the log server, already started
+        # The runner's constructor names the job right after Job() (and this hook) returned.
+        if not _wait_until(lambda: job.job_type is not None, 30) or job.job_type != "TriggererJob":
+            return
+        if not _wait_until(lambda: any(c.pid not in children for c in me.children()), 120):
+            return  # no runner subprocess: the triggerer failed to start, or Airflow changed
+        from airflow.jobs import triggerer_job_runner
+
+        if not hasattr(triggerer_job_runner, "in_process_api_server"):
+            return
+        original = triggerer_job_runner.in_process_api_server
+        built: Future[Any] = Future()
+
+        def prebuilt() -> Any:
+            # The supervisor asks for it once (TriggerRunnerSupervisor.client); it waits here instead of
+            # building a second one.
+            try:
+                api = built.result(timeout=300)
+            except Exception:
+                return original()
+            log.info("The triggerer uses the Execution API built at its start")
+            return api
+
+        triggerer_job_runner.in_process_api_server = prebuilt
+        started = time.monotonic()
+        try:
+            api = original()
+            # The transport starts the app; the first request builds the rest (as long again, measured).
+            import httpx
+
+            httpx.Client(transport=api.transport, base_url="http://in-process.invalid./").get("/health")
+        except BaseException as exc:
+            built.set_exception(exc)
+            raise
+        built.set_result(api)
+        log.info(
+            "Built the triggerer's in-process Execution API at its start in %.2f s",
+            time.monotonic() - started,
+        )
+    except Exception:  # only the cold start it tried to spare is lost
+        log.warning("Could not build the triggerer's Execution API in the background", exc_info=True)
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # --- 8. on_kill() also runs for a trigger moved to another triggerer ----------------------------------

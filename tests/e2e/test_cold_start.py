@@ -1,9 +1,11 @@
-"""A fresh triggerer builds its in-process Execution API while the first LLM call is in flight.
+"""A fresh triggerer builds its in-process Execution API as it starts, before any LLM call.
 
 Airflow 3.3.2's triggerer builds that API on its one main thread on the first request that needs it
 (compat.py, entry 7): if that request is the first answer's XCom push, the task ends seconds after its
-answer. Here the first call is held at the fake server until the triggerer says the API is built, so
-the build can only have overlapped the call. Its own deployment: the shared one's triggerers are warm.
+answer. The provider's listener plugin builds it in the background as the triggerer starts, and the
+first trigger's warm-up request covers a triggerer where that is switched off. Here the build is done
+before any DAG runs, the supervisor uses that instance, and the first call is held at the fake server
+until the trigger's warm-up has its answer. Its own deployment: the shared one's triggerers are warm.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ with DAG("{DAG_ID}", schedule=None, start_date=datetime(2024, 1, 1), catchup=Fal
     LLMOperator(task_id="ask", prompt="Say hello.", start_from_trigger=True)
 """
 READY = "Triggerer's in-process Execution API ready"
+BUILT_AT_START = "Built the triggerer's in-process Execution API at its start"
+USED = "The triggerer uses the Execution API built at its start"
 
 
 def trigger_log(stack: AirflowStack, run_id: str) -> str:
@@ -39,9 +43,7 @@ def trigger_log(stack: AirflowStack, run_id: str) -> str:
     return "".join(path.read_text(errors="replace") for path in sorted(folder.rglob("*.trigger.*.log")))
 
 
-def test_the_first_call_on_a_fresh_triggerer_overlaps_the_execution_api_build(
-    tmp_path: Path, postgres_template
-):
+def test_a_fresh_triggerer_builds_the_execution_api_as_it_starts(tmp_path: Path, postgres_template):
     dags = tmp_path / "dags"
     dags.mkdir()
     (dags / f"{DAG_ID}.py").write_text(_DAG)
@@ -51,6 +53,14 @@ def test_the_first_call_on_a_fresh_triggerer_overlaps_the_execution_api_build(
     ):
         env = {"AIRFLOW_CONN_LLM_DEFAULT": llm_connection(fake.base_url, default_model="gpt-4", timeout=120)}
         with AirflowStack(tmp_path / "home", dags, db_url=db_url, env=env, migrate=False) as stack:
+            triggerer_log = stack.log_path("triggerer-0")
+            # No DAG has run: only the listener plugin can have started the build.
+            wait_for(
+                lambda: BUILT_AT_START in triggerer_log.read_text(errors="replace"),
+                120,
+                "the Execution API built at the triggerer's start",
+                stack.process_logs,
+            )
             stack.wait_for_dag(DAG_ID)
             stack.unpause(DAG_ID)
             fake.hold()  # the answer waits at the server until released
@@ -67,3 +77,5 @@ def test_the_first_call_on_a_fresh_triggerer_overlaps_the_execution_api_build(
             assert stack.wait_for_run(DAG_ID, run_id, timeout=120) == "success", stack.describe_run(
                 DAG_ID, run_id
             )
+            text = triggerer_log.read_text(errors="replace")
+            assert text.count(USED) == 1, text[-5000:]  # the supervisor took it, and built no other
