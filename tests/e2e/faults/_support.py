@@ -56,8 +56,12 @@ def connections_env(base_url: str, race_latency: float = 1.0) -> dict[str, str]:
         "AIRFLOW_CONN_LLM_FLAKY": llm_connection(
             base_url, latency=0.2, default_model=RECOVER_MODEL, timeout=30
         ),
-        # A short per-attempt timeout: a stalled server is given up on after 3 s.
-        "AIRFLOW_CONN_LLM_STALL": llm_connection(base_url, default_model=STALL_MODEL, timeout=3),
+        # A short per-attempt timeout: a stalled server is given up on after 3 s. No circuit breaker: the
+        # three stalling tasks share (connection, model), and their 6 timeouts would open it after 5, so
+        # whichever attempt came last would fail "circuit_open" instead of with the timeout under test.
+        "AIRFLOW_CONN_LLM_STALL": llm_connection(
+            base_url, default_model=STALL_MODEL, timeout=3, circuit_breaker=False
+        ),
         "AIRFLOW_CONN_LLM_QUICK": llm_connection(
             base_url, latency=race_latency, default_model=RACE_MODEL, timeout=30
         ),
