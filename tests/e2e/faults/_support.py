@@ -14,6 +14,7 @@ import psutil
 
 from airflow_llm_async.testing.airflow_stack import AirflowStack, create_postgres_database
 from airflow_llm_async.testing.fake_server import LATENCY_HEADER, compose_answer
+from tests.e2e.polling import wait_for
 
 API_KEY = "sk-faults-7c41e0aa"
 # The worker's report of a task's defer-exit comes late by up to this many seconds (see race_study.py).
@@ -26,9 +27,10 @@ AIRFLOW_DEFAULT_MIN_HEARTBEAT_INTERVAL = "5"
 # A live triggerer whose supervisor stalls longer than the threshold looks dead too, and its triggers
 # then run on both triggerers at once: every such call is paid twice. Each triggerer process stalls
 # once, at its first request through its in-process Execution API (20-26 s on this loaded machine;
-# docs/fault-survival.md, "Calls run twice without a fault"): the fault stack pays that stall before
-# the tests (warm_triggerers, again after each restart). Later stalls still reached 15-20 s under load,
-# so the threshold stays at Airflow's default 30 s (15 s saw false takeovers); beats every second.
+# docs/fault-survival.md, "Calls run twice without a fault"), unless the provider built it as the
+# triggerer started (0.6.0): the fault stack waits for that build before the tests and after each
+# restart (wait_for_built_apis). Later stalls still reached 15-20 s under load, so the threshold stays
+# at Airflow's default 30 s (15 s saw false takeovers); beats every second.
 TRIGGERER_CONFIG = {"triggerer": {"job_heartbeat_sec": "1", "triggerer_health_check_threshold": "30"}}
 
 # Models of the fake server, one per scenario, so that a fault rule only hits its own scenario.
@@ -116,13 +118,38 @@ def warm_triggerers(stack: AirflowStack, names: list[str] | None = None) -> dict
     return took
 
 
+# The provider's listener plugin logs it once per triggerer start (compat.prebuild_execution_api).
+API_BUILT = "Built the triggerer's in-process Execution API at its start"
+
+
+def wait_for_built_apis(stack: AirflowStack, starts: dict[str, int] | None = None) -> None:
+    """Until each triggerer has built its Execution API as it started, off its supervisor's thread.
+
+    ``starts``: per triggerer, how many builds its log already held before a restart (the log is
+    appended to); default: every triggerer, a first start. Afterwards no triggerer stalls on that build
+    while the tests' calls are in flight (see TRIGGER_CONFIG above).
+    """
+    starts = starts or {name: 0 for name in stack.process_names if name.startswith("triggerer-")}
+    for name, before in starts.items():
+        wait_for(
+            lambda name=name, before=before: _builds(stack, name) > before,
+            240,
+            f"{name} to build its Execution API",
+            stack.process_logs,
+        )
+
+
+def _builds(stack: AirflowStack, name: str) -> int:
+    return stack.log_path(name).read_text(errors="replace").count(API_BUILT)
+
+
 def restart_triggerers(stack: AirflowStack) -> None:
-    """Start again the triggerers an earlier test killed, and warm them (see warm_triggerers)."""
+    """Start again the triggerers an earlier test killed, and wait for their Execution API."""
     stopped = [n for n in stack.process_names if n.startswith("triggerer-") and not stack.is_running(n)]
+    before = {name: _builds(stack, name) for name in stopped}
     for name in stopped:
         stack.restart_process(name, timeout=240)
-    if stopped:
-        warm_triggerers(stack, stopped)
+    wait_for_built_apis(stack, before)
 
 
 def require_postgres() -> str:

@@ -4,8 +4,9 @@ Both are package-scoped: every module under tests/e2e/faults shares them (one st
 copy of the run's migrated template, tests/e2e/conftest.py). They run in one process (xdist group
 ``faults``), beside the shared deployment of the other e2e modules, which they never touch.
 The stack uses AirflowStack's defaults plus ``TRIGGERER_CONFIG`` (see ``_support.py``): a killed
-triggerer's triggers move to the other one about 30 s after its last heartbeat. Each triggerer first
-ends one task alone (``warm_triggerers``): its one long stall, paid with no call in flight.
+triggerer's triggers move to the other one about 30 s after its last heartbeat. The tests start once
+each triggerer has built its in-process Execution API as it started (``wait_for_built_apis``), so
+none stalls on that build with calls in flight.
 
 Figures the tests measure (calls replayed, takeover time, ...) are collected with the ``figures``
 fixture and printed at the end of the run, under "fault survival figures".
@@ -22,7 +23,7 @@ from airflow_llm_async.testing.airflow_stack import AirflowStack
 from airflow_llm_async.testing.fake_server_process import FakeServerProcess
 from tests.conftest import FIGURES_FILE
 from tests.e2e.conftest import postgres_database, run_root
-from tests.e2e.faults._support import API_KEY, TRIGGERER_CONFIG, connections_env, warm_triggerers
+from tests.e2e.faults._support import API_KEY, TRIGGERER_CONFIG, connections_env, wait_for_built_apis
 
 DAGS = Path(__file__).resolve().parent / "dags"
 
@@ -52,7 +53,7 @@ def fault_stack(tmp_path_factory, fault_llm, postgres_template):
             migrate=False,
         )
         with stack:
-            warm_triggerers(stack)
+            wait_for_built_apis(stack)
             yield stack
 
 

@@ -8,7 +8,8 @@ fallback model answers: 3 primary attempts and 1 fallback answer per task, if ea
 ``--busy N`` runs N busy-loop processes from the DAG run's start until its end (at most
 ``--busy-seconds``), standing in for the other work of a loaded machine; ``--threshold`` is
 ``[triggerer] triggerer_health_check_threshold``; ``--warm`` first has each triggerer end one
-worker-free task alone (``_support.warm_triggerers``).
+worker-free task alone (``_support.warm_triggerers``); ``--no-prebuild`` turns off the provider's
+build of the Execution API at each triggerer's start (as in 0.5.0 and before).
 
 Printed: the requests the server saw per model against the expected counts, the tasks whose trigger
 was started more than once and by which triggerer jobs (from the trigger logs), the longest gap
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace, work: Path, server: FakeServerProcess) -> dict
         "AIRFLOW_CONN_LLM_DUP": llm_connection(server.base_url, latency=0.5, timeout=30),
     }
     config = {"triggerer": {"triggerer_health_check_threshold": str(args.threshold)}}
+    if args.no_prebuild:  # 0.5.0's behaviour: each triggerer builds its Execution API at its first request
+        config["llm_async"] = {"prebuild_execution_api": "False"}
     stack = AirflowStack(
         work / "airflow", dags, db_url=db_url, triggerers=2, parallelism=8, env=env, config=config
     )
@@ -171,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--busy-seconds", type=float, default=300)
     parser.add_argument("--threshold", type=int, default=30, help="triggerer_health_check_threshold")
     parser.add_argument("--warm", action="store_true", help="warm_triggerers() before the run")
+    parser.add_argument(
+        "--no-prebuild", action="store_true", help="[llm_async] prebuild_execution_api = False (0.5.0)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the Airflow home (logs)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="duplicate-study-"))
