@@ -120,6 +120,9 @@ class BatchAPI:
         log.warning("LLM batch: looked through %d pages of batches without finding every part", FIND_PAGES)
         return found
 
+    async def delete_file(self, file_id: str) -> None:
+        await self._json("DELETE", f"/files/{file_id}", tries=1)
+
     async def lines(self, file_id: str, on_line: Callable[[bytes], None]) -> None:
         # A download cut short is read again from the start: lines already read are ignored then.
         await _patiently(
@@ -456,6 +459,7 @@ class BatchRun:
             for file_id in (found.get("output_file_id"), found.get("error_file_id")):
                 if file_id:
                     await self.api.lines(file_id, on_line)
+            await self._delete_input(found)
             for index in expected - set(results):
                 results[index] = batch.unanswered(found, self.options)
         await self._settle(results)
@@ -497,6 +501,18 @@ class BatchRun:
             await self._save()
         self.summary = batch.summary(list(self.batches.values()), results.values(), len(again), self.options)
         return records
+
+    async def _delete_input(self, found: Mapping[str, Any]) -> None:
+        """An ended batch's input file is of no more use (a resubmit uploads its own): deleted, so batches
+        do not fill the organization's file storage. The output files stay: a replay reads them again."""
+        file_id = found.get("input_file_id")
+        if not file_id:
+            return
+        try:
+            await self.api.delete_file(file_id)
+        except LLMCallError as exc:
+            if exc.status != 404:  # 404: an earlier run of this task deleted it
+                log.warning("LLM batch: could not delete the input file %s: %s", file_id, exc.message)
 
 
 def _succeeded(record: Any) -> bool:

@@ -292,6 +292,7 @@ class BatchStore:
             "lines_answered_twice": self.lines_answered_twice,
             "downloads_failed": self.downloads_failed,
             "retrieves_failed": self.retrieves_failed,
+            "files_stored": len(self.files),
         }
 
     def configure(self, changes: Any) -> dict[str, Any]:

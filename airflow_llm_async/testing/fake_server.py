@@ -131,7 +131,7 @@ are ``create_app`` keyword arguments, CLI flags (``--batch-processing-s`` ...) a
 Stats ``batches``: files_uploaded, batches_created, batches_cancelled, lines_answered, lines_failed
 (answered other than 200), lines_answered_twice (answered although an earlier batch had already
 answered the same custom_id and body with 200: a retried failed line is not one), downloads_failed,
-retrieves_failed.
+retrieves_failed, files_stored (uploaded and output files not deleted).
 
 Run it standalone with ``airflow-llm-fake-server --port 0`` (or ``python -m
 airflow_llm_async.testing.fake_server``); it prints ``fake LLM server listening on <base_url>``.

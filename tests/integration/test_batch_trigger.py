@@ -103,6 +103,20 @@ async def test_every_item_is_answered_through_one_batch_at_half_the_price(batch_
     assert summary["realtime_items"] == 0
     # The batch's id is stored for a restart, with its final state.
     assert xcoms.values[STATE_KEY]["batches"]["0"]["id"] == summary["batches"][0]["id"]
+    # Its input file is deleted once read back; the output file stays for a replay.
+    assert stats["files_stored"] == 1
+
+
+async def test_a_replay_after_the_input_file_was_deleted_reads_the_answers_again(batch_llm, xcoms, caplog):
+    await events_of(batch_trigger())
+    first = dict(xcoms.values)
+    assert batch_stats(batch_llm)["files_stored"] == 1  # the input file is gone
+    events = await events_of(batch_trigger())  # the triggerer restarted after the trigger ended
+    assert isinstance(events[0], TaskSuccessEvent)
+    assert xcoms.values["return_value"] == first["return_value"]
+    stats = batch_stats(batch_llm)
+    assert (stats["batches_created"], stats["lines_answered_twice"], stats["files_stored"]) == (1, 0, 1)
+    assert "could not delete" not in caplog.text  # the input file already gone is no warning
 
 
 def _batch_api_requests(server: FakeLLMServer) -> int:

@@ -155,6 +155,7 @@ async def test_a_batch_answers_each_line_as_the_chat_endpoint_does() -> None:
             "lines_answered_twice": 0,
             "downloads_failed": 0,
             "retrieves_failed": 0,
+            "files_stored": 2,  # the input and the output; no line failed, so no error file
         }
 
 
