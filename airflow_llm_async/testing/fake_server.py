@@ -141,6 +141,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -1247,19 +1248,14 @@ def create_app(
     keepalive_timeout: float | None = DEFAULT_KEEPALIVE_TIMEOUT,
     rate_limits: dict[str, RateLimit] | None = None,
     rate_limit_headers: bool = True,
-    batch_processing_s: float = 1.0,
-    batch_expire_after: float | None = None,
-    batch_fail_validation: bool = False,
-    batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS,
-    batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES,
-    batch_download_failures: int = 0,
-    batch_retrieve_failures: int = 0,
+    **batch: Any,
 ) -> web.Application:
     """The fake server's aiohttp application. Raises ValueError for a bad latency, model list, fault
     or batch setting.
 
     ``keepalive_timeout`` resets requests on connections idle that long; closing the sockets is the
-    runner's part (:func:`app_runner`). The ``batch_*`` settings are the module docstring's.
+    runner's part (:func:`app_runner`). ``batch``: the ``batch_*`` settings, :class:`BatchSettings`'s
+    fields (the module docstring says what each does); an unknown name is a TypeError.
     """
     models = tuple(models)
     if not models:
@@ -1281,15 +1277,7 @@ def create_app(
         rate_limits=_check_rate_limits(rate_limits, models),
         rate_limit_headers=rate_limit_headers,
     )
-    settings = BatchSettings(
-        batch_processing_s=batch_processing_s,
-        batch_expire_after=batch_expire_after,
-        batch_fail_validation=batch_fail_validation,
-        batch_max_requests=batch_max_requests,
-        batch_max_file_bytes=batch_max_file_bytes,
-        batch_download_failures=batch_download_failures,
-        batch_retrieve_failures=batch_retrieve_failures,
-    )
+    settings = BatchSettings(**batch)
     answer = functools.partial(answer_batch_line, state)
     state.batches = BatchStore(settings, answer=answer, notify=state.changed.set)
     state.reset()  # parses the fault rules, seeds the RNG and opens the gate
@@ -1369,13 +1357,7 @@ class FakeLLMServer:
         keepalive_timeout: float | None = DEFAULT_KEEPALIVE_TIMEOUT,
         rate_limits: dict[str, RateLimit] | None = None,
         rate_limit_headers: bool = True,
-        batch_processing_s: float = 1.0,
-        batch_expire_after: float | None = None,
-        batch_fail_validation: bool = False,
-        batch_max_requests: int = DEFAULT_BATCH_MAX_REQUESTS,
-        batch_max_file_bytes: int = DEFAULT_BATCH_MAX_FILE_BYTES,
-        batch_download_failures: int = 0,
-        batch_retrieve_failures: int = 0,
+        **batch: Any,
     ) -> None:
         self.host = _loopback_host(host)
         self.port = port
@@ -1390,13 +1372,7 @@ class FakeLLMServer:
             keepalive_timeout=keepalive_timeout,
             rate_limits=rate_limits,
             rate_limit_headers=rate_limit_headers,
-            batch_processing_s=batch_processing_s,
-            batch_expire_after=batch_expire_after,
-            batch_fail_validation=batch_fail_validation,
-            batch_max_requests=batch_max_requests,
-            batch_max_file_bytes=batch_max_file_bytes,
-            batch_download_failures=batch_download_failures,
-            batch_retrieve_failures=batch_retrieve_failures,
+            **batch,
         )
         self._state = self.app[STATE]
         self._shutdown_timeout = shutdown_timeout
@@ -1571,9 +1547,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _batch_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("batch_processing_s", "batch_expire_after", "batch_fail_validation", "batch_max_requests",
-             "batch_max_file_bytes", "batch_download_failures", "batch_retrieve_failures")  # fmt: skip
-    return {name: getattr(args, name) for name in names}
+    return {setting.name: getattr(args, setting.name) for setting in dataclasses.fields(BatchSettings)}
 
 
 async def _serve(args: argparse.Namespace) -> None:
