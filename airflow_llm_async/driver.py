@@ -209,7 +209,7 @@ async def _round_trip(flow: Flow, step: Send, fallback: bool) -> Step | Outcome:
                     timeout,
                     transport.post_json,
                     endpoint.chat_url,
-                    _headers(endpoint),
+                    endpoint.chat_headers,
                     step.body,
                     timeout,
                     endpoint.max_response_bytes,
@@ -320,23 +320,6 @@ def _pacer() -> _Pacer:
     if pacer is None:
         pacer = _pacers[loop] = _Pacer(loop)
     return pacer
-
-
-# The request headers of each endpoint (by identity: a resolved Endpoint is reused for its connection
-# until the connection is looked up again), built once instead of once per request. aiohttp copies
-# them into the request, never changes them.
-_endpoint_headers: dict[int, tuple[Endpoint, Mapping[str, str]]] = {}
-
-
-def _headers(endpoint: Endpoint) -> Mapping[str, str]:
-    known = _endpoint_headers.get(id(endpoint))
-    if known is not None and known[0] is endpoint:
-        return known[1]
-    if len(_endpoint_headers) >= 256:  # endpoints looked up again replace theirs: drop the stale ones
-        _endpoint_headers.clear()
-    headers = endpoint.request_headers()
-    _endpoint_headers[id(endpoint)] = (endpoint, headers)
-    return headers
 
 
 async def fan_out(

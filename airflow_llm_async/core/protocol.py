@@ -120,6 +120,13 @@ class Endpoint:
     def chat_url(self) -> str:
         return f"{self.base_url.rstrip('/')}/chat/completions"
 
+    @functools.cached_property
+    def chat_headers(self) -> Mapping[str, str]:
+        """:meth:`request_headers`, built once per endpoint for the chat requests, which only read them
+        (aiohttp copies them into each request). A resolved endpoint serves its connection's calls until
+        the connection is looked up again."""
+        return self.request_headers()
+
     def request_headers(self) -> dict[str, str]:
         headers = {**self.headers, "Content-Type": "application/json", "Accept": "application/json"}
         headers["Authorization"] = f"Bearer {self.api_key}"
