@@ -82,6 +82,16 @@ def batch_stats(server: FakeLLMServer) -> dict:
     return server.stats()["batches"]
 
 
+async def stop_once_its_batch_waits(trigger: BatchTrigger, server: FakeLLMServer, xcoms: XComStore) -> None:
+    """Run ``trigger`` until its batch exists and its id is stored, then cancel it, as the triggerer
+    stops a trigger (on_kill is the caller's to call, or not)."""
+    running = asyncio.create_task(events_of(trigger))
+    await wait_until(lambda: batch_stats(server)["batches_created"] == 1 and STATE_KEY in xcoms.values)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+
 async def test_every_item_is_answered_through_one_batch_at_half_the_price(batch_llm, xcoms):
     events = await events_of(batch_trigger(system_prompt="Be brief."))
     assert len(events) == 1 and isinstance(events[0], TaskSuccessEvent)
@@ -128,11 +138,8 @@ def _batch_api_requests(server: FakeLLMServer) -> int:
 async def test_a_restarted_trigger_finds_its_batch_and_creates_none(batch_llm, xcoms):
     batch_llm_config = {"batch_processing_s": 1.0}
     await _configure(batch_llm, batch_llm_config)
-    first = asyncio.create_task(events_of(batch_trigger()))
-    await wait_until(lambda: batch_stats(batch_llm)["batches_created"] == 1 and STATE_KEY in xcoms.values)
-    first.cancel()  # the triggerer stops it (a restart): no on_kill, the batch keeps running
-    with pytest.raises(asyncio.CancelledError):
-        await first
+    # The triggerer stops it (a restart): no on_kill, the batch keeps running.
+    await stop_once_its_batch_waits(batch_trigger(), batch_llm, xcoms)
     events = await events_of(batch_trigger())
     assert isinstance(events[0], TaskSuccessEvent)
     stats = batch_stats(batch_llm)
@@ -194,11 +201,7 @@ async def test_a_split_input_goes_into_several_batches_in_order(batch_llm, xcoms
 async def test_killing_the_task_cancels_the_batch(batch_llm, xcoms):
     await _configure(batch_llm, {"batch_processing_s": 30.0})
     trigger = batch_trigger()
-    running = asyncio.create_task(events_of(trigger))
-    await wait_until(lambda: batch_stats(batch_llm)["batches_created"] == 1 and STATE_KEY in xcoms.values)
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
+    await stop_once_its_batch_waits(trigger, batch_llm, xcoms)
     await trigger.on_kill()  # what the triggerer calls when a user kills the task
     assert batch_stats(batch_llm)["batches_cancelled"] == 1
 
@@ -208,11 +211,7 @@ async def test_on_kill_of_a_trigger_that_moved_to_another_triggerer_cancels_noth
     # the task is still deferred there, waiting for the batch on the other triggerer.
     await _configure(batch_llm, {"batch_processing_s": 30.0})
     trigger = batch_trigger()
-    running = asyncio.create_task(events_of(trigger))
-    await wait_until(lambda: batch_stats(batch_llm)["batches_created"] == 1 and STATE_KEY in xcoms.values)
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
+    await stop_once_its_batch_waits(trigger, batch_llm, xcoms)
     xcoms.task_state = "deferred"
     await trigger.on_kill()
     assert batch_stats(batch_llm)["batches_cancelled"] == 0
